@@ -1,0 +1,27 @@
+"""Install megalatent: `pip install -e .` (add `[dev]` for the test suite)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megalatent",
+    version="0.1.0",
+    description="Megatron-style distributed pretraining for LongNet, YOCO, MH-MoE, BitNet b1.58, LatentLM and LongViT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megalatent", "megalatent.*"]) + ["megalatent.kernels"],
+    # Triton kernels live at the top level beside their references, but import as megalatent.kernels.
+    package_dir={"megalatent.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "numpy",  # torch's CPU wheel does not bring it; torch.distributed.pipelining needs it
+        "megatron-core>=0.14",  # Megatron indexed datasets, GPTDataset, blending
+        "sentencepiece",
+        "pyyaml",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout"],
+        "mpi": ["mpi4py", "mpich"],
+        "vision": ["nvidia-dali-cuda130"],
+    },
+    entry_points={"console_scripts": ["megalatent-pretrain=megalatent.pretrain:main"]},
+)
