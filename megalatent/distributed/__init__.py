@@ -1,1 +1,1 @@
-
+"""The parallel engine: rank discovery, the device mesh, parallelize, checkpoints."""

@@ -1,1 +1,3 @@
-
+"""Model families. Importing this package registers every family in `registry.MODEL_FAMILIES`."""
+from megalatent.models import registry  # noqa: F401
+from megalatent.models import decoder  # noqa: F401  (registers "gpt")

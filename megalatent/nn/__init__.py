@@ -1,1 +1,1 @@
-
+"""Reusable building blocks: norms, rotary embeddings, attention kinds, MLPs."""

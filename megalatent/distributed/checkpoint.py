@@ -1,0 +1,184 @@
+"""Checkpoints: torch.distributed.checkpoint (DCP) in Megatron's directory layout, written atomically.
+
+    <save>/latest_checkpointed_iteration.txt      the iteration of the newest complete checkpoint
+    <save>/iter_0000100/                            one checkpoint
+        .metadata, __*_*.distcp                    model + optimizer, DCP, global parameter names
+        train_state.pt                             iteration, consumed samples, scheduler, data position,
+                                                   the model config (checked on load)
+        rng/rank_00000.pt ...                      each rank's RNG states
+        manifest.json                              every file's size, written last
+
+A save goes to `iter_XXXXXXX.partial/`, which becomes `iter_XXXXXXX/` by one rename once every rank
+has finished and the manifest is on disk; only then does the `latest` pointer move (again by rename).
+A crash at any point therefore leaves the previous checkpoint intact and pointed to. On load, a
+checkpoint whose files do not match its manifest (truncated, missing) is reported and skipped in
+favour of the newest earlier one that is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import sys
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+
+LATEST = "latest_checkpointed_iteration.txt"
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_write(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(root: str, iteration: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    train_state: dict[str, Any]) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    final = iteration_dir(root, iteration)
+    partial = final + ".partial"
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # leftovers of a save that crashed
+        os.makedirs(os.path.join(partial, "rng"))
+    _barrier()
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial)
+    torch.save(rng_state(), os.path.join(partial, "rng", f"rank_{_rank():05d}.pt"))
+    if _rank() == 0:
+        torch.save({**train_state, "iteration": iteration, "format_version": FORMAT_VERSION},
+                   os.path.join(partial, "train_state.pt"))
+    _barrier()
+
+    if _rank() == 0:
+        files = {}
+        for dirpath, _, names in os.walk(partial):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+                files[os.path.relpath(path, partial)] = os.path.getsize(path)
+        _fsync_write(os.path.join(partial, MANIFEST), json.dumps({"files": files}, indent=1).encode())
+        if os.path.exists(final):  # re-saving an iteration (e.g. after a resume) replaces it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(root)
+        _fsync_write(os.path.join(root, LATEST), f"{iteration}\n".encode())
+    _barrier()
+    return final
+
+
+def verify(path: str) -> Optional[str]:
+    """None if the checkpoint at `path` is complete, else what is wrong with it."""
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest):
+        return "no manifest (the save did not finish)"
+    try:
+        with open(manifest) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable manifest ({e})"
+    for rel, size in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"missing file {rel}"
+        actual = os.path.getsize(full)
+        if actual != size:
+            return f"file {rel} has {actual} bytes, the manifest says {size} (truncated or overwritten)"
+    return None
+
+
+def find_loadable(root: str) -> Optional[str]:
+    """The newest complete checkpoint under `root`: the `latest` one, else the newest earlier one."""
+    if not os.path.isdir(root):
+        return None
+    iterations = sorted((int(m.group(1)) for m in map(_ITER_DIR.match, os.listdir(root)) if m), reverse=True)
+    latest = None
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            latest = int(f.read().strip())
+    except (OSError, ValueError):
+        pass
+    # The pointer wins when it is valid; later directories without it are saves it never confirmed.
+    order = ([latest] if latest in iterations else []) + [i for i in iterations if latest is None or i < latest]
+    for it in order:
+        path = iteration_dir(root, it)
+        problem = verify(path)
+        if problem is None:
+            return path
+        print(f"WARNING: skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+    return None
+
+
+def read_train_state(path: str) -> dict[str, Any]:
+    return torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    load_rng: bool = True) -> dict[str, Any]:
+    """Collective. Loads weights (and optimizer state unless `optimizer` is None) into the live,
+    already-parallelized model, whatever layout wrote the checkpoint. Returns the train state."""
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
+    if load_rng and os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return read_train_state(path)

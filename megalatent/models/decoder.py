@@ -1,0 +1,120 @@
+"""The LLaMA-style baseline decoder, and the trunk every decoder-only family reuses.
+
+    x = embed(tokens)
+    for each layer:  x = x + attn(norm(x), rope(positions));  x = x + mlp(norm(x))
+    logits = head(norm(x))
+
+A family changes what a layer is made of through a `LayerSpec` (LongNet swaps the attention,
+MH-MoE the MLP, BitNet the linear layers) instead of copying this file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from megalatent.config import ModelConfig
+from megalatent.models.registry import ModelFamily, register
+from megalatent.nn.attention import SelfAttention
+from megalatent.nn.mlp import GeluMLP, SwiGLU
+from megalatent.nn.norms import build_norm
+from megalatent.nn.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Factories for the parts of one layer; each gets the config and the layer's index."""
+    attention: Callable[[ModelConfig, int], nn.Module]
+    mlp: Callable[[ModelConfig, int], nn.Module]
+    norm: Callable[[ModelConfig], nn.Module]
+
+
+def default_attention(cfg: ModelConfig, layer: int, linear=nn.Linear) -> nn.Module:
+    return SelfAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, linear=linear)
+
+
+def default_mlp(cfg: ModelConfig, layer: int, linear=nn.Linear) -> nn.Module:
+    mlp = SwiGLU if cfg.swiglu else GeluMLP
+    return mlp(cfg.hidden_size, cfg.mlp_width, linear=linear)
+
+
+def default_norm(cfg: ModelConfig) -> nn.Module:
+    return build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon)
+
+
+BASELINE_SPEC = LayerSpec(attention=default_attention, mlp=default_mlp, norm=default_norm)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, spec: LayerSpec):
+        super().__init__()
+        self.attention_norm = spec.norm(cfg)
+        self.attention = spec.attention(cfg, layer)
+        self.mlp_norm = spec.norm(cfg)
+        self.mlp = spec.mlp(cfg, layer)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    """tokens [b, s] (+ position_ids [b, s]) -> logits [b, s, padded_vocab]."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec = BASELINE_SPEC):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
+        self.rotary = (RotaryEmbedding(cfg.head_dim, cfg.rotary_base)
+                       if cfg.position_embedding_type == "rope" else None)
+        # A ModuleDict keyed by the global layer index keeps parameter names stable when a pipeline
+        # stage holds only some layers, so checkpoints do not depend on the layout.
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, spec) for i in range(cfg.num_layers)})
+        self.norm = spec.norm(cfg)
+        self.output = (nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
+                       if cfg.untie_embeddings_and_output_weights else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, std) for every matrix; output projections scaled by 1/sqrt(2L) (GPT-2/Megatron)."""
+        std = self.cfg.init_method_std
+        out_std = std / (2 * self.cfg.num_layers) ** 0.5
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norm weights keep their ones
+            is_output_proj = name.endswith(("o_proj.weight", "down_proj.weight"))
+            nn.init.normal_(p, mean=0.0, std=out_std if is_output_proj else std)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        x = self.embed_tokens(tokens)
+        rope = self.rotary(position_ids) if self.rotary is not None else None
+        for layer in self.layers.values():
+            x = layer(x, rope)
+        x = self.norm(x)
+        weight = self.output.weight if self.output is not None else self.embed_tokens.weight
+        return torch.nn.functional.linear(x, weight)
+
+
+def dense_decoder_flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token of the dense decoder (forward + backward = 3 x forward).
+
+    Forward counts 2 FLOPs per multiply-add of every matmul: per layer the q/k/v/o projections
+    (2*h*(2h + 2*kv_dim)), the MLP (2*h*ffn*(3 if SwiGLU else 2)) and the attention itself
+    (QK^T and AV: 2 * 2*s*h, halved because causal attention needs only the lower triangle, the
+    Megatron-LM convention), plus the output head (2*h*V). Embedding lookups, norms, softmax and
+    RoPE are not counted.
+    """
+    h, s, L = cfg.hidden_size, cfg.seq_length, cfg.num_layers
+    kv_dim = cfg.kv_heads * cfg.head_dim
+    proj = 2 * h * (2 * h + 2 * kv_dim)
+    mlp = 2 * h * cfg.mlp_width * (3 if cfg.swiglu else 2)
+    attention = 2 * 2 * s * h / 2
+    head = 2 * h * cfg.padded_vocab_size
+    return 3.0 * (L * (proj + mlp + attention) + head)
+
+
+register(ModelFamily(name="gpt", build=lambda cfg: Decoder(cfg), flops_per_token=dense_decoder_flops_per_token))

@@ -1,0 +1,37 @@
+"""The one registry of model families: `--model-family NAME` -> how to build, check and count it.
+
+A family (gpt, longnet, yoco, mhmoe, bitnet, ...) registers a `ModelFamily`; the trainer, the
+config validation and the FLOP accounting look families up here and nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from megalatent.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    build: Callable[[ModelConfig], nn.Module]
+    # Training FLOPs per token (forward + backward) at the configured sequence length.
+    flops_per_token: Callable[[ModelConfig], float]
+    # Rules beyond the generic ones in config.validate; each returns an error message.
+    validate: Callable[[ModelConfig], list[str]] = field(default=lambda cfg: [])
+
+
+MODEL_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register(family: ModelFamily) -> ModelFamily:
+    if family.name in MODEL_FAMILIES:
+        raise ValueError(f"model family {family.name!r} registered twice")
+    MODEL_FAMILIES[family.name] = family
+    return family
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    return MODEL_FAMILIES[cfg.model_family].build(cfg)

@@ -1,0 +1,156 @@
+"""Entry point: flags -> config -> (validate) -> process group + mesh -> data -> model -> parallelize -> train.
+
+    megalatent-pretrain --config examples/tiny/gpt.yaml --train-iters 50
+    python -m megalatent.pretrain ...              (same thing)
+    torchrun --nproc-per-node 2 -m megalatent.pretrain ...   /   srun python -m megalatent.pretrain ...
+
+Everything that can be wrong with a run (flags, layout, data files, the checkpoint to resume) is
+checked before a process group, a tensor or a dataset index is made.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+
+from megalatent.config import Config, ConfigError, parse_args, validate
+from megalatent.distributed import checkpoint as ckpt
+from megalatent.distributed.env import DistEnv, discover, init_process_group, shutdown
+from megalatent.distributed.layout import ParallelLayout
+from megalatent.distributed.parallelize import parallelize
+from megalatent.models.registry import MODEL_FAMILIES, build_model
+from megalatent.training.metrics import log
+from megalatent.training.trainer import Trainer
+
+# Config fields that do not change parameter shapes: a checkpoint may be resumed with other values.
+_NON_ARCHITECTURAL = {"seq_length", "max_position_embeddings", "init_method_std"}
+
+
+def default_cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "megalatent")
+
+
+def resolve_data(cfg: Config):
+    """(tokenizer, dataset prefixes, weights); builds the default stdlib corpus on first use."""
+    from megalatent.data.gpt_data import parse_data_path
+    from megalatent.data.stdlib_corpus import prepare_default_corpus
+    from megalatent.data.tokenizer import Tokenizer
+
+    d = cfg.data
+    if d.data_path is None:
+        model_path, prefix = prepare_default_corpus(d.data_cache_path or default_cache_dir(),
+                                                    d.default_corpus_vocab_size)
+        prefixes, weights = [prefix], None
+    else:
+        model_path = d.tokenizer_model
+        prefixes, weights = parse_data_path(d.data_path)
+    return Tokenizer.load(model_path), prefixes, weights
+
+
+def check_resumable(cfg: Config) -> Optional[str]:
+    """The checkpoint to resume from, after checking it was written by this model."""
+    if cfg.checkpoint.load is None:
+        return None
+    path = ckpt.find_loadable(cfg.checkpoint.load)
+    if path is None:
+        return None
+    saved = ckpt.read_train_state(path)["model_config"]
+    current = asdict(cfg.model)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in current.items()
+             if k not in _NON_ARCHITECTURAL and saved.get(k) != v]
+    if diffs:
+        raise ConfigError([f"--load {cfg.checkpoint.load}: checkpoint {path} was written by a different model "
+                           f"({'; '.join(diffs)}); use that model's flags or another --load directory"])
+    return path
+
+
+def setup(argv: Optional[list[str]] = None) -> tuple[Config, DistEnv, ParallelLayout, object, list, Optional[list]]:
+    """Everything that can fail cheaply, in order: flags, layout, data, checkpoint."""
+    env = discover()
+    cfg = parse_args(argv)
+    layout = ParallelLayout(world_size=env.world_size, rank=env.rank)
+    errors = layout.validation_errors()
+    try:
+        validate(cfg, data_parallel_size=layout.dp)
+    except ConfigError as e:
+        errors += e.errors
+    if errors:
+        raise ConfigError(errors)
+    tokenizer, prefixes, weights = resolve_data(cfg)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError([f"--vocab-size {cfg.model.vocab_size} is smaller than the tokenizer's "
+                           f"{tokenizer.vocab_size}; drop --vocab-size to use the tokenizer's"])
+    family_errors = MODEL_FAMILIES[cfg.model.model_family].validate(cfg.model)
+    if family_errors:
+        raise ConfigError(family_errors)
+    return cfg, env, layout, tokenizer, prefixes, weights
+
+
+def build_data(cfg: Config, layout: ParallelLayout, tokenizer, prefixes, weights):
+    from megalatent.data.gpt_data import MicroBatchLoader, build_gpt_datasets
+
+    t = cfg.training
+    evals = (t.train_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval else 0
+    num_samples = (t.train_iters * t.global_batch_size, evals * t.global_batch_size, 0)
+    cache = os.path.join(cfg.data.data_cache_path or default_cache_dir(), "index-cache")
+    train_ds, valid_ds, _ = build_gpt_datasets(prefixes, weights, cfg.data.split, cfg.model.seq_length, t.seed,
+                                               tokenizer, num_samples, cache)
+
+    def loader(ds):
+        return MicroBatchLoader(ds, t.micro_batch_size, t.global_batch_size, layout.dp_rank, layout.dp)
+
+    return loader(train_ds), (loader(valid_ds) if valid_ds is not None and evals else None)
+
+
+def run(argv: Optional[list[str]] = None) -> None:
+    cfg, env, layout, tokenizer, prefixes, weights = setup(argv)
+    resume_path = check_resumable(cfg)
+
+    device = init_process_group(env)
+    layout.build_mesh(device)
+    torch.manual_seed(cfg.training.seed)
+    if layout.rank == 0:
+        log(f"megalatent: {cfg.model.model_family} model, {layout.describe()} ({env.launcher}), device {device}")
+
+    train_loader, valid_loader = build_data(cfg, layout, tokenizer, prefixes, weights)
+    family = MODEL_FAMILIES[cfg.model.model_family]
+    model = build_model(cfg.model).to(device)
+    if layout.rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"parameters: {n_params:,}; training FLOPs per token: {family.flops_per_token(cfg.model):.4e}")
+    model = parallelize(model, layout)
+    trainer = Trainer(cfg, layout, device, model, train_loader, valid_loader, family.flops_per_token(cfg.model))
+    if resume_path is not None:
+        trainer.resume(resume_path)
+    trainer.train()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    code = 0
+    try:
+        run(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except SystemExit as e:  # argparse: --help, or a malformed flag
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    finally:
+        # Tear down explicitly and skip interpreter shutdown: after DeviceMesh/DTensor use, ranks
+        # sometimes abort at exit (see reference/platform.md), turning a good run into a failed job.
+        shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""AdamW with Megatron's parameter groups, and gradient-norm clipping that works on sharded grads."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from megalatent.config import TrainingConfig
+
+
+def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
+    """Weight decay on matrices only: norms, biases and other vectors are not decayed (as in Megatron)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    on_gpu = any(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                             fused=on_gpu or None)  # the fused kernel is CUDA-only; foreach on CPU
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Global L2 norm of all gradients (over every shard of every rank); scales them down to max_norm.
+
+    Returns the norm before clipping, the number Megatron logs as 'grad norm'. max_norm 0 only measures.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()  # sums the squared partial norms over the shards
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
+    return norm.item()

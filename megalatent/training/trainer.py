@@ -1,0 +1,223 @@
+"""The training loop: micro-batches with gradient accumulation, clipping, the schedule, validation,
+logging, checkpoints on an interval, on a signal and on the time limit.
+
+The loss of a step is the mean over every loss-bearing token of the global batch, however it is split
+into micro-batches and data-parallel ranks, so changing --micro-batch-size or the number of ranks does
+not change the optimisation (tests/test_training.py checks GBS = 4 x MBS against one big batch).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+from megalatent.config import Config
+from megalatent.distributed import checkpoint as ckpt
+from megalatent.distributed.layout import ParallelLayout
+from megalatent.training.metrics import MetricsWriter, device_peak_tflops, iteration_line, log, peak_memory_gb
+from megalatent.training.optim import build_optimizer, clip_grad_norm
+from megalatent.training.schedules import LRSchedule
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies where loss_mask is 1 (fp32 for a stable log-softmax)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    return (ce * loss_mask.flatten()).sum()
+
+
+class StopRequest:
+    """Set by SIGUSR1/SIGTERM (SLURM's pre-emption warnings); acted on at the next step boundary."""
+
+    def __init__(self, enabled: bool):
+        self.signal_name: Optional[str] = None
+        if enabled:
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+
+class Trainer:
+    def __init__(self, cfg: Config, layout: ParallelLayout, device: torch.device, model: nn.Module,
+                 train_loader, valid_loader, flops_per_token: float):
+        self.cfg, self.layout, self.device, self.model = cfg, layout, device, model
+        self.train_loader, self.valid_loader = train_loader, valid_loader
+        self.optimizer = build_optimizer(model, cfg.training)
+        self.schedule = LRSchedule(cfg.training)
+        self.flops_per_token = flops_per_token
+        self.iteration = 0
+        self.skipped = self.nan = 0
+        self.is_logger = layout.rank == 0
+        bf16 = cfg.training.bf16 if cfg.training.bf16 is not None else device.type == "cuda"
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
+        self.writer = MetricsWriter(cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
+                                    cfg.to_flat_dict()) if self.is_logger else None
+        self.stop = StopRequest(cfg.training.exit_signal_handler)
+        self.start_time = time.time()
+
+    # ---------------------------------------------------------------- checkpoints
+    def train_state(self) -> dict:
+        return {"consumed_samples": self.train_loader.consumed_samples, "skipped": self.skipped, "nan": self.nan,
+                "model_config": asdict(self.cfg.model), "data_loader": self.train_loader.state_dict()}
+
+    def save(self) -> None:
+        if self.cfg.checkpoint.save is None:
+            return
+        t0 = time.time()
+        path = ckpt.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer,
+                                    self.train_state())
+        if self.is_logger:
+            log(f"saved checkpoint at iteration {self.iteration} to {path} ({time.time() - t0:.1f} s)")
+
+    def resume(self, path: str) -> None:
+        c = self.cfg.checkpoint
+        state = ckpt.load_checkpoint(path, self.model, None if c.no_load_optim else self.optimizer,
+                                     load_rng=not c.no_load_rng)
+        if not c.no_load_optim:  # weights-only loads start the schedule and data afresh
+            self.iteration = state["iteration"]
+            self.train_loader.load_state_dict(state["data_loader"])
+            self.skipped, self.nan = state["skipped"], state["nan"]
+        if self.is_logger:
+            log(f"resumed from checkpoint at iteration {state['iteration']} ({path}); "
+                f"consumed samples {state['consumed_samples']}")
+
+    # ---------------------------------------------------------------- one step
+    def _sync_grads_on(self, last: bool) -> None:
+        # Under FSDP, reduce gradients only after the last micro-batch of the step.
+        if isinstance(self.model, FSDPModule):
+            self.model.set_requires_gradient_sync(last)
+
+    def _global_tokens(self, micro_batches) -> torch.Tensor:
+        local = sum(mb["loss_mask"].sum() for mb in micro_batches).to(self.device, torch.float32)
+        return self.layout.all_reduce_sum(local.reshape(1))[0]
+
+    def train_step(self, micro_batches) -> tuple[float, float]:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        global_tokens = self._global_tokens(micro_batches)
+        # Gradient reduction over data-parallel ranks averages; scaling by dp makes it the global sum,
+        # so the step's gradient is that of the mean loss over every token of the global batch.
+        scale = self.layout.dp / global_tokens
+        loss_sum = torch.zeros((), device=self.device)
+        for i, mb in enumerate(micro_batches):
+            self._sync_grads_on(i == len(micro_batches) - 1)
+            tokens, labels, mask, pos = (mb[k].to(self.device, non_blocking=True)
+                                         for k in ("tokens", "labels", "loss_mask", "position_ids"))
+            with self.autocast():
+                logits = self.model(tokens, pos)
+            micro_loss = lm_loss_sum(logits, labels, mask)
+            (micro_loss * scale).backward()
+            loss_sum += micro_loss.detach()
+        loss = (self.layout.all_reduce_sum(loss_sum.reshape(1))[0] / global_tokens).item()
+        grad_norm = clip_grad_norm(self.model, self.cfg.training.clip_grad)
+        if not math.isfinite(grad_norm):  # a NaN/inf step is skipped, never applied, and counted
+            self.nan += 1
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss, grad_norm
+        lr = self.schedule(self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return loss, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean validation loss over --eval-iters global batches, always the same ones."""
+        if self.valid_loader is None:
+            return None
+        self.model.eval()
+        self.valid_loader.load_state_dict({"consumed_samples": 0})
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.training.eval_iters):
+            for mb in self.valid_loader.next_global_batch():
+                with self.autocast():
+                    logits = self.model(mb["tokens"].to(self.device), mb["position_ids"].to(self.device))
+                loss_sum += lm_loss_sum(logits, mb["labels"].to(self.device), mb["loss_mask"].to(self.device))
+                tokens += mb["loss_mask"].sum().to(self.device)
+        both = self.layout.all_reduce_sum(torch.stack([loss_sum, tokens]))
+        return (both[0] / both[1]).item()
+
+    # ---------------------------------------------------------------- the loop
+    def _should_stop(self) -> Optional[str]:
+        limit = self.cfg.training.exit_duration_in_mins
+        reason = 0.0
+        if self.stop.signal_name is not None:
+            reason = 1.0
+        elif limit is not None and time.time() - self.start_time > 60 * limit:
+            reason = 2.0
+        agreed = self.layout.all_reduce_max(reason)  # every rank must stop at the same step
+        return {0.0: None, 1.0: "signal", 2.0: "--exit-duration-in-mins"}[agreed]
+
+    def train(self) -> None:
+        t, log_cfg = self.cfg.training, self.cfg.logging
+        tokens_per_step = t.global_batch_size * self.cfg.model.seq_length
+        interval_time, interval_steps = 0.0, 0
+        while self.iteration < t.train_iters:
+            t0 = time.time()
+            loss, grad_norm = self.train_step(self.train_loader.next_global_batch())
+            self.iteration += 1
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            interval_time += time.time() - t0
+            interval_steps += 1
+            if self.is_logger:
+                self.writer.scalars({"lm-loss": loss, "grad-norm": grad_norm,
+                                     "learning-rate": self.schedule(self.iteration - 1)}, self.iteration)
+            if self.iteration % log_cfg.log_interval == 0 or self.iteration == t.train_iters:
+                self._log_iteration(loss, grad_norm, interval_time / interval_steps, tokens_per_step)
+                interval_time, interval_steps = 0.0, 0
+            if t.eval_interval and self.iteration % t.eval_interval == 0:
+                self._log_validation()
+            reason = self._should_stop()
+            if reason is not None:
+                if self.is_logger:
+                    log(f"stopping at iteration {self.iteration} on {reason}: saving a checkpoint")
+                self.save()
+                return
+            interval = self.cfg.checkpoint.save_interval
+            if interval and self.iteration % interval == 0 and self.iteration < t.train_iters:
+                self.save()
+        if t.eval_interval and self.iteration % t.eval_interval:
+            self._log_validation()  # a final validation unless the last step just had one
+        self.save()
+        if self.is_logger:
+            log(f"training finished at iteration {self.iteration}")
+            self.writer.close()
+
+    def _log_iteration(self, loss: float, grad_norm: float, sec_per_iter: float, tokens_per_step: int) -> None:
+        if not self.is_logger:
+            return
+        tokens_per_s = tokens_per_step / sec_per_iter
+        tflops = self.flops_per_token * tokens_per_s / self.layout.world_size / 1e12
+        values = {"consumed_samples": self.train_loader.consumed_samples,
+                  "consumed_tokens": self.train_loader.consumed_samples * self.cfg.model.seq_length,
+                  "ms_per_iter": 1000 * sec_per_iter, "tokens_per_s": tokens_per_s, "tflops": tflops,
+                  "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                  "lr": self.schedule(self.iteration - 1), "global_batch_size": self.cfg.training.global_batch_size,
+                  "loss": loss, "grad_norm": grad_norm, "skipped": self.skipped, "nan": self.nan,
+                  "peak_mem_gb": peak_memory_gb(self.device)}
+        log(iteration_line(self.iteration, self.cfg.training.train_iters, values))
+        scalars = {"tokens-per-second": tokens_per_s, "tflops-per-gpu": tflops}
+        if values["mfu"] is not None:
+            scalars["mfu"] = values["mfu"]
+        self.writer.scalars(scalars, self.iteration)
+
+    def _log_validation(self) -> None:
+        loss = self.evaluate()
+        if loss is None or not self.is_logger:
+            return
+        ppl = math.exp(min(loss, 20.0))
+        log(f" validation loss at iteration {self.iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |")
+        self.writer.scalars({"validation/lm-loss": loss, "validation/lm-loss-ppl": ppl}, self.iteration)

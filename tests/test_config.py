@@ -1,0 +1,136 @@
+"""Configuration: YAML + flags precedence, --help, and one test per validation rule's message."""
+import subprocess
+import sys
+
+import pytest
+
+from megalatent.config import ConfigError, build_parser, parse_args, validate
+
+
+def errors_of(argv, dp=1):
+    cfg = parse_args(argv)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, data_parallel_size=dp)
+    return "\n".join(info.value.errors)
+
+
+def test_flags_override_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("hidden-size: 256\nnum_layers: 3\nlr: 1.0e-3\nswiglu: false\n")
+    cfg = parse_args(["--config", str(path), "--num-layers", "5", "--swiglu"])
+    assert cfg.model.hidden_size == 256  # from the file
+    assert cfg.model.num_layers == 5  # the flag wins
+    assert cfg.training.lr == 1e-3
+    assert cfg.model.swiglu is True
+    validate(cfg)
+
+
+def test_defaults_validate_and_examples_parse():
+    import glob
+    validate(parse_args([]))
+    examples = sorted(glob.glob("examples/**/*.yaml", recursive=True))
+    assert examples, "no example configs found"
+    for path in examples:
+        validate(parse_args(["--config", path]))
+
+
+def test_help_lists_every_flag_with_default():
+    out = subprocess.run([sys.executable, "-m", "megalatent.pretrain", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag not in ("--help",):
+                assert flag in out.stdout, flag
+    assert "--tensorboard-dir" in out.stdout and "(default: 3e-05)" in out.stdout
+
+
+def test_yaml_unknown_key_and_bad_type(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("hiden-size: 12\n")
+    with pytest.raises(ConfigError, match="unknown key 'hiden-size' \\(did you mean 'hidden-size'\\?\\)"):
+        parse_args(["--config", str(path)])
+    path.write_text("hidden-size: wide\n")
+    with pytest.raises(ConfigError, match="'hidden_size' must be int, got 'wide'"):
+        parse_args(["--config", str(path)])
+    path.write_text("swiglu: maybe\n")
+    with pytest.raises(ConfigError, match="'swiglu' must be true or false"):
+        parse_args(["--config", str(path)])
+    with pytest.raises(ConfigError, match="file .*missing.yaml does not exist"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        parse_args(["--config", str(path)])
+
+
+RULES = [
+    (["--model-family", "nope"], "--model-family 'nope' is unknown"),
+    (["--num-layers", "0"], "--num-layers must be >= 1"),
+    (["--hidden-size", "0"], "--hidden-size must be >= 1"),
+    (["--num-attention-heads", "0"], "--num-attention-heads must be >= 1"),
+    (["--seq-length", "0"], "--seq-length must be >= 1"),
+    (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by must be >= 1"),
+    (["--hidden-size", "100", "--num-attention-heads", "3"], "--hidden-size 100 must be divisible by --num-attention-heads 3"),
+    (["--hidden-size", "12", "--num-attention-heads", "4"], "rotary embeddings need an even head size"),
+    (["--group-query-attention"], "--group-query-attention needs --num-query-groups >= 1"),
+    (["--group-query-attention", "--num-query-groups", "3"], "--num-attention-heads 4 must be divisible by --num-query-groups 3"),
+    (["--num-query-groups", "2"], "--num-query-groups is set but --group-query-attention is not"),
+    (["--ffn-hidden-size", "0"], "--ffn-hidden-size must be >= 1"),
+    (["--seq-length", "512", "--max-position-embeddings", "256"], "--seq-length 512 exceeds --max-position-embeddings 256"),
+    (["--vocab-size", "1"], "--vocab-size must be >= 2"),
+    (["--norm-epsilon", "0"], "--norm-epsilon must be > 0"),
+    (["--data-path", "x"], "--data-path needs --tokenizer-model"),
+    (["--tokenizer-model", "/nonexistent.model"], "--tokenizer-model: file /nonexistent.model does not exist"),
+    (["--split", "a,b"], "--split 'a,b' must be up to three non-negative numbers"),
+    (["--split", "0,5,5"], "--split '0,5,5' must be up to three non-negative numbers"),
+    (["--default-corpus-vocab-size", "100"], "--default-corpus-vocab-size must be >= 300"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
+    (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
+    (["--train-iters", "0"], "--train-iters must be >= 1"),
+    (["--micro-batch-size", "3", "--global-batch-size", "16"], "--global-batch-size 16 must be a multiple of --micro-batch-size 3 x data-parallel size 1"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr 0.001 must be between 0 and --lr 0.0001"),
+    (["--lr-warmup-iters", "-1"], "--lr-warmup-iters must be >= 0"),
+    (["--lr-warmup-fraction", "2"], "--lr-warmup-fraction must be in [0, 1]"),
+    (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "5"], "give either --lr-warmup-iters or --lr-warmup-fraction"),
+    (["--lr-decay-iters", "0"], "--lr-decay-iters must be >= 1"),
+    (["--lr-warmup-iters", "200", "--train-iters", "100"], "warmup (200 steps) is longer than the decay"),
+    (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "500"], "--lr-wsd-decay-iters 500 must be in (0, 100]"),
+    (["--adam-beta2", "1.0"], "--adam-beta1/--adam-beta2 must be in [0, 1)"),
+    (["--adam-eps", "0"], "--adam-eps must be > 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--clip-grad", "-1"], "--clip-grad must be >= 0"),
+    (["--exit-duration-in-mins", "0"], "--exit-duration-in-mins must be > 0"),
+    (["--eval-iters", "0"], "--eval-interval must be >= 0 and --eval-iters >= 1"),
+    (["--save-interval", "0", "--save", "x"], "--save-interval must be >= 1"),
+    (["--save-interval", "10"], "--save-interval is set but --save is not"),
+    (["--log-interval", "0"], "--log-interval must be >= 1"),
+    (["--peak-tflops", "0"], "--peak-tflops must be > 0"),
+]
+
+
+@pytest.mark.parametrize("argv,message", RULES, ids=[m[:40] for _, m in RULES])
+def test_each_rule_has_a_clear_message(argv, message):
+    assert message in errors_of(argv)
+
+
+def test_batch_rule_counts_data_parallel_ranks():
+    assert "x data-parallel size 4" in errors_of(["--micro-batch-size", "4", "--global-batch-size", "8"], dp=4)
+
+
+def test_all_broken_rules_reported_at_once():
+    text = errors_of(["--num-layers", "0", "--lr", "0", "--log-interval", "0"])
+    assert "--num-layers" in text and "--lr must be" in text and "--log-interval" in text
+
+
+def test_bad_data_path_is_reported_before_anything_runs(tmp_path):
+    tok = tmp_path / "t.model"
+    tok.write_text("x")
+    text = errors_of(["--data-path", str(tmp_path / "nothing"), "--tokenizer-model", str(tok)])
+    assert "nothing.bin" in text or "nothing.idx" in text
+
+
+def test_trainer_exits_2_with_the_message(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "megalatent.pretrain", "--num-layers", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "--num-layers must be >= 1" in out.stderr
