@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -73,7 +74,14 @@ def init_process_group(env: DistEnv) -> torch.device:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    if env.world_size > 1 and not dist.is_initialized():
+    if dist.is_initialized():
+        return device
+    if env.world_size == 1:
+        # A one-rank group costs nothing and keeps one code path: megatron-core's index caching and
+        # DCP both expect torch.distributed to be initialized.
+        store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="megalatent-pg-"), "store"), 1)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    else:
         dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
                                 rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=10),
                                 device_id=device if backend == "nccl" else None)
