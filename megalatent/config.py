@@ -351,8 +351,6 @@ def validate(cfg: Config, data_parallel_size: int = 1) -> None:
 
     if c.save_interval is not None and c.save_interval < 1:
         e.append(f"--save-interval must be >= 1, got {c.save_interval}")
-    if c.save_interval is not None and c.save is None:
-        e.append("--save-interval is set but --save is not; add --save DIR")
     if log.log_interval < 1:
         e.append(f"--log-interval must be >= 1, got {log.log_interval}")
     if log.peak_tflops is not None and log.peak_tflops <= 0:

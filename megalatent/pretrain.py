@@ -116,6 +116,8 @@ def run(argv: Optional[list[str]] = None) -> None:
     torch.manual_seed(cfg.training.seed)
     if layout.rank == 0:
         log(f"megalatent: {cfg.model.model_family} model, {layout.describe()} ({env.launcher}), device {device}")
+        if cfg.checkpoint.save is None:
+            log("WARNING: no --save directory: this run writes no checkpoints")
 
     train_loader, valid_loader = build_data(cfg, layout, tokenizer, prefixes, weights)
     family = MODEL_FAMILIES[cfg.model.model_family]

@@ -102,7 +102,6 @@ RULES = [
     (["--exit-duration-in-mins", "0"], "--exit-duration-in-mins must be > 0"),
     (["--eval-iters", "0"], "--eval-interval must be >= 0 and --eval-iters >= 1"),
     (["--save-interval", "0", "--save", "x"], "--save-interval must be >= 1"),
-    (["--save-interval", "10"], "--save-interval is set but --save is not"),
     (["--log-interval", "0"], "--log-interval must be >= 1"),
     (["--peak-tflops", "0"], "--peak-tflops must be > 0"),
 ]

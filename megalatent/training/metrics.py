@@ -6,6 +6,7 @@ family's `flops_per_token` (see models.decoder.dense_decoder_flops_per_token for
 from __future__ import annotations
 
 import datetime
+import resource
 import sys
 from typing import Optional
 
@@ -24,10 +25,11 @@ def device_peak_tflops(override: Optional[float]) -> Optional[float]:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def peak_memory_gb(device: torch.device) -> Optional[float]:
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated GPU memory; on CPU the process's peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 class MetricsWriter:
@@ -82,6 +84,5 @@ def iteration_line(it: int, total: int, values: dict) -> str:
               f"grad norm: {values['grad_norm']:.4f}",
               f"number of skipped iterations: {values['skipped']:3d}",
               f"number of nan iterations: {values['nan']:3d}"]
-    if values.get("peak_mem_gb") is not None:
-        parts.append(f"peak memory (GB): {values['peak_mem_gb']:.2f}")
+    parts.append(f"peak memory (GB): {values['peak_mem_gb']:.2f}")
     return " " + " | ".join(parts) + " |"

@@ -1,0 +1,33 @@
+# Sourced by launch/quickstart.sh and tests/run.sh: pick the Python environment and install megalatent
+# into it if needed. Sets PYTHON.
+#   - an active virtualenv or conda env (VIRTUAL_ENV / CONDA_PREFIX) is used as it is;
+#   - otherwise the repository's own .venv, created on first use.
+# torch is installed first, as the CPU build 2.13.0 when no GPU is visible, so that pip does not pull
+# a multi-GB CUDA build onto a laptop; on a GPU machine, install the CUDA torch you want beforehand.
+# Usage: source launch/python_env.sh [extras, e.g. dev]
+_megalatent_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]]; then
+    PYTHON=${PYTHON:-python}
+else
+    if [[ ! -x "$_megalatent_root/.venv/bin/python" ]]; then
+        echo "[megalatent] creating $_megalatent_root/.venv" >&2
+        python3 -m venv "$_megalatent_root/.venv"
+    fi
+    PYTHON="$_megalatent_root/.venv/bin/python"
+fi
+export PYTHON
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        "$PYTHON" -m pip install --quiet torch
+    else
+        "$PYTHON" -m pip install --quiet "torch==2.13.0" || "$PYTHON" -m pip install --quiet torch
+    fi
+fi
+_megalatent_extras=${1:-}
+_megalatent_check="import megalatent"
+[[ "$_megalatent_extras" == *dev* ]] && _megalatent_check="import megalatent, pytest, pytest_timeout"
+# Re-install when this checkout is not the one installed (e.g. a second clone).
+if ! "$PYTHON" -c "$_megalatent_check; import os, sys; sys.exit(os.path.dirname(os.path.dirname(megalatent.__file__)) != '$_megalatent_root')" 2>/dev/null; then
+    echo "[megalatent] installing $_megalatent_root into $("$PYTHON" -c 'import sys; print(sys.prefix)')" >&2
+    "$PYTHON" -m pip install --quiet -e "$_megalatent_root${_megalatent_extras:+[$_megalatent_extras]}"
+fi

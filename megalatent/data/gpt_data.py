@@ -1,0 +1,222 @@
+"""GPT pretraining data: Megatron ``--data-path`` blends, megatron-core datasets, and batching.
+
+Datasets come from megatron-core (``GPTDataset`` behind ``BlendedMegatronDatasetBuilder``), so a
+data path, split, seed and sequence length give the same samples as in Megatron-LM.
+:class:`MicroBatchLoader` then hands each data-parallel rank its micro-batches in the order of
+Megatron-LM's pretraining sampler, resumable from the consumed-sample count in a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Sequence
+
+import torch
+
+_PREPROCESS_HINT = (
+    "Build it with tools/preprocess_data.py, which writes <output-prefix>_<key>_document.bin/.idx; "
+    "pass that prefix, without the extension."
+)
+
+
+class _NoCacheWarningFilter(logging.Filter):
+    """Drops megatron-core's per-dataset warning that indices are not saved without a cache path.
+
+    build_gpt_datasets skips the cache on purpose when it cannot be shared (see there); the
+    warning would otherwise print several lines on every rank at every start.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "because path_to_cache is None" not in record.getMessage()
+
+
+_NO_CACHE_WARNING_FILTER = _NoCacheWarningFilter()
+
+
+def _as_weight(token: str) -> float | None:
+    """``token`` as a number if it is one, else None (it is then a dataset prefix)."""
+    try:
+        return float(token)
+    except ValueError:
+        return None
+
+
+def parse_data_path(tokens: Sequence[str]) -> tuple[list[str], list[float] | None]:
+    """Parse Megatron's ``--data-path`` list into ``(prefixes, weights)`` and check the files exist.
+
+    Accepted forms, as in Megatron-LM:
+
+    - ``PREFIX``: one dataset;
+    - ``W1 PREFIX1 W2 PREFIX2 ...``: a blend sampled in proportion to the (normalized) weights;
+    - ``PREFIX1 PREFIX2 ...``: a blend weighted by dataset size (weights are None).
+
+    Raises ValueError for a malformed list (numbers not strictly alternating with prefixes,
+    a weight that is not a positive finite number) or a dataset whose ``.bin``/``.idx`` is missing.
+    """
+    tokens = [token.strip() for token in tokens]
+    if not tokens:
+        raise ValueError("--data-path is empty: give PREFIX, W1 PREFIX1 W2 PREFIX2 ..., or PREFIX1 PREFIX2 ...")
+    numeric = [_as_weight(token) is not None for token in tokens]
+    if not any(numeric):
+        prefixes, weights = tokens, None
+    else:
+        alternating = len(tokens) % 2 == 0 and all(
+            is_number == (i % 2 == 0) for i, is_number in enumerate(numeric)
+        )
+        if not alternating:
+            raise ValueError(
+                f"malformed --data-path {' '.join(tokens)!r}: with weights it must be "
+                "'W1 PREFIX1 W2 PREFIX2 ...' (a weight before every prefix)"
+            )
+        prefixes = tokens[1::2]
+        weights = [float(token) for token in tokens[0::2]]
+        for prefix, weight in zip(prefixes, weights):
+            if not (weight > 0 and math.isfinite(weight)):
+                raise ValueError(
+                    f"malformed --data-path: the weight of {prefix!r} is {weight:g}; "
+                    "weights must be positive numbers"
+                )
+    for prefix in prefixes:
+        for path in (prefix + ".bin", prefix + ".idx"):
+            if not os.path.isfile(path):
+                raise ValueError(f"dataset file {path} not found (--data-path {prefix!r}). {_PREPROCESS_HINT}")
+    return prefixes, weights
+
+
+def build_gpt_datasets(
+    data_prefixes: Sequence[str],
+    weights: Sequence[float] | None,
+    split: str,
+    seq_length: int,
+    seed: int,
+    tokenizer,
+    num_samples: tuple[int, int, int],
+    cache_dir: str | None,
+):
+    """Build the (train, valid, test) GPT datasets of a blend with megatron-core.
+
+    ``split`` is Megatron's ``--split`` (e.g. ``"949,50,1"``); a split with zero share comes back
+    as None. ``num_samples`` are the samples wanted per split; with explicit weights each split
+    has exactly that many, while a size-weighted blend of several prefixes stops at one pass over
+    its datasets (Megatron's behaviour), so it may be shorter. ``tokenizer`` needs ``vocab_size``,
+    ``eod``, ``pad`` and ``unique_identifiers`` (see :class:`megalatent.data.tokenizer.Tokenizer`).
+    Each sample is a dict of ``tokens``, ``labels``, ``loss_mask`` and ``position_ids`` of length
+    ``seq_length`` (plus ``dataset_id`` in a blend).
+
+    ``cache_dir``: where rank 0 saves the document/sample/shuffle indices (``.npy``) for the other
+    ranks and later runs to load; it must be shared by all ranks. It is used only once
+    torch.distributed is initialized, because megatron-core's blending code calls
+    ``torch.distributed.get_rank()`` unguarded when a cache path is set. Without a process group
+    or without ``cache_dir``, the indices are built in memory and nothing is written; they are
+    deterministic, so every rank builds the same ones.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    if len(data_prefixes) == 1:
+        weights = None  # a one-dataset "blend" only adds a BlendedDataset layer and a warning
+    use_cache = cache_dir is not None and torch.distributed.is_initialized()
+    if not use_cache:
+        for module in ("gpt_dataset", "blended_dataset"):
+            logging.getLogger(f"megatron.core.datasets.{module}").addFilter(
+                _NO_CACHE_WARNING_FILTER
+            )
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(list(data_prefixes), None if weights is None else list(weights)),
+        split=split,
+        # An empty string, unlike None, stops GPTDataset from defaulting to a cache directory
+        # beside the data (<prefix>/cache/), which may be read-only or shared between jobs.
+        path_to_cache=cache_dir if use_cache else "",
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    train, valid, test = BlendedMegatronDatasetBuilder(
+        GPTDataset, list(num_samples), lambda: True, config
+    ).build()
+    return train, valid, test
+
+
+class MicroBatchLoader:
+    """Deterministic, resumable micro-batches for one data-parallel rank.
+
+    Follows Megatron-LM's ``MegatronPretrainingSampler``: global samples are taken in order from
+    ``consumed_samples``; each micro-batch step takes the next ``micro_batch_size * dp_size``
+    of them and rank ``r`` gets the ``r``-th block of ``micro_batch_size``. So micro-batch ``m``
+    of the global batch starting at ``c`` holds, on rank ``r``, samples
+    ``c + (m * dp_size + r) * micro_batch_size + i``. Over a global batch the ranks together cover
+    samples ``c .. c + global_batch_size - 1`` exactly once, for any ``dp_size``.
+
+    Sample ``g`` is ``dataset[g % len(dataset)]``: past its end the dataset repeats in the same
+    order (build it with enough samples for the run, as Megatron does, to avoid that). The only
+    state is ``consumed_samples``, saved by :meth:`state_dict`.
+    """
+
+    _KEYS = {
+        "tokens": torch.int64,
+        "labels": torch.int64,
+        "loss_mask": torch.float32,
+        "position_ids": torch.int64,
+    }
+
+    def __init__(
+        self,
+        dataset,
+        micro_batch_size: int,
+        global_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        consumed_samples: int = 0,
+    ) -> None:
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty")
+        if micro_batch_size < 1 or global_batch_size % (micro_batch_size * dp_size) != 0:
+            raise ValueError(
+                f"global_batch_size ({global_batch_size}) must be a positive multiple of "
+                f"micro_batch_size ({micro_batch_size}) x dp_size ({dp_size})"
+            )
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.consumed_samples = consumed_samples
+
+    @property
+    def num_micro_batches(self) -> int:
+        """Micro-batches per rank per global batch (the gradient-accumulation steps)."""
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def _micro_batch(self, first_sample: int) -> dict[str, torch.Tensor]:
+        samples = [
+            self.dataset[(first_sample + i) % len(self.dataset)]
+            for i in range(self.micro_batch_size)
+        ]
+        return {
+            key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]).to(dtype)
+            for key, dtype in self._KEYS.items()
+        }
+
+    def next_global_batch(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches for the next optimizer step; advances ``consumed_samples``."""
+        step = self.micro_batch_size * self.dp_size
+        start = self.consumed_samples + self.dp_rank * self.micro_batch_size
+        batches = [self._micro_batch(start + m * step) for m in range(self.num_micro_batches)]
+        self.consumed_samples += self.global_batch_size
+        return batches
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consumed_samples = int(state["consumed_samples"])

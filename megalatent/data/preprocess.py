@@ -1,0 +1,171 @@
+"""Tokenize text into Megatron indexed datasets (``.bin`` token stream + ``.idx`` index).
+
+This is the library behind ``tools/preprocess_data.py`` and the default stdlib corpus. It writes
+the same files as Megatron-LM's preprocess_data.py: one dataset per JSON key, named
+``<output_prefix>_<key>_document.{bin,idx}``, one sequence per document, EOD appended.
+Token ids are stored as uint16 when the vocabulary allows it (Megatron's rule), else int32.
+
+Each output is written under a temporary name and moved into place when complete, so an
+interrupted run never leaves a dataset that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from megalatent.data.tokenizer import Tokenizer
+
+# Documents handed to a worker at a time: large enough to amortize inter-process traffic,
+# small enough to keep the in-flight text (and the progress bar) fine-grained.
+_CHUNKSIZE = 16
+
+# Set in each worker process by _init_worker, so the model is loaded once per worker.
+_worker_tokenizer: Tokenizer | None = None
+_worker_append_eod = True
+
+
+def _init_worker(tokenizer_model: str, append_eod: bool) -> None:
+    global _worker_tokenizer, _worker_append_eod
+    _worker_tokenizer = Tokenizer.load(tokenizer_model)
+    _worker_append_eod = append_eod
+
+
+def _encode_record(record: dict[str, str]) -> dict[str, list[int]]:
+    """Token ids per key of one document; an empty text stays empty (no lone EOD)."""
+    encoded = {}
+    for key, text in record.items():
+        ids = _worker_tokenizer.encode(text)
+        if ids and _worker_append_eod:
+            ids.append(_worker_tokenizer.eod)
+        encoded[key] = ids
+    return encoded
+
+
+def encode_to_indexed_datasets(
+    records: Iterable[dict[str, str]],
+    output_prefix: str,
+    tokenizer_model: str,
+    json_keys: Sequence[str] = ("text",),
+    workers: int = 1,
+    append_eod: bool = True,
+    progress: bool = True,
+) -> list[str]:
+    """Tokenize a stream of documents (``{key: text}`` dicts) and write one dataset per key.
+
+    Returns the dataset prefixes ``<output_prefix>_<key>_document`` in ``json_keys`` order.
+    Documents whose text for a key is empty are left out of that key's dataset.
+    """
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    vocab_size = Tokenizer.load(tokenizer_model).vocab_size
+    dtype = DType.optimal_dtype(vocab_size)
+    prefixes = [f"{output_prefix}_{key}_document" for key in json_keys]
+    directory = os.path.dirname(os.path.abspath(output_prefix))
+    os.makedirs(directory, exist_ok=True)
+    tmp_suffix = f".tmp-{os.getpid()}"
+    builders = {
+        key: IndexedDatasetBuilder(prefix + ".bin" + tmp_suffix, dtype=dtype)
+        for key, prefix in zip(json_keys, prefixes)
+    }
+    try:
+        with multiprocessing.Pool(
+            workers, initializer=_init_worker, initargs=(tokenizer_model, append_eod)
+        ) as pool, tqdm(
+            unit="doc", desc="tokenizing", disable=not progress, mininterval=1.0
+        ) as bar:
+            num_tokens = 0
+            for encoded in pool.imap(_encode_record, records, chunksize=_CHUNKSIZE):
+                for key, ids in encoded.items():
+                    if ids:
+                        builders[key].add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+                        num_tokens += len(ids)
+                bar.update()
+                bar.set_postfix(tokens=num_tokens, refresh=False)
+        for key, prefix in zip(json_keys, prefixes):
+            builders[key].finalize(prefix + ".idx" + tmp_suffix)
+            # The .idx goes last: its presence is what marks a dataset as complete.
+            os.replace(prefix + ".bin" + tmp_suffix, prefix + ".bin")
+            os.replace(prefix + ".idx" + tmp_suffix, prefix + ".idx")
+    finally:
+        for prefix in prefixes:
+            for leftover in (prefix + ".bin" + tmp_suffix, prefix + ".idx" + tmp_suffix):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
+    return prefixes
+
+
+def iter_records(inputs: Sequence[str], json_keys: Sequence[str]) -> Iterator[dict[str, str]]:
+    """Yield one ``{key: text}`` per document of JSONL/``.txt`` files, read lazily.
+
+    A JSONL line gives the ``json_keys`` fields of its object; a ``.txt`` file is one document
+    under ``json_keys[0]``.
+    """
+    for path in inputs:
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8") as f:
+                yield {json_keys[0]: f.read()}
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_number}: invalid JSON ({err})") from err
+                if not isinstance(obj, dict) or not all(
+                    isinstance(obj.get(key), str) for key in json_keys
+                ):
+                    found = list(obj) if isinstance(obj, dict) else type(obj).__name__
+                    raise ValueError(
+                        f"{path}:{line_number}: expected a JSON object with string fields "
+                        f"{list(json_keys)}, found {found}"
+                    )
+                yield {key: obj[key] for key in json_keys}
+
+
+def preprocess_files(
+    inputs: list[str],
+    output_prefix: str,
+    tokenizer_model: str,
+    json_keys: Sequence[str] = ("text",),
+    workers: int = 1,
+    append_eod: bool = True,
+    progress: bool = True,
+) -> list[str]:
+    """Tokenize JSONL and ``.txt`` files into ``<output_prefix>_<key>_document.{bin,idx}``.
+
+    JSONL files hold one JSON object per line and contribute the ``json_keys`` fields of each as
+    documents of the matching datasets. A ``.txt`` file is one whole document; it needs a single
+    json key, whose dataset it joins. All inputs go, in order, into the same datasets. Files are
+    streamed, so their size is not limited by memory (a ``.txt`` file is read whole, as it is a
+    single document). Returns the dataset prefixes, in ``json_keys`` order.
+    """
+    if not inputs:
+        raise ValueError("no input files given")
+    if not json_keys:
+        raise ValueError("json_keys must name at least one field")
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"input file {path!r} not found")
+    if len(json_keys) > 1 and any(path.endswith(".txt") for path in inputs):
+        raise ValueError(
+            f".txt inputs are single documents and need exactly one json key, got {list(json_keys)}"
+        )
+    return encode_to_indexed_datasets(
+        iter_records(inputs, json_keys),
+        output_prefix,
+        tokenizer_model,
+        json_keys=json_keys,
+        workers=workers,
+        append_eod=append_eod,
+        progress=progress,
+    )

@@ -1,0 +1,128 @@
+"""SentencePiece BPE tokenizer: training, and a small wrapper that megatron-core datasets accept.
+
+The trained model is tuned for source code and exact round trips: no text normalization, no
+whitespace collapsing, no dummy-prefix space, runs of spaces (indentation) may become single
+pieces, and byte fallback so that any UTF-8 text encodes without ``<unk>``. Newlines are never
+seen in training (SentencePiece trains on lines), so each one encodes as the byte piece
+``<0x0A>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+# Fixed special-token ids. pad gets its own id (rather than SentencePiece's default of "none")
+# so that it is a valid embedding row and never collides with eod, which megatron-core's
+# datasets would warn about and work around.
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+
+# SentencePiece samples at most this many lines (about 35 MB of typical code) from the input;
+# this keeps training on ~20 MB of text to a few seconds.
+MAX_TRAINING_LINES = 1_000_000
+
+
+def _training_lines(texts: Iterable[str]) -> Iterator[str]:
+    """Split documents into the lines SentencePiece trains on, dropping empty ones."""
+    for text in texts:
+        for line in text.splitlines():
+            if line:
+                yield line
+
+
+def train_sentencepiece(
+    texts: Iterable[str], model_prefix: str, vocab_size: int, seed: int = 1234
+) -> str:
+    """Train a byte-fallback BPE model on ``texts`` and return the path of ``<model_prefix>.model``.
+
+    Training is deterministic for a given input, seed and vocab size: the line sample is drawn
+    with ``seed`` and SentencePiece runs on one thread (its result depends on the thread count).
+    ``vocab_size`` includes the 4 special tokens and the 256 byte pieces, so it must exceed 260.
+
+    Beside the model this also writes megatron-core's ``tokenizer_metadata.json``, so that
+    ``megatron.core.tokenizers.MegatronTokenizer.from_pretrained(model_path)`` loads the model
+    too. megatron-core names that file per directory, not per model; it is the same for every
+    model trained here, so it is simply overwritten.
+    """
+    if vocab_size <= 260:
+        raise ValueError(f"vocab_size must exceed 260 (4 special + 256 byte pieces), got {vocab_size}")
+    directory = os.path.dirname(os.path.abspath(model_prefix))
+    os.makedirs(directory, exist_ok=True)
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_lines(texts),
+        model_prefix=model_prefix,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        input_sentence_size=MAX_TRAINING_LINES,
+        shuffle_input_sentence=True,
+        num_threads=1,
+        minloglevel=2,  # errors only: SentencePiece's INFO log is thousands of lines
+    )
+    model_path = model_prefix + ".model"
+
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    MegatronTokenizer.write_metadata(
+        tokenizer_path=model_path,
+        tokenizer_library="sentencepiece",
+        model_type="gpt",
+        overwrite=True,
+    )
+    return model_path
+
+
+class Tokenizer:
+    """A trained SentencePiece model with the interface megatron-core's GPTDataset reads.
+
+    ``GPTDatasetConfig(tokenizer=...)`` uses ``vocab_size`` (token dtype), ``eod`` (end-of-document
+    id, for masks), ``pad`` (masked out of the loss) and ``eos``, and hashes
+    ``unique_identifiers`` into the names of its cached index files. The identifiers include a
+    digest of the model file, so retraining a model at the same path invalidates those caches.
+    """
+
+    def __init__(self, processor: spm.SentencePieceProcessor, model_path: str) -> None:
+        self._sp = processor
+        self.model_path = model_path
+        self.vocab_size: int = processor.get_piece_size()
+        self.eod: int = processor.eos_id()
+        self.eos: int = self.eod
+        self.pad: int = processor.pad_id()
+        if self.pad < 0:  # a model trained elsewhere without a pad piece
+            self.pad = processor.unk_id()
+        with open(model_path, "rb") as f:
+            model_digest = hashlib.md5(f.read(), usedforsecurity=False).hexdigest()
+        self.unique_identifiers = OrderedDict(
+            [("class", "megalatent.data.tokenizer.Tokenizer"), ("model_md5", model_digest)]
+        )
+
+    @classmethod
+    def load(cls, model_path: str) -> "Tokenizer":
+        """Load a ``.model`` file written by :func:`train_sentencepiece` (or any SentencePiece model)."""
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(
+                f"tokenizer model {model_path!r} not found; train one with tools/train_tokenizer.py"
+            )
+        return cls(spm.SentencePieceProcessor(model_file=model_path), model_path)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without BOS/EOS."""
+        return self._sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; the inverse of :meth:`encode` for any text."""
+        return self._sp.decode([int(i) for i in ids])
