@@ -57,7 +57,9 @@ def parse_data_path(tokens: Sequence[str]) -> tuple[list[str], list[float] | Non
     """
     tokens = [token.strip() for token in tokens]
     if not tokens:
-        raise ValueError("--data-path is empty: give PREFIX, W1 PREFIX1 W2 PREFIX2 ..., or PREFIX1 PREFIX2 ...")
+        raise ValueError(
+            "--data-path is empty: give PREFIX, W1 PREFIX1 W2 PREFIX2 ..., or PREFIX1 PREFIX2 ..."
+        )
     numeric = [_as_weight(token) is not None for token in tokens]
     if not any(numeric):
         prefixes, weights = tokens, None
@@ -81,8 +83,34 @@ def parse_data_path(tokens: Sequence[str]) -> tuple[list[str], list[float] | Non
     for prefix in prefixes:
         for path in (prefix + ".bin", prefix + ".idx"):
             if not os.path.isfile(path):
-                raise ValueError(f"dataset file {path} not found (--data-path {prefix!r}). {_PREPROCESS_HINT}")
+                raise ValueError(
+                    f"dataset file {path} not found (--data-path {prefix!r}). {_PREPROCESS_HINT}"
+                )
     return prefixes, weights
+
+
+def _check_no_empty_split(config, data_prefixes: Sequence[str]) -> None:
+    """Raise if ``--split`` leaves a used split of some dataset without documents.
+
+    megatron-core loops forever on such a split (it adds epochs of zero tokens until it has
+    enough samples), so this check turns a silent hang into an error. The document ranges are
+    computed exactly as in ``BlendedMegatronDatasetBuilder._build_megatron_dataset_splits``.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    names = ("train", "valid", "test")
+    for prefix in data_prefixes:
+        num_documents = len(IndexedDataset(prefix))
+        for name, bookends in zip(names, config.split_matrix):
+            if bookends is None:
+                continue
+            begin, end = (int(round(b * float(num_documents))) for b in bookends)
+            if begin == end:
+                raise ValueError(
+                    f"--split {config.split!r} leaves the {name} split of {prefix} empty (it has "
+                    f"{num_documents} documents); give it more documents or set the {name} "
+                    "share to 0"
+                )
 
 
 def build_gpt_datasets(
@@ -98,12 +126,14 @@ def build_gpt_datasets(
     """Build the (train, valid, test) GPT datasets of a blend with megatron-core.
 
     ``split`` is Megatron's ``--split`` (e.g. ``"949,50,1"``); a split with zero share comes back
-    as None. ``num_samples`` are the samples wanted per split; with explicit weights each split
-    has exactly that many, while a size-weighted blend of several prefixes stops at one pass over
-    its datasets (Megatron's behaviour), so it may be shorter. ``tokenizer`` needs ``vocab_size``,
-    ``eod``, ``pad`` and ``unique_identifiers`` (see :class:`megalatent.data.tokenizer.Tokenizer`).
-    Each sample is a dict of ``tokens``, ``labels``, ``loss_mask`` and ``position_ids`` of length
-    ``seq_length`` (plus ``dataset_id`` in a blend).
+    as None. ``num_samples`` are the samples wanted per split: one dataset gives at least that
+    many (whole epochs), a weighted blend that many (rounded up per dataset), a size-weighted one
+    stops after one pass over its datasets (Megatron's behaviour), so it may give fewer.
+    ``tokenizer`` needs ``vocab_size``, ``eod``, ``pad`` and ``unique_identifiers`` (see
+    :class:`megalatent.data.tokenizer.Tokenizer`). Each sample is a dict of ``tokens``,
+    ``labels``, ``loss_mask`` and ``position_ids`` of length ``seq_length`` (plus ``dataset_id``
+    in a blend). Raises ValueError when the split leaves a split of some dataset without
+    documents.
 
     ``cache_dir``: where rank 0 saves the document/sample/shuffle indices (``.npy``) for the other
     ranks and later runs to load; it must be shared by all ranks. It is used only once
@@ -139,6 +169,7 @@ def build_gpt_datasets(
         eod_mask_loss=False,
         create_attention_mask=False,
     )
+    _check_no_empty_split(config, data_prefixes)
     train, valid, test = BlendedMegatronDatasetBuilder(
         GPTDataset, list(num_samples), lambda: True, config
     ).build()
@@ -178,7 +209,10 @@ class MicroBatchLoader:
     ) -> None:
         if len(dataset) == 0:
             raise ValueError("the dataset is empty")
-        if micro_batch_size < 1 or global_batch_size % (micro_batch_size * dp_size) != 0:
+        if (
+            min(micro_batch_size, global_batch_size, dp_size) < 1
+            or global_batch_size % (micro_batch_size * dp_size) != 0
+        ):
             raise ValueError(
                 f"global_batch_size ({global_batch_size}) must be a positive multiple of "
                 f"micro_batch_size ({micro_batch_size}) x dp_size ({dp_size})"

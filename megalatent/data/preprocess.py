@@ -91,7 +91,10 @@ def encode_to_indexed_datasets(
                 bar.set_postfix(tokens=num_tokens, refresh=False)
         for key, prefix in zip(json_keys, prefixes):
             builders[key].finalize(prefix + ".idx" + tmp_suffix)
-            # The .idx goes last: its presence is what marks a dataset as complete.
+            # The .idx goes last: its presence is what marks a dataset as complete, so an old
+            # one must not sit beside the new .bin.
+            if os.path.exists(prefix + ".idx"):
+                os.remove(prefix + ".idx")
             os.replace(prefix + ".bin" + tmp_suffix, prefix + ".bin")
             os.replace(prefix + ".idx" + tmp_suffix, prefix + ".idx")
     finally:

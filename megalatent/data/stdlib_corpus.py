@@ -80,15 +80,8 @@ def prepare_default_corpus(cache_dir: str, vocab_size: int = 8192) -> tuple[str,
 
         start = time.perf_counter()
         _log(f"building the default corpus in {directory} (runs once)")
-        tmp_model_prefix = os.path.join(directory, f"tokenizer.tmp-{os.getpid()}")
-        try:
-            train_sentencepiece(iter_stdlib_documents(), tmp_model_prefix, vocab_size)
-            os.replace(tmp_model_prefix + ".vocab", os.path.join(directory, "tokenizer.vocab"))
-            os.replace(tmp_model_prefix + ".model", model_path)
-        finally:
-            for leftover in (tmp_model_prefix + ".model", tmp_model_prefix + ".vocab"):
-                if os.path.exists(leftover):
-                    os.remove(leftover)
+        tokenizer_prefix = os.path.join(directory, "tokenizer")
+        train_sentencepiece(iter_stdlib_documents(), tokenizer_prefix, vocab_size)
         _log(f"trained a {vocab_size}-token tokenizer in {time.perf_counter() - start:.1f} s")
 
         encode_to_indexed_datasets(
