@@ -114,6 +114,19 @@ class TrainingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = _opt(1, "tensor-parallel ranks (adjacent ranks, keep inside a node)")
+    sequence_parallel: bool = _opt(False, "shard norms/residual activations along the sequence over the "
+                                          "tensor-parallel ranks")
+    data_parallel_sharding_strategy: str = _opt(
+        "optim_grads_params", "what FSDP2 shards over the data-parallel ranks: optimizer state (ZeRO-1), "
+        "+gradients (ZeRO-2), +parameters (ZeRO-3)", choices=["optim", "optim_grads", "optim_grads_params"])
+    recompute_granularity: Optional[str] = _opt(
+        None, "activation recomputation: full (whole layers) or selective (the attention core)",
+        choices=["full", "selective"])
+
+
+@dataclass
 class CheckpointConfig:
     save: Optional[str] = _opt(None, "directory to save checkpoints to")
     load: Optional[str] = _opt(None, "directory to resume from (the newest complete checkpoint)")
@@ -131,7 +144,7 @@ class LoggingConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig,
-            "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+            "parallel": ParallelConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig}
 
 
 @dataclass
@@ -139,6 +152,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -257,10 +271,33 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     return config_from_dict(values)
 
 
-def validate(cfg: Config, data_parallel_size: int = 1) -> None:
+def validate(cfg: Config, world_size: int = 1) -> None:
     """Every rule a run must satisfy before anything is allocated; raises ConfigError listing all."""
-    m, d, t, c, log = cfg.model, cfg.data, cfg.training, cfg.checkpoint, cfg.logging
+    m, d, t, p, c, log = cfg.model, cfg.data, cfg.training, cfg.parallel, cfg.checkpoint, cfg.logging
     e: list[str] = []
+
+    tp = p.tensor_model_parallel_size
+    if tp < 1:
+        e.append(f"--tensor-model-parallel-size must be >= 1, got {tp}")
+        tp = 1
+    elif world_size % tp:
+        e.append(f"the world size {world_size} is not divisible by --tensor-model-parallel-size {tp}; "
+                 "launch a multiple of it")
+    else:
+        for key, value in (("num_attention_heads", m.num_attention_heads), ("make_vocab_size_divisible_by",
+                           m.make_vocab_size_divisible_by), ("ffn_hidden_size", m.mlp_width)):
+            if value >= 1 and value % tp:
+                e.append(f"--{key.replace('_', '-')} {value} must be divisible by --tensor-model-parallel-size {tp}")
+        if m.group_query_attention and m.num_query_groups and m.num_query_groups % tp:
+            e.append(f"--num-query-groups {m.num_query_groups} must be divisible by --tensor-model-parallel-size "
+                     f"{tp} (each tensor-parallel rank holds whole K/V heads)")
+    if p.sequence_parallel and tp == 1:
+        e.append("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards over the TP ranks)")
+    elif p.sequence_parallel and m.seq_length % tp:
+        e.append(f"--sequence-parallel: --seq-length {m.seq_length} must be divisible by "
+                 f"--tensor-model-parallel-size {tp}")
+    from megalatent.distributed.layout import ParallelLayout  # late: the layout module imports torch
+    dp = max(1, ParallelLayout(world_size, tp=tp if world_size % tp == 0 else 1).dp)
 
     from megalatent.models import registry  # late import: the registry imports model code
 
@@ -307,16 +344,16 @@ def validate(cfg: Config, data_parallel_size: int = 1) -> None:
             parse_data_path(d.data_path)
         except ValueError as err:
             e.append(str(err))
-    if d.default_corpus_vocab_size < 300:
-        e.append(f"--default-corpus-vocab-size must be >= 300 (byte fallback needs 256 ids), "
+    if d.default_corpus_vocab_size < 512:
+        e.append(f"--default-corpus-vocab-size must be >= 512 (byte fallback alone takes 256 ids), "
                  f"got {d.default_corpus_vocab_size}")
 
     for key in ("micro_batch_size", "global_batch_size", "train_iters"):
         if getattr(t, key) < 1:
             e.append(f"--{key.replace('_', '-')} must be >= 1, got {getattr(t, key)}")
-    if t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * data_parallel_size):
+    if t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * dp):
         e.append(f"--global-batch-size {t.global_batch_size} must be a multiple of --micro-batch-size "
-                 f"{t.micro_batch_size} x data-parallel size {data_parallel_size}")
+                 f"{t.micro_batch_size} x data-parallel size {dp}")
     if t.lr <= 0:
         e.append(f"--lr must be > 0, got {t.lr}")
     if t.min_lr < 0 or t.min_lr > t.lr:

@@ -71,14 +71,8 @@ def setup(argv: Optional[list[str]] = None) -> tuple[Config, DistEnv, ParallelLa
     """Everything that can fail cheaply, in order: flags, layout, data, checkpoint."""
     env = discover()
     cfg = parse_args(argv)
-    layout = ParallelLayout(world_size=env.world_size, rank=env.rank)
-    errors = layout.validation_errors()
-    try:
-        validate(cfg, data_parallel_size=layout.dp)
-    except ConfigError as e:
-        errors += e.errors
-    if errors:
-        raise ConfigError(errors)
+    validate(cfg, world_size=env.world_size)
+    layout = ParallelLayout.from_config(cfg, env.world_size, env.rank)
     tokenizer, prefixes, weights = resolve_data(cfg)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tokenizer.vocab_size
@@ -113,9 +107,11 @@ def run(argv: Optional[list[str]] = None) -> None:
 
     device = init_process_group(env)
     layout.build_mesh(device)
-    torch.manual_seed(cfg.training.seed)
+    torch.manual_seed(cfg.training.seed)  # the same on every rank: TP plans slice identical full weights
     if layout.rank == 0:
         log(f"megalatent: {cfg.model.model_family} model, {layout.describe()} ({env.launcher}), device {device}")
+    if layout.world_size > 1:
+        print(f"[layout] {layout.coordinates()}", flush=True)
         if cfg.checkpoint.save is None:
             log("WARNING: no --save directory: this run writes no checkpoints")
 
@@ -125,7 +121,7 @@ def run(argv: Optional[list[str]] = None) -> None:
     if layout.rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         log(f"parameters: {n_params:,}; training FLOPs per token: {family.flops_per_token(cfg.model):.4e}")
-    model = parallelize(model, layout)
+    model = parallelize(model, layout, cfg.parallel)
     trainer = Trainer(cfg, layout, device, model, train_loader, valid_loader, family.flops_per_token(cfg.model))
     if resume_path is not None:
         trainer.resume(resume_path)

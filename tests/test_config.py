@@ -7,10 +7,10 @@ import pytest
 from megalatent.config import ConfigError, build_parser, parse_args, validate
 
 
-def errors_of(argv, dp=1):
+def errors_of(argv, world=1):
     cfg = parse_args(argv)
     with pytest.raises(ConfigError) as info:
-        validate(cfg, data_parallel_size=dp)
+        validate(cfg, world_size=world)
     return "\n".join(info.value.errors)
 
 
@@ -82,7 +82,7 @@ RULES = [
     (["--tokenizer-model", "/nonexistent.model"], "--tokenizer-model: file /nonexistent.model does not exist"),
     (["--split", "a,b"], "--split 'a,b' must be up to three non-negative numbers"),
     (["--split", "0,5,5"], "--split '0,5,5' must be up to three non-negative numbers"),
-    (["--default-corpus-vocab-size", "100"], "--default-corpus-vocab-size must be >= 300"),
+    (["--default-corpus-vocab-size", "100"], "--default-corpus-vocab-size must be >= 512"),
     (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
     (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
     (["--train-iters", "0"], "--train-iters must be >= 1"),
@@ -113,7 +113,32 @@ def test_each_rule_has_a_clear_message(argv, message):
 
 
 def test_batch_rule_counts_data_parallel_ranks():
-    assert "x data-parallel size 4" in errors_of(["--micro-batch-size", "4", "--global-batch-size", "8"], dp=4)
+    assert "x data-parallel size 4" in errors_of(["--micro-batch-size", "4", "--global-batch-size", "8"], world=4)
+    # tensor-parallel ranks do not count as data-parallel ones
+    validate(parse_args(["--micro-batch-size", "4", "--global-batch-size", "8", "--tensor-model-parallel-size", "4"]),
+             world_size=8)
+
+
+LAYOUT_RULES = [
+    (["--tensor-model-parallel-size", "0"], 2, "--tensor-model-parallel-size must be >= 1"),
+    (["--tensor-model-parallel-size", "4"], 6, "the world size 6 is not divisible by --tensor-model-parallel-size 4"),
+    (["--tensor-model-parallel-size", "8", "--num-attention-heads", "4"], 8,
+     "--num-attention-heads 4 must be divisible by --tensor-model-parallel-size 8"),
+    (["--tensor-model-parallel-size", "4", "--make-vocab-size-divisible-by", "2"], 4,
+     "--make-vocab-size-divisible-by 2 must be divisible by --tensor-model-parallel-size 4"),
+    (["--tensor-model-parallel-size", "4", "--ffn-hidden-size", "30"], 4,
+     "--ffn-hidden-size 30 must be divisible by --tensor-model-parallel-size 4"),
+    (["--tensor-model-parallel-size", "4", "--group-query-attention", "--num-query-groups", "2"], 4,
+     "--num-query-groups 2 must be divisible by --tensor-model-parallel-size 4"),
+    (["--sequence-parallel"], 2, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "255"], 2,
+     "--sequence-parallel: --seq-length 255 must be divisible by --tensor-model-parallel-size 2"),
+]
+
+
+@pytest.mark.parametrize("argv,world,message", LAYOUT_RULES, ids=[m[:40] for _, _, m in LAYOUT_RULES])
+def test_impossible_layouts_are_refused(argv, world, message):
+    assert message in errors_of(argv + ["--global-batch-size", "64", "--micro-batch-size", "1"], world=world)
 
 
 def test_all_broken_rules_reported_at_once():

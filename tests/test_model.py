@@ -77,7 +77,7 @@ def test_decoder_is_causal_and_shapes():
 def test_tied_and_untied_heads():
     tied, untied = Decoder(tiny_cfg()), Decoder(tiny_cfg(untie_embeddings_and_output_weights=True))
     assert not any("output" in n for n, _ in tied.named_parameters())
-    assert untied.output.weight.shape == (128, 32)
+    assert untied.output.weight.shape == (128, 32) and tied.output.weight is None
     n_tied = sum(p.numel() for p in tied.parameters())
     assert sum(p.numel() for p in untied.parameters()) == n_tied + 128 * 32
 

@@ -85,6 +85,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(root: str, iteration: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     train_state: dict[str, Any]) -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return save_state_dicts(root, iteration, {"model": model_sd, "optim": optim_sd}, train_state,
+                            {_rank(): rng_state()})
+
+
+def save_state_dicts(root: str, iteration: int, state: dict[str, Any], train_state: dict[str, Any],
+                     rng_states: dict[int, dict[str, Any]]) -> str:
+    """Write `state` ({"model": ..., "optim": ...} with global names) as checkpoint `iteration` under `root`.
+
+    The one atomic save path: `save_checkpoint` calls it from a live model on every rank, and
+    tools/convert_checkpoint.py from plain tensors in one process without a process group.
+    `rng_states` maps a rank to its RNG states; each rank writes the ones it is given (a converter
+    writes every rank's). Collective when a process group exists. Returns the final directory.
+    """
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
     if _rank() == 0:
@@ -93,9 +107,9 @@ def save_checkpoint(root: str, iteration: int, model: torch.nn.Module, optimizer
         os.makedirs(os.path.join(partial, "rng"))
     _barrier()
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial)
-    torch.save(rng_state(), os.path.join(partial, "rng", f"rank_{_rank():05d}.pt"))
+    dcp.save(state, checkpoint_id=partial)
+    for rank, rng in rng_states.items():
+        torch.save(rng, os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
     if _rank() == 0:
         torch.save({**train_state, "iteration": iteration, "format_version": FORMAT_VERSION},
                    os.path.join(partial, "train_state.pt"))

@@ -2,8 +2,9 @@
 
 One object carries the sizes of every parallel dimension and the mesh built from them; nothing else
 keeps parallel state in module globals. The mesh has named dims `pp, dp, cp, tp` with tp innermost,
-so tensor-parallel peers are adjacent ranks (inside one node). Today every rank is data-parallel;
-tensor, context and pipeline sizes plug in here.
+so tensor-parallel peers are adjacent ranks (inside one node). Pipeline and context parallelism
+(pp, cp) and expert parallelism (carved out of dp x cp for expert weights) plug in here; today pp and
+cp are 1.
 """
 from __future__ import annotations
 
@@ -15,29 +16,34 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
+
 @dataclass
 class ParallelLayout:
     world_size: int
     rank: int = 0
+    tp: int = 1
     pp: int = 1
     cp: int = 1
-    tp: int = 1
     mesh: Optional[DeviceMesh] = field(default=None, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg, world_size: int, rank: int = 0) -> "ParallelLayout":
+        return cls(world_size=world_size, rank=rank, tp=cfg.parallel.tensor_model_parallel_size)
 
     @property
     def dp(self) -> int:
         return self.world_size // (self.pp * self.cp * self.tp)
 
+    def _local_rank(self, dim: str) -> int:
+        return self.mesh[dim].get_local_rank() if self.mesh is not None else 0
+
     @property
     def dp_rank(self) -> int:
-        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        return self._local_rank("dp")
 
-    def validation_errors(self) -> list[str]:
-        product = self.pp * self.cp * self.tp
-        if self.world_size % product:
-            return [f"world size {self.world_size} is not divisible by pipeline x context x tensor parallel "
-                    f"sizes = {self.pp} x {self.cp} x {self.tp}"]
-        return []
+    @property
+    def tp_rank(self) -> int:
+        return self._local_rank("tp")
 
     def build_mesh(self, device: torch.device) -> None:
         """Create the device mesh; needs the process group (call after init_process_group)."""
@@ -48,18 +54,25 @@ class ParallelLayout:
     def describe(self) -> str:
         return f"world {self.world_size} = pp {self.pp} x dp {self.dp} x cp {self.cp} x tp {self.tp}"
 
+    def coordinates(self) -> str:
+        """This rank's place in the mesh, e.g. 'rank 5: pp 0, dp 1, cp 0, tp 1'."""
+        names = ("pp", "dp", "cp", "tp")
+        return f"rank {self.rank}: " + ", ".join(f"{n} {self._local_rank(n)}" for n in names)
+
     def all_reduce_max(self, value: float) -> float:
-        """Agree on a value across the job (e.g. 'some rank was signalled')."""
+        """Agree on a value across the whole job (e.g. 'some rank was signalled')."""
         if self.world_size == 1:
             return value
-        t = torch.tensor([float(value)], device=self.device_of_group())
+        t = torch.tensor([float(value)], device=self._collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(t)
+    def all_reduce_dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel ranks (the ranks that hold different samples)."""
+        if self.dp > 1:
+            dist.all_reduce(t, group=self.mesh["dp"].get_group())
         return t
 
-    def device_of_group(self) -> torch.device:
+    def _collective_device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+

@@ -1,24 +1,83 @@
-"""The one place where a parallel layout is applied to a plain (layout-agnostic) model."""
+"""The one place where a parallel layout is applied to a plain (layout-agnostic) model.
+
+Order matters and follows torchtitan: tensor/sequence parallelism first (it rewrites weights into
+DTensors on the tp mesh), then activation recomputation (wraps whole layers), then FSDP2 over the
+data-parallel ranks (which shards those DTensors again along dp: 2-D TP x FSDP).
+"""
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from megalatent.config import ParallelConfig
 from megalatent.distributed.layout import ParallelLayout
+from megalatent.distributed.tensor_parallel import apply_tensor_parallel
+
+# Selective recomputation keeps the outputs of the matmuls (the expensive ops) and recomputes the
+# rest of the layer in backward: norms, activations, RoPE and the attention core, whose score matrix
+# is the largest activation of all when a non-fused kernel is used. Every second matmul output is
+# also recomputed, halving the memory of the saved ones (torchtitan's rule).
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 
 
-def parallelize(model: nn.Module, layout: ParallelLayout, param_dtype: torch.dtype | None = None) -> nn.Module:
-    """Shard the model over the data-parallel ranks with FSDP2 (ZeRO-3: weights, grads, optimizer).
+def _selective_policy():
+    counts: Counter = Counter()
 
-    Each decoder layer is its own FSDP unit so only one layer's weights are gathered at a time; the
-    root unit holds the embedding, final norm and head. Gradients are reduced in fp32.
+    def policy(ctx, op, *args, **kwargs):
+        if op in _SAVED_OPS:
+            key = "recompute" if ctx.is_recompute else "forward"
+            counts[key] += 1
+            return CheckpointPolicy.MUST_SAVE if counts[key] % 2 else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_recompute(model: nn.Module, granularity: str) -> None:
+    """Wrap every layer so its activations are recomputed in backward instead of stored.
+
+    Parameter names in checkpoints are unchanged: DCP's state-dict helpers drop the wrapper's prefix.
     """
-    if layout.dp == 1:
-        return model
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    dp_mesh = layout.mesh["dp"]
-    for layer in getattr(model, "layers", {}).values():
-        fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+    for name, layer in list(model.layers.items()):
+        if granularity == "full":
+            model.layers[name] = checkpoint_wrapper(layer, preserve_rng_state=False)
+        else:
+            model.layers[name] = checkpoint_wrapper(layer, context_fn=_selective_policy, preserve_rng_state=False)
+
+
+def parallelize(model: nn.Module, layout: ParallelLayout, cfg: ParallelConfig,
+                param_dtype: torch.dtype | None = None) -> nn.Module:
+    if layout.tp > 1:
+        apply_tensor_parallel(model, layout.mesh["tp"], cfg.sequence_parallel)
+    if cfg.recompute_granularity is not None:
+        apply_recompute(model, cfg.recompute_granularity)
+    if layout.dp > 1:
+        apply_fsdp(model, layout, cfg.data_parallel_sharding_strategy, param_dtype)
     return model
+
+
+def apply_fsdp(model: nn.Module, layout: ParallelLayout, strategy: str, param_dtype: torch.dtype | None) -> None:
+    """FSDP2 over the data-parallel ranks; each decoder layer is its own unit (one layer's weights
+    gathered at a time), the root holds the embedding, final norm and head.
+
+    Megatron's --data-parallel-sharding-strategy maps onto FSDP2 as:
+      optim_grads_params (ZeRO-3): weights resharded after forward, gathered again for backward;
+                                   gradients reduce-scattered after every micro-batch;
+      optim_grads (ZeRO-2):        weights kept gathered from forward to backward (one all-gather per
+                                   micro-batch); gradients reduce-scattered after every micro-batch;
+      optim (ZeRO-1):              as optim_grads, but gradients accumulate unsharded over the
+                                   micro-batches and are reduce-scattered once per step.
+    In every case the optimizer state is sharded. Gradients are reduced in fp32.
+    (The gradient-sync half of the mapping lives in the trainer: see Trainer._sync_grads_on.)
+    """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    reshard = strategy == "optim_grads_params"
+    dp_mesh = layout.mesh["dp"]
+    for layer in model.layers.values():
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)

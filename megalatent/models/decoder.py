@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megalatent.config import ModelConfig
@@ -60,6 +61,21 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class OutputLayer(nn.Module):
+    """logits = x @ W^T, with W its own (untied) or the input embedding's, passed in (tied).
+
+    The tied weight is an argument rather than a second reference to the embedding's parameter, so
+    the parameter has one name and a tensor-parallel plan that shards it is seen by both uses.
+    """
+
+    def __init__(self, hidden: int, vocab: int, tied: bool):
+        super().__init__()
+        self.weight = None if tied else nn.Parameter(torch.empty(vocab, hidden))
+
+    def forward(self, x: torch.Tensor, tied_weight: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, self.weight if self.weight is not None else tied_weight)
+
+
 class Decoder(nn.Module):
     """tokens [b, s] (+ position_ids [b, s]) -> logits [b, s, padded_vocab]."""
 
@@ -73,8 +89,8 @@ class Decoder(nn.Module):
         # stage holds only some layers, so checkpoints do not depend on the layout.
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, spec) for i in range(cfg.num_layers)})
         self.norm = spec.norm(cfg)
-        self.output = (nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
-                       if cfg.untie_embeddings_and_output_weights else None)
+        self.output = OutputLayer(cfg.hidden_size, cfg.padded_vocab_size,
+                                  tied=not cfg.untie_embeddings_and_output_weights)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -94,9 +110,7 @@ class Decoder(nn.Module):
         rope = self.rotary(position_ids) if self.rotary is not None else None
         for layer in self.layers.values():
             x = layer(x, rope)
-        x = self.norm(x)
-        weight = self.output.weight if self.output is not None else self.embed_tokens.weight
-        return torch.nn.functional.linear(x, weight)
+        return self.output(self.norm(x), None if self.output.weight is not None else self.embed_tokens.weight)
 
 
 def dense_decoder_flops_per_token(cfg: ModelConfig) -> float:

@@ -27,9 +27,18 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     Returns the norm before clipping, the number Megatron logs as 'grad norm'. max_norm 0 only measures.
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()  # sums the squared partial norms over the shards
+    # Gradients may live on different meshes (TP-sharded DTensors, FSDP shards, plain replicated
+    # tensors such as norm weights without sequence parallelism); norm each group on its own mesh.
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    squares = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # combines the shards' partial norms over their ranks
+        squares.append(norm.float() ** 2)
+    total = torch.stack(squares).sum().sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
-    return norm.item()
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
+    return total.item()

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from megalatent.config import Config
 from megalatent.distributed import checkpoint as ckpt
@@ -28,8 +30,14 @@ from megalatent.training.schedules import LRSchedule
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies where loss_mask is 1 (fp32 for a stable log-softmax)."""
+    """Sum of token cross-entropies where loss_mask is 1 (fp32 for a stable log-softmax).
+
+    Under tensor parallelism the logits are a DTensor sharded over the vocabulary and this runs
+    inside `loss_parallel()` (see Trainer.loss_context), which computes the log-softmax on the shards.
+    """
     ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    if isinstance(ce, DTensor):
+        ce = ce.to_local()  # replicated per-token losses
     return (ce * loss_mask.flatten()).sum()
 
 
@@ -63,6 +71,8 @@ class Trainer:
         self.writer = MetricsWriter(cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
                                     cfg.to_flat_dict()) if self.is_logger else None
         self.stop = StopRequest(cfg.training.exit_signal_handler)
+        # Forward and backward of a vocab-sharded loss must both run inside loss_parallel().
+        self.loss_context = loss_parallel if layout.tp > 1 else contextlib.nullcontext
         self.start_time = time.time()
 
     # ---------------------------------------------------------------- checkpoints
@@ -93,13 +103,15 @@ class Trainer:
 
     # ---------------------------------------------------------------- one step
     def _sync_grads_on(self, last: bool) -> None:
-        # Under FSDP, reduce gradients only after the last micro-batch of the step.
+        # ZeRO-1 ("optim") accumulates full gradients and reduce-scatters once per step; ZeRO-2/3
+        # reduce-scatter after every micro-batch so that only gradient shards are kept.
         if isinstance(self.model, FSDPModule):
-            self.model.set_requires_gradient_sync(last)
+            per_step = self.cfg.parallel.data_parallel_sharding_strategy == "optim"
+            self.model.set_requires_gradient_sync(last or not per_step)
 
     def _global_tokens(self, micro_batches) -> torch.Tensor:
         local = sum(mb["loss_mask"].sum() for mb in micro_batches).to(self.device, torch.float32)
-        return self.layout.all_reduce_sum(local.reshape(1))[0]
+        return self.layout.all_reduce_dp_sum(local.reshape(1))[0]
 
     def train_step(self, micro_batches) -> tuple[float, float]:
         self.model.train()
@@ -113,12 +125,13 @@ class Trainer:
             self._sync_grads_on(i == len(micro_batches) - 1)
             tokens, labels, mask, pos = (mb[k].to(self.device, non_blocking=True)
                                          for k in ("tokens", "labels", "loss_mask", "position_ids"))
-            with self.autocast():
-                logits = self.model(tokens, pos)
-            micro_loss = lm_loss_sum(logits, labels, mask)
-            (micro_loss * scale).backward()
+            with self.loss_context():
+                with self.autocast():
+                    logits = self.model(tokens, pos)
+                micro_loss = lm_loss_sum(logits, labels, mask)
+                (micro_loss * scale).backward()
             loss_sum += micro_loss.detach()
-        loss = (self.layout.all_reduce_sum(loss_sum.reshape(1))[0] / global_tokens).item()
+        loss = (self.layout.all_reduce_dp_sum(loss_sum.reshape(1))[0] / global_tokens).item()
         grad_norm = clip_grad_norm(self.model, self.cfg.training.clip_grad)
         if not math.isfinite(grad_norm):  # a NaN/inf step is skipped, never applied, and counted
             self.nan += 1
@@ -142,11 +155,11 @@ class Trainer:
         tokens = torch.zeros((), device=self.device)
         for _ in range(self.cfg.training.eval_iters):
             for mb in self.valid_loader.next_global_batch():
-                with self.autocast():
+                with self.loss_context(), self.autocast():
                     logits = self.model(mb["tokens"].to(self.device), mb["position_ids"].to(self.device))
-                loss_sum += lm_loss_sum(logits, mb["labels"].to(self.device), mb["loss_mask"].to(self.device))
+                    loss_sum += lm_loss_sum(logits, mb["labels"].to(self.device), mb["loss_mask"].to(self.device))
                 tokens += mb["loss_mask"].sum().to(self.device)
-        both = self.layout.all_reduce_sum(torch.stack([loss_sum, tokens]))
+        both = self.layout.all_reduce_dp_sum(torch.stack([loss_sum, tokens]))
         return (both[0] / both[1]).item()
 
     # ---------------------------------------------------------------- the loop

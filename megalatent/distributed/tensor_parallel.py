@@ -1,0 +1,61 @@
+"""Tensor and sequence parallelism for the decoder as DTensor plans (Megatron's partitioning).
+
+Per layer: q/k/v and the MLP's gate/up are column-parallel (each rank holds a slice of the heads /
+hidden units), o_proj and down_proj are row-parallel (their partial sums are reduced), so a layer
+costs two all-reduces forward and two backward. With sequence parallelism the activations between
+those blocks (norms, residual stream) are sharded along the sequence instead of replicated, turning
+each all-reduce into a reduce-scatter + all-gather pair of the same volume and dividing the norm
+activations' memory by the TP size. The embedding is vocab-parallel, and the output projection
+leaves the logits sharded over the vocabulary: the loss is computed on the shards (`loss_parallel`)
+without ever gathering [batch, seq, vocab] logits.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
+
+
+def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
+    """The plan for `megalatent.models.decoder.Decoder` (and any family keeping its module names)."""
+    # Layout of the residual stream between blocks: sequence-sharded under SP, else replicated.
+    stream = Shard(1) if sequence_parallel else Replicate()
+    plan = {
+        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream),
+        # The head needs the full sequence on every rank; it returns DTensor logits Shard(-1).
+        "output": PrepareModuleInput(input_layouts=(stream, None), desired_input_layouts=(Replicate(), None),
+                                     use_local_output=False),
+    }
+    if sequence_parallel:
+        plan["norm"] = SequenceParallel()
+    for name in model.layers:
+        p = f"layers.{name}."
+        plan.update({
+            p + "attention.q_proj": ColwiseParallel(),
+            p + "attention.k_proj": ColwiseParallel(),
+            p + "attention.v_proj": ColwiseParallel(),
+            p + "attention.o_proj": RowwiseParallel(output_layouts=stream),
+            p + "mlp.gate_proj": ColwiseParallel(),
+            p + "mlp.up_proj": ColwiseParallel(),
+            p + "mlp.down_proj": RowwiseParallel(output_layouts=stream),
+        })
+        if sequence_parallel:
+            plan.update({
+                p + "attention_norm": SequenceParallel(),
+                p + "attention": PrepareModuleInput(input_layouts=(stream, None),
+                                                    desired_input_layouts=(Replicate(), None), use_local_output=True),
+                p + "mlp_norm": SequenceParallel(),
+                p + "mlp": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),),
+                                              use_local_output=True),
+            })
+    return plan
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    parallelize_module(model, tp_mesh, decoder_plan(model, sequence_parallel))
+    head = model.output
+    if head.weight is not None:  # untied head: shard its rows (the vocabulary) like the embedding's
+        head.weight = nn.Parameter(distribute_tensor(head.weight.data, tp_mesh, [Shard(0)]))

@@ -1,0 +1,92 @@
+"""Worker for the parallel-equivalence tests: trains the same tiny model on the same data at several
+layouts and writes, per layout, the losses, grad norms, gathered gradients and final weights.
+
+    torchrun --nproc-per-node N tests/parallel_worker.py OUT.pt LAYOUT_JSON [LAYOUT_JSON ...]
+    python tests/parallel_worker.py OUT.pt '{}'          (the single-process reference)
+
+A layout is a dict of megalatent flags (e.g. {"tensor-model-parallel-size": 2, "sequence-parallel": true}).
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megalatent.config import parse_args, validate
+from megalatent.data.gpt_data import MicroBatchLoader
+from megalatent.distributed.env import discover, init_process_group
+from megalatent.distributed.layout import ParallelLayout
+from megalatent.distributed.parallelize import parallelize
+from megalatent.models.registry import build_model
+from megalatent.training.trainer import Trainer
+
+MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
+         "--num-query-groups", "2", "--seq-length", "16", "--vocab-size", "200", "--make-vocab-size-divisible-by", "8",
+         "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3", "--lr-warmup-iters", "0",
+         "--lr-decay-style", "constant", "--clip-grad", "0.5", "--no-exit-signal-handler"]
+STEPS = 3
+
+
+def samples(n, seed):
+    """n deterministic samples with uneven loss masks."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        t = torch.randint(0, 200, (17,), generator=g)
+        out.append({"tokens": t[:-1], "labels": t[1:], "loss_mask": (torch.rand(16, generator=g) > 0.25).float(),
+                    "position_ids": torch.arange(16)})
+    return out
+
+
+def flags(layout: dict) -> list[str]:
+    argv = []
+    for k, v in layout.items():
+        argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+    return argv
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def clean(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
+def run_layout(layout_flags: dict, env, device) -> dict:
+    cfg = parse_args(MODEL + flags(layout_flags))
+    validate(cfg, world_size=env.world_size)
+    layout = ParallelLayout.from_config(cfg, env.world_size, env.rank)
+    layout.build_mesh(device)
+    torch.manual_seed(0)
+    model = parallelize(build_model(cfg.model).to(device), layout, cfg.parallel)
+    loader = MicroBatchLoader(samples(STEPS * 8, seed=1), 2, 8, layout.dp_rank, layout.dp)
+    trainer = Trainer(cfg, layout, device, model, loader, None, 1.0)
+    result = {"loss": [], "grad_norm": []}
+    for _ in range(STEPS):
+        loss, norm = trainer.train_step(loader.next_global_batch())
+        trainer.iteration += 1
+        result["loss"].append(loss)
+        result["grad_norm"].append(norm)
+    # The last step's gradients (after clipping) and the weights after it, gathered to full tensors.
+    result["grads"] = {clean(n): full(p.grad).detach().clone() for n, p in model.named_parameters()}
+    result["weights"] = {clean(n): full(p).detach().clone() for n, p in model.named_parameters()}
+    return result
+
+
+def main():
+    out_path, layouts = sys.argv[1], [json.loads(a) for a in sys.argv[2:]]
+    env = discover()
+    device = init_process_group(env)
+    results = [run_layout(layout, env, device) for layout in layouts]
+    if env.rank == 0:
+        torch.save(results, out_path)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
