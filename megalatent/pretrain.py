@@ -23,7 +23,7 @@ from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.parallelize import parallelize
 from megalatent.models.registry import MODEL_FAMILIES, build_model
 from megalatent.training.metrics import log
-from megalatent.training.trainer import Trainer
+from megalatent.training.trainer import StopRequest, Trainer
 
 # Config fields that do not change parameter shapes: a checkpoint may be resumed with other values.
 _NON_ARCHITECTURAL = {"seq_length", "max_position_embeddings", "init_method_std"}
@@ -102,7 +102,10 @@ def build_data(cfg: Config, layout: ParallelLayout, tokenizer, prefixes, weights
 
 
 def run(argv: Optional[list[str]] = None) -> None:
+    stop = StopRequest().install()
     cfg, env, layout, tokenizer, prefixes, weights = setup(argv)
+    if not cfg.training.exit_signal_handler:
+        stop.uninstall()
     resume_path = check_resumable(cfg)
 
     device = init_process_group(env)
@@ -122,7 +125,8 @@ def run(argv: Optional[list[str]] = None) -> None:
         n_params = sum(p.numel() for p in model.parameters())
         log(f"parameters: {n_params:,}; training FLOPs per token: {family.flops_per_token(cfg.model):.4e}")
     model = parallelize(model, layout, cfg.parallel)
-    trainer = Trainer(cfg, layout, device, model, train_loader, valid_loader, family.flops_per_token(cfg.model))
+    trainer = Trainer(cfg, layout, device, model, train_loader, valid_loader, family.flops_per_token(cfg.model),
+                      stop)
     if resume_path is not None:
         trainer.resume(resume_path)
     trainer.train()

@@ -24,7 +24,7 @@ from megalatent.training.trainer import Trainer
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
          "--num-query-groups", "2", "--seq-length", "16", "--vocab-size", "200", "--make-vocab-size-divisible-by", "8",
          "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3", "--lr-warmup-iters", "0",
-         "--lr-decay-style", "constant", "--clip-grad", "0.5", "--no-exit-signal-handler"]
+         "--lr-decay-style", "constant", "--clip-grad", "0.5"]
 STEPS = 3
 
 

@@ -27,7 +27,7 @@ def test_loss_decreases_within_50_iterations(corpus_cache, tmp_path):
 
 def _trainer(argv, seed=0):
     cfg = parse_args(["--vocab-size", "64", "--num-layers", "2", "--hidden-size", "32", "--seq-length", "16",
-                      "--clip-grad", "0", "--no-exit-signal-handler", "--lr-warmup-iters", "0"] + argv)
+                      "--clip-grad", "0", "--lr-warmup-iters", "0"] + argv)
     validate(cfg)
     torch.manual_seed(seed)
     model = build_model(cfg.model)
@@ -134,3 +134,31 @@ def test_two_data_parallel_ranks_equal_one_process(corpus_cache, tmp_path):
     b = _weights(ckpt.iteration_dir(str(tmp_path / "d"), 4), tmp_path, "d.pt")["model"]
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_sigusr1_saves_and_exits_cleanly_then_resumes(corpus_cache, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import REPO
+    cmd = [sys.executable, "-m", "megalatent.pretrain", "--config", "examples/tiny/gpt.yaml", "--data-cache-path",
+           corpus_cache, "--train-iters", "400", "--log-interval", "1", "--eval-interval", "0",
+           "--save", str(tmp_path / "s")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    lines = []
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if "iteration        3/" in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+        assert time.time() < deadline
+    rest, _ = proc.communicate(timeout=300)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out[-3000:]
+    assert "on signal: saving a checkpoint" in out
+    stopped = max(losses(out))
+    assert stopped < 400
+    assert ckpt.find_loadable(str(tmp_path / "s")) == ckpt.iteration_dir(str(tmp_path / "s"), stopped)

@@ -42,13 +42,25 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Ten
 
 
 class StopRequest:
-    """Set by SIGUSR1/SIGTERM (SLURM's pre-emption warnings); acted on at the next step boundary."""
+    """Set by SIGUSR1/SIGTERM (SLURM's pre-emption warnings); acted on at the next step boundary.
 
-    def __init__(self, enabled: bool):
+    Installed first thing at start-up (SLURM may signal a minute early, while data and model are
+    still being built): a signal before the first step stops the run right after it, with a checkpoint.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
         self.signal_name: Optional[str] = None
-        if enabled:
-            for sig in (signal.SIGUSR1, signal.SIGTERM):
-                signal.signal(sig, self._handle)
+
+    def install(self) -> "StopRequest":
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
 
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -56,7 +68,7 @@ class StopRequest:
 
 class Trainer:
     def __init__(self, cfg: Config, layout: ParallelLayout, device: torch.device, model: nn.Module,
-                 train_loader, valid_loader, flops_per_token: float):
+                 train_loader, valid_loader, flops_per_token: float, stop: Optional[StopRequest] = None):
         self.cfg, self.layout, self.device, self.model = cfg, layout, device, model
         self.train_loader, self.valid_loader = train_loader, valid_loader
         self.optimizer = build_optimizer(model, cfg.training)
@@ -70,7 +82,7 @@ class Trainer:
         self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
         self.writer = MetricsWriter(cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
                                     cfg.to_flat_dict()) if self.is_logger else None
-        self.stop = StopRequest(cfg.training.exit_signal_handler)
+        self.stop = stop if stop is not None else StopRequest()
         # Forward and backward of a vocab-sharded loss must both run inside loss_parallel().
         self.loss_context = loss_parallel if layout.tp > 1 else contextlib.nullcontext
         self.start_time = time.time()

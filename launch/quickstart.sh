@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The quick start: install, (start a local SLURM cluster,) train the tiny GPT as a SLURM job, report.
+#
+#   bash launch/quickstart.sh [--keep-cluster] [trainer args, e.g. --train-iters 100]
+#
+# 1. Installs megalatent into the active environment (venv or conda), or into a new .venv with the
+#    CPU build of torch when none is active (launch/python_env.sh).
+# 2. If no SLURM cluster answers (no `sbatch`, or `sinfo` fails) it starts the single-machine one
+#    (launch/local_cluster.sh up; needs root) and stops it at the end unless --keep-cluster.
+# 3. Submits launch/pretrain_gpt.sh (examples/tiny/gpt.yaml) with `sbatch --parsable`, waits for it
+#    (at most QUICKSTART_TIMEOUT seconds, default 1800), then prints the log, tensorboard and
+#    checkpoint paths and the first and last training `lm loss`. Exits non-zero if the job failed.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+TIMEOUT=${QUICKSTART_TIMEOUT:-1800}
+
+KEEP_CLUSTER=0
+TRAINER_ARGS=()
+for arg in "$@"; do
+    case $arg in
+        --keep-cluster) KEEP_CLUSTER=1 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        *) TRAINER_ARGS+=("$arg") ;;
+    esac
+done
+
+say() { echo "[quickstart] $*"; }
+
+# ---------------------------------------------------------------- 1. environment
+# shellcheck disable=SC1091
+source "$ROOT/launch/python_env.sh"   # sets and exports PYTHON (the job's tasks use it too)
+say "using $PYTHON"
+
+# ---------------------------------------------------------------- 2. cluster
+STARTED_CLUSTER=0
+stop_cluster() {
+    if [[ $STARTED_CLUSTER == 1 ]]; then
+        if [[ $KEEP_CLUSTER == 1 ]]; then
+            say "local cluster left running; stop it with: bash $ROOT/launch/local_cluster.sh down"
+        else
+            bash "$ROOT/launch/local_cluster.sh" down
+        fi
+    fi
+}
+trap stop_cluster EXIT
+if ! command -v sbatch >/dev/null 2>&1 || ! timeout 15 sinfo -h >/dev/null 2>&1; then
+    say "no SLURM cluster answers: starting the local one (launch/local_cluster.sh up)"
+    STARTED_CLUSTER=1
+    bash "$ROOT/launch/local_cluster.sh" up
+fi
+
+# ---------------------------------------------------------------- 3. job
+mkdir -p runs/logs
+JOB=$(sbatch --parsable launch/pretrain_gpt.sh "${TRAINER_ARGS[@]}")
+JOB=${JOB%%;*}
+say "submitted job $JOB (sbatch launch/pretrain_gpt.sh ${TRAINER_ARGS[*]})"
+
+field() { sed -n "s/.*[[:space:]]$1=\([^[:space:]]*\).*/\1/p" <<<"$2" | head -n1; }
+LOG=$(field StdOut "$(scontrol show job "$JOB")")
+say "log: $LOG"
+
+start=$SECONDS
+last=""
+while squeue -h -j "$JOB" 2>/dev/null | grep -q .; do
+    if (( SECONDS - start > TIMEOUT )); then
+        say "job $JOB still not finished after ${TIMEOUT}s: cancelling it"
+        scancel "$JOB" || true
+        tail -n 40 "$LOG" 2>/dev/null || true
+        exit 1
+    fi
+    state=$(squeue -h -j "$JOB" -o %T 2>/dev/null || true)
+    iter=$(grep -o 'iteration *[0-9]*/ *[0-9]*' "$LOG" 2>/dev/null | tail -n1 | tr -s ' ' || true)
+    now="${state:-?} ${iter}"
+    if [[ $now != "$last" ]]; then say "$(( SECONDS - start ))s: job $JOB $now"; last=$now; fi
+    sleep 3
+done
+
+INFO=$(scontrol show job "$JOB")
+STATE=$(field JobState "$INFO")
+EXIT=$(field ExitCode "$INFO")
+RUN_DIR=$(sed -n 's/.*megalatent.*\] run dir: //p' "$LOG" | tail -n1)
+losses=$(grep 'iteration *[0-9]*/' "$LOG" | grep -o 'lm loss: [^ |]*' | sed 's/lm loss: //' || true)
+say "job $JOB: JobState=$STATE ExitCode=$EXIT after $(( SECONDS - start ))s"
+say "log:             $LOG"
+say "tensorboard dir: $RUN_DIR/tensorboard   (tensorboard --logdir $RUN_DIR/tensorboard)"
+say "checkpoint dir:  $RUN_DIR/checkpoints"
+if [[ $STATE != COMPLETED || $EXIT != 0:0 ]]; then
+    say "job failed; last lines of the log:"
+    tail -n 40 "$LOG" || true
+    exit 1
+fi
+say "lm loss: first $(head -n1 <<<"$losses"), last $(tail -n1 <<<"$losses")"

@@ -1,0 +1,200 @@
+"""End-to-end SLURM tests: real sbatch jobs of launch/pretrain_gpt.sh on a running cluster.
+
+Start the single-machine cluster first (needs root; ~2 s):
+
+    bash launch/local_cluster.sh up 2
+    pytest tests/test_slurm.py
+    bash launch/local_cluster.sh down
+
+Without a cluster the tests are skipped, unless MEGALATENT_REQUIRE_SLURM=1 (set by CI), which turns
+a missing cluster into a failure. Each job is a tiny training run (seconds); every wait is bounded.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "launch" / "pretrain_gpt.sh"
+REQUIRE = os.environ.get("MEGALATENT_REQUIRE_SLURM") == "1"
+# The first job may build the default corpus (~10 s here, a minute or two on a slow machine).
+FIRST_JOB_TIMEOUT = 300
+JOB_TIMEOUT = 180
+TINY = ["--log-interval", "1", "--save-interval", "1000"]
+
+ITERATION_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+)\s*\|.*?lm loss: ([0-9.]+E[+-]\d+)")
+RESUMED_RE = re.compile(r"resumed from checkpoint at iteration (\d+)")
+
+
+def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _unavailable(reason: str):
+    if REQUIRE:
+        pytest.fail(f"MEGALATENT_REQUIRE_SLURM=1 but {reason}. Start the local cluster with "
+                    f"`bash launch/local_cluster.sh up 2` (as root) before running tests/test_slurm.py.",
+                    pytrace=False)
+    pytest.skip(f"no SLURM cluster: {reason} (start one with `bash launch/local_cluster.sh up 2`)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster_nodes() -> list[str]:
+    """Names of the idle/usable nodes; skips (or fails under MEGALATENT_REQUIRE_SLURM=1) without a cluster."""
+    if shutil.which("sbatch") is None:
+        _unavailable("`sbatch` is not on PATH")
+    try:
+        r = _run(["sinfo", "-h", "-N", "-o", "%N %t"], timeout=20)
+    except subprocess.TimeoutExpired:
+        _unavailable("`sinfo` did not answer within 20 s")
+    if r.returncode != 0:
+        _unavailable(f"`sinfo` failed: {'; '.join((r.stderr or r.stdout).strip().splitlines())[:300]}")
+    nodes = sorted({line.split()[0] for line in r.stdout.splitlines()
+                    if len(line.split()) == 2 and line.split()[1].rstrip("*~#") in ("idle", "mix", "alloc")})
+    if not nodes:
+        _unavailable(f"`sinfo` shows no usable node:\n{r.stdout}")
+    return nodes
+
+
+@dataclass
+class Job:
+    id: str
+    log: Path
+    run_dir: Path
+
+    def text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, n: int = 60) -> str:
+        lines = [ln for ln in self.text().splitlines() if "UserWarning" not in ln and "warnings.warn" not in ln]
+        return f"--- last lines of {self.log} ---\n" + "\n".join(lines[-n:])
+
+    def info(self) -> dict[str, str]:
+        out = _run(["scontrol", "show", "job", self.id]).stdout
+        return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", out))
+
+    def active(self) -> bool:
+        return bool(_run(["squeue", "-h", "-j", self.id]).stdout.strip())
+
+    def iterations(self) -> list[tuple[int, int, str]]:
+        """(iteration, train_iters, lm loss as printed) for every training iteration line, in order."""
+        return [(int(i), int(n), loss) for i, n, loss in ITERATION_RE.findall(self.text())]
+
+
+@pytest.fixture
+def submit(tmp_path):
+    """submit(name, sbatch_args, trainer_args) -> Job; jobs still queued at teardown are cancelled."""
+    jobs: list[Job] = []
+
+    def _submit(name: str, sbatch_args: list[str], trainer_args: list[str]) -> Job:
+        run_dir = tmp_path / name
+        log = tmp_path / f"{name}-%j.out"
+        env = f"ALL,RUN_DIR={run_dir},PYTHON={sys.executable}"
+        cmd = ["sbatch", "--parsable", f"--export={env}", f"--output={log}", f"--job-name=ml-test-{name}",
+               *sbatch_args, str(SCRIPT), *trainer_args]
+        r = _run(cmd)
+        assert r.returncode == 0, f"{' '.join(cmd)} failed: {r.stderr}"
+        job_id = r.stdout.strip().split(";")[0]
+        job = Job(job_id, Path(str(log).replace("%j", job_id)), run_dir)
+        jobs.append(job)
+        return job
+
+    yield _submit
+    for job in jobs:
+        if job.active():
+            _run(["scancel", job.id])
+
+
+def wait_done(job: Job, timeout: float) -> dict[str, str]:
+    """Poll squeue until the job leaves the queue (bounded); return `scontrol show job` fields."""
+    deadline = time.monotonic() + timeout
+    while job.active():
+        if time.monotonic() > deadline:
+            _run(["scancel", job.id])
+            pytest.fail(f"job {job.id} not finished after {timeout:.0f} s (cancelled)\n{job.tail()}")
+        time.sleep(1)
+    return job.info()
+
+
+def assert_completed(job: Job, info: dict[str, str], train_iters: int) -> None:
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (
+        f"job {job.id}: JobState={info.get('JobState')} ExitCode={info.get('ExitCode')}\n{job.tail()}")
+    its = job.iterations()
+    assert its and its[-1][:2] == (train_iters, train_iters), (
+        f"job {job.id}: no final 'iteration {train_iters}/ {train_iters}' line with an lm loss\n{job.tail()}")
+    ckpts = job.run_dir / "checkpoints"
+    assert ckpts.is_dir() and any(ckpts.iterdir()), f"job {job.id}: no checkpoint in {ckpts}\n{job.tail()}"
+
+
+def test_one_node_two_tasks(submit):
+    iters = 20
+    job = submit("n1x2", [], ["--train-iters", str(iters), *TINY])
+    info = wait_done(job, FIRST_JOB_TIMEOUT)
+    assert_completed(job, info, iters)
+    assert "1 node(s), 2 task(s)" in job.text(), job.tail()
+
+
+def test_two_nodes_one_task_each(submit, cluster_nodes):
+    if len(cluster_nodes) < 2:
+        msg = f"needs 2 nodes, the cluster has {cluster_nodes} (`bash launch/local_cluster.sh up 2`)"
+        if REQUIRE:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    iters = 20
+    job = submit("n2x1", ["--nodes=2", "--ntasks-per-node=1"], ["--train-iters", str(iters), *TINY])
+    info = wait_done(job, FIRST_JOB_TIMEOUT)
+    assert_completed(job, info, iters)
+    assert "2 node(s), 2 task(s)" in job.text(), job.tail()
+    assert info.get("NumNodes") == "2", f"NumNodes={info.get('NumNodes')}\n{job.tail()}"
+
+
+def test_usr1_requeue_resumes_exactly(submit):
+    """scancel --signal=USR1 --full: the trainer checkpoints, the batch shell requeues, the rerun resumes
+    from the checkpoint, and the final loss equals that of an unsignalled run with the same arguments."""
+    iters, signal_after = 20, 3
+    args = ["--train-iters", str(iters), *TINY]
+    reference = submit("reference", [], args)  # runs alongside; the 2 nodes x 4 CPUs fit both
+    job = submit("signalled", [], args)
+
+    deadline = time.monotonic() + FIRST_JOB_TIMEOUT
+    while not any(i >= signal_after for i, _, _ in job.iterations()):
+        if not job.active():
+            pytest.fail(f"job {job.id} ended before iteration {signal_after}: {job.info().get('JobState')}\n"
+                        f"{job.tail()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"job {job.id} did not reach iteration {signal_after} in {FIRST_JOB_TIMEOUT} s\n{job.tail()}")
+        time.sleep(0.3)
+    r = _run(["scancel", "--signal=USR1", "--full", job.id])
+    assert r.returncode == 0, f"scancel --signal=USR1 --full {job.id}: {r.stderr}"
+
+    # The requeued run waits ~15 s (cred_expire=10, sched_interval=5) before it starts again.
+    info = wait_done(job, JOB_TIMEOUT)
+    ref_info = wait_done(reference, JOB_TIMEOUT)
+    assert_completed(reference, ref_info, iters)
+    assert_completed(job, info, iters)
+
+    text = job.text()
+    assert int(info.get("Restarts", "0")) >= 1, f"job {job.id} was not requeued (Restarts={info.get('Restarts')})\n" \
+                                                f"{job.tail()}"
+    assert "(restart 1)" in text, f"no second start (SLURM_RESTART_COUNT=1) in the log\n{job.tail()}"
+    resumed = [int(k) for k in RESUMED_RE.findall(text)]
+    assert resumed and signal_after <= resumed[-1] < iters, (
+        f"the rerun did not resume from a checkpoint taken after iteration {signal_after}\n{job.tail()}")
+
+    final, ref_final = job.iterations()[-1][2], reference.iterations()[-1][2]
+    assert final == ref_final, (f"final lm loss after requeue {final} != unsignalled {ref_final}\n"
+                                f"{job.tail()}\n{reference.tail(15)}")
+    ref_curve = {i: loss for i, _, loss in reference.iterations()}
+    diffs = [(i, loss, ref_curve.get(i)) for i, _, loss in job.iterations() if ref_curve.get(i) != loss]
+    assert not diffs, f"lm loss differs from the unsignalled run at (iteration, requeued, reference): {diffs[:5]}"
