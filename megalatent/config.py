@@ -118,6 +118,16 @@ class ParallelConfig:
     tensor_model_parallel_size: int = _opt(1, "tensor-parallel ranks (adjacent ranks, keep inside a node)")
     sequence_parallel: bool = _opt(False, "shard norms/residual activations along the sequence over the "
                                           "tensor-parallel ranks")
+    pipeline_model_parallel_size: int = _opt(1, "pipeline stages (across nodes is fine)")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = _opt(
+        None, "layers per virtual stage: each rank holds several non-adjacent stages (interleaved 1F1B)")
+    pipeline_schedule: Optional[str] = _opt(
+        None, "pipeline schedule; default 1F1B, or Interleaved1F1B with virtual stages",
+        choices=["1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"])
+    decoder_first_pipeline_num_layers: Optional[int] = _opt(
+        None, "layers on the first pipeline stage (it also holds the embedding); default: an even split")
+    decoder_last_pipeline_num_layers: Optional[int] = _opt(
+        None, "layers on the last pipeline stage (it also holds the head); default: an even split")
     data_parallel_sharding_strategy: str = _opt(
         "optim_grads_params", "what FSDP2 shards over the data-parallel ranks: optimizer state (ZeRO-1), "
         "+gradients (ZeRO-2), +parameters (ZeRO-3)", choices=["optim", "optim_grads", "optim_grads_params"])
@@ -271,33 +281,68 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     return config_from_dict(values)
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Every rule a run must satisfy before anything is allocated; raises ConfigError listing all."""
-    m, d, t, p, c, log = cfg.model, cfg.data, cfg.training, cfg.parallel, cfg.checkpoint, cfg.logging
+def _parallel_errors(cfg: Config, world_size: int) -> tuple[list[str], int]:
+    """The layout rules: every parallel size must divide what it splits. Returns (errors, dp size)."""
+    m, t, p = cfg.model, cfg.training, cfg.parallel
     e: list[str] = []
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    for flag, size in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp)):
+        if size < 1:
+            e.append(f"--{flag} must be >= 1, got {size}")
+    if e:
+        return e, 1
+    if world_size % (tp * pp):
+        e.append(f"the world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+                 f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes")
+        return e, 1
+    dp = world_size // (tp * pp)
 
-    tp = p.tensor_model_parallel_size
-    if tp < 1:
-        e.append(f"--tensor-model-parallel-size must be >= 1, got {tp}")
-        tp = 1
-    elif world_size % tp:
-        e.append(f"the world size {world_size} is not divisible by --tensor-model-parallel-size {tp}; "
-                 "launch a multiple of it")
-    else:
-        for key, value in (("num_attention_heads", m.num_attention_heads), ("make_vocab_size_divisible_by",
-                           m.make_vocab_size_divisible_by), ("ffn_hidden_size", m.mlp_width)):
-            if value >= 1 and value % tp:
-                e.append(f"--{key.replace('_', '-')} {value} must be divisible by --tensor-model-parallel-size {tp}")
-        if m.group_query_attention and m.num_query_groups and m.num_query_groups % tp:
-            e.append(f"--num-query-groups {m.num_query_groups} must be divisible by --tensor-model-parallel-size "
-                     f"{tp} (each tensor-parallel rank holds whole K/V heads)")
+    for key, value in (("num_attention_heads", m.num_attention_heads), ("make_vocab_size_divisible_by",
+                       m.make_vocab_size_divisible_by), ("ffn_hidden_size", m.mlp_width)):
+        if value >= 1 and value % tp:
+            e.append(f"--{key.replace('_', '-')} {value} must be divisible by --tensor-model-parallel-size {tp}")
+    if m.group_query_attention and m.num_query_groups and m.num_query_groups % tp:
+        e.append(f"--num-query-groups {m.num_query_groups} must be divisible by --tensor-model-parallel-size "
+                 f"{tp} (each tensor-parallel rank holds whole K/V heads)")
     if p.sequence_parallel and tp == 1:
         e.append("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards over the TP ranks)")
     elif p.sequence_parallel and m.seq_length % tp:
         e.append(f"--sequence-parallel: --seq-length {m.seq_length} must be divisible by "
                  f"--tensor-model-parallel-size {tp}")
-    from megalatent.distributed.layout import ParallelLayout  # late: the layout module imports torch
-    dp = max(1, ParallelLayout(world_size, tp=tp if world_size % tp == 0 else 1).dp)
+
+    pipeline_flags = {"num_layers_per_virtual_pipeline_stage": p.num_layers_per_virtual_pipeline_stage,
+                      "pipeline_schedule": p.pipeline_schedule,
+                      "decoder_first_pipeline_num_layers": p.decoder_first_pipeline_num_layers,
+                      "decoder_last_pipeline_num_layers": p.decoder_last_pipeline_num_layers}
+    if pp == 1:
+        for key, value in pipeline_flags.items():
+            if value is not None:
+                e.append(f"--{key.replace('_', '-')} needs --pipeline-model-parallel-size > 1")
+        return e, dp
+    if not m.untie_embeddings_and_output_weights:
+        e.append("pipeline parallelism puts the embedding and the output head on different stages: add "
+                 "--untie-embeddings-and-output-weights (tied weights across stages are not supported yet)")
+    from megalatent.distributed.pipeline import PipelinePlanError, plan_pipeline  # late: imports torch
+    try:
+        plan = plan_pipeline(cfg, pp)
+    except PipelinePlanError as err:
+        return e + [str(err)], dp
+    if t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * dp) == 0:
+        n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+        if n_micro < pp or (plan.stages_per_rank > 1 and n_micro % pp):
+            e.append(f"{plan.schedule} over {pp} pipeline stages needs a number of micro-batches per step "
+                     f"(--global-batch-size / (--micro-batch-size x data-parallel size) = {n_micro}) that is "
+                     f">= {pp}" + (f" and a multiple of {pp}" if plan.stages_per_rank > 1 else ""))
+    return e, dp
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Every rule a run must satisfy before anything is allocated; raises ConfigError listing all."""
+    m, d, t, p, c, log = cfg.model, cfg.data, cfg.training, cfg.parallel, cfg.checkpoint, cfg.logging
+    e: list[str] = []
+
+    parallel_errors, dp = _parallel_errors(cfg, world_size)
+    e += parallel_errors
 
     from megalatent.models import registry  # late import: the registry imports model code
 

@@ -21,6 +21,7 @@ from megalatent.distributed import checkpoint as ckpt
 from megalatent.distributed.env import DistEnv, discover, init_process_group, shutdown
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.parallelize import parallelize
+from megalatent.distributed.pipeline import Pipeline, plan_pipeline
 from megalatent.models.registry import MODEL_FAMILIES, build_model
 from megalatent.training.metrics import log
 from megalatent.training.trainer import StopRequest, Trainer
@@ -74,6 +75,7 @@ def setup(argv: Optional[list[str]] = None) -> tuple[Config, DistEnv, ParallelLa
     validate(cfg, world_size=env.world_size)
     layout = ParallelLayout.from_config(cfg, env.world_size, env.rank)
     tokenizer, prefixes, weights = resolve_data(cfg)
+    cfg.data.tokenizer_model = tokenizer.model_path  # recorded in checkpoints (HF export finds it there)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tokenizer.vocab_size
     elif cfg.model.vocab_size < tokenizer.vocab_size:
@@ -101,6 +103,26 @@ def build_data(cfg: Config, layout: ParallelLayout, tokenizer, prefixes, weights
     return loader(train_ds), (loader(valid_ds) if valid_ds is not None and evals else None)
 
 
+def build_model_parts(cfg: Config, layout: ParallelLayout, device: torch.device):
+    """The model, split into this rank's pipeline stages when pp > 1, each parallelized.
+    Returns (parts, pipeline or None). Every rank builds the same full model from the same seed first,
+    so any layout starts from the weights a single process would have."""
+    family = MODEL_FAMILIES[cfg.model.model_family]
+    model = build_model(cfg.model).to(device)
+    if layout.rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"parameters: {n_params:,}; training FLOPs per token: {family.flops_per_token(cfg.model):.4e}")
+    pipeline, parts = None, [model]
+    if layout.pp > 1:
+        plan = plan_pipeline(cfg, layout.pp)
+        pipeline = Pipeline(plan, layout.pp_rank, layout.group("pp"), device)
+        parts = pipeline.split(model)
+        if layout.tp_rank == 0 and layout.dp_rank == 0:
+            print(f"[layout] pp rank {layout.pp_rank}: {plan.schedule}, stages {pipeline.stage_ids} with layers "
+                  f"{[plan.stage_layers[s] for s in pipeline.stage_ids]}", flush=True)
+    return [parallelize(part, layout, cfg.parallel) for part in parts], pipeline
+
+
 def run(argv: Optional[list[str]] = None) -> None:
     stop = StopRequest().install()
     cfg, env, layout, tokenizer, prefixes, weights = setup(argv)
@@ -113,20 +135,16 @@ def run(argv: Optional[list[str]] = None) -> None:
     torch.manual_seed(cfg.training.seed)  # the same on every rank: TP plans slice identical full weights
     if layout.rank == 0:
         log(f"megalatent: {cfg.model.model_family} model, {layout.describe()} ({env.launcher}), device {device}")
-    if layout.world_size > 1:
-        print(f"[layout] {layout.coordinates()}", flush=True)
         if cfg.checkpoint.save is None:
             log("WARNING: no --save directory: this run writes no checkpoints")
+    if layout.world_size > 1:
+        print(f"[layout] {layout.coordinates()}", flush=True)
 
     train_loader, valid_loader = build_data(cfg, layout, tokenizer, prefixes, weights)
     family = MODEL_FAMILIES[cfg.model.model_family]
-    model = build_model(cfg.model).to(device)
-    if layout.rank == 0:
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f"parameters: {n_params:,}; training FLOPs per token: {family.flops_per_token(cfg.model):.4e}")
-    model = parallelize(model, layout, cfg.parallel)
-    trainer = Trainer(cfg, layout, device, model, train_loader, valid_loader, family.flops_per_token(cfg.model),
-                      stop)
+    parts, pipeline = build_model_parts(cfg, layout, device)
+    trainer = Trainer(cfg, layout, device, parts, train_loader, valid_loader, family.flops_per_token(cfg.model),
+                      stop, pipeline)
     if resume_path is not None:
         trainer.resume(resume_path)
     trainer.train()

@@ -17,11 +17,10 @@ from megalatent.config import parse_args, validate
 from megalatent.data.gpt_data import MicroBatchLoader
 from megalatent.distributed.env import discover, init_process_group
 from megalatent.distributed.layout import ParallelLayout
-from megalatent.distributed.parallelize import parallelize
-from megalatent.models.registry import build_model
+from megalatent.pretrain import build_model_parts
 from megalatent.training.trainer import Trainer
 
-MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
+MODEL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
          "--num-query-groups", "2", "--seq-length", "16", "--vocab-size", "200", "--make-vocab-size-divisible-by", "8",
          "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3", "--lr-warmup-iters", "0",
          "--lr-decay-style", "constant", "--clip-grad", "0.5"]
@@ -60,18 +59,25 @@ def run_layout(layout_flags: dict, env, device) -> dict:
     layout = ParallelLayout.from_config(cfg, env.world_size, env.rank)
     layout.build_mesh(device)
     torch.manual_seed(0)
-    model = parallelize(build_model(cfg.model).to(device), layout, cfg.parallel)
+    parts, pipeline = build_model_parts(cfg, layout, device)
     loader = MicroBatchLoader(samples(STEPS * 8, seed=1), 2, 8, layout.dp_rank, layout.dp)
-    trainer = Trainer(cfg, layout, device, model, loader, None, 1.0)
+    trainer = Trainer(cfg, layout, device, parts, loader, None, 1.0, pipeline=pipeline)
     result = {"loss": [], "grad_norm": []}
     for _ in range(STEPS):
         loss, norm = trainer.train_step(loader.next_global_batch())
         trainer.iteration += 1
         result["loss"].append(loss)
         result["grad_norm"].append(norm)
-    # The last step's gradients (after clipping) and the weights after it, gathered to full tensors.
-    result["grads"] = {clean(n): full(p.grad).detach().clone() for n, p in model.named_parameters()}
-    result["weights"] = {clean(n): full(p).detach().clone() for n, p in model.named_parameters()}
+    # The last step's gradients (after clipping) and the weights after it, gathered to full tensors
+    # and, over the pipeline ranks, to rank 0.
+    named = [(clean(n), p) for part in parts for n, p in part.named_parameters()]
+    local = {"grads": {n: full(p.grad).detach().clone() for n, p in named},
+             "weights": {n: full(p).detach().clone() for n, p in named}}
+    gathered = [None] * dist.get_world_size() if dist.is_initialized() else [local]
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, local)
+    for key in ("grads", "weights"):
+        result[key] = {n: t for g in gathered for n, t in g[key].items()}
     return result
 
 

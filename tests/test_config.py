@@ -158,3 +158,49 @@ def test_trainer_exits_2_with_the_message(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "--num-layers must be >= 1" in out.stderr
+
+
+PP = ["--pipeline-model-parallel-size", "2", "--untie-embeddings-and-output-weights", "--num-layers", "4",
+      "--global-batch-size", "8", "--micro-batch-size", "1"]
+PIPELINE_RULES = [
+    (["--pipeline-model-parallel-size", "0"], 2, "--pipeline-model-parallel-size must be >= 1"),
+    (PP + ["--tensor-model-parallel-size", "2"], 6,
+     "the world size 6 is not divisible by --tensor-model-parallel-size 2 x --pipeline-model-parallel-size 2"),
+    (["--num-layers-per-virtual-pipeline-stage", "1"], 1,
+     "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"),
+    (["--pipeline-schedule", "ZBVZeroBubble"], 1, "--pipeline-schedule needs --pipeline-model-parallel-size > 1"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers", "4"], 2, "add --untie-embeddings-and-output-weights"),
+    (PP + ["--num-layers", "3"], 2, "--num-layers 3 must be divisible by --pipeline-model-parallel-size 2"),
+    (PP + ["--num-layers-per-virtual-pipeline-stage", "4"], 2,
+     "--num-layers-per-virtual-pipeline-stage 4: --num-layers 4 must split into virtual stages"),
+    (PP + ["--decoder-first-pipeline-num-layers", "5"], 2, "leave -1 of --num-layers 4 for the 1 other stage(s)"),
+    (PP + ["--num-layers-per-virtual-pipeline-stage", "1", "--decoder-last-pipeline-num-layers", "1"], 2,
+     "cannot be combined with --decoder-first/last-pipeline-num-layers"),
+    (PP + ["--num-layers-per-virtual-pipeline-stage", "1", "--pipeline-schedule", "1F1B"], 2,
+     "--pipeline-schedule 1F1B runs one stage per rank"),
+    (PP + ["--pipeline-schedule", "Interleaved1F1B"], 2, "--pipeline-schedule Interleaved1F1B needs several stages"),
+    (PP + ["--num-layers", "6", "--num-layers-per-virtual-pipeline-stage", "1", "--pipeline-schedule",
+           "ZBVZeroBubble"], 2, "--pipeline-schedule ZBVZeroBubble needs exactly 2 stages per rank"),
+    (PP + ["--global-batch-size", "1"], 2, "1F1B over 2 pipeline stages needs a number of micro-batches per step"),
+    (PP + ["--global-batch-size", "3", "--num-layers-per-virtual-pipeline-stage", "1"], 2,
+     "Interleaved1F1B over 2 pipeline stages needs a number of micro-batches per step"),
+]
+
+
+@pytest.mark.parametrize("argv,world,message", PIPELINE_RULES, ids=[m[:40] for _, _, m in PIPELINE_RULES])
+def test_impossible_pipelines_are_refused(argv, world, message):
+    assert message in errors_of(argv, world=world)
+
+
+def test_valid_pipelines_plan_their_stages():
+    from megalatent.distributed.pipeline import plan_pipeline
+    plan = plan_pipeline(parse_args(PP + ["--num-layers", "8", "--num-layers-per-virtual-pipeline-stage", "2"]), 2)
+    assert plan.schedule == "Interleaved1F1B" and plan.stage_layers == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert plan.stages_of_rank(0) == [0, 2] and plan.stages_of_rank(1) == [1, 3]
+    zbv = plan_pipeline(parse_args(PP + ["--num-layers-per-virtual-pipeline-stage", "1", "--pipeline-schedule",
+                                         "ZBVZeroBubble"]), 2)
+    assert zbv.stages_of_rank(0) == [0, 3] and zbv.stages_of_rank(1) == [1, 2]
+    uneven = plan_pipeline(parse_args(PP + ["--num-layers", "7", "--pipeline-model-parallel-size", "3",
+                                            "--decoder-first-pipeline-num-layers", "1",
+                                            "--decoder-last-pipeline-num-layers", "2"]), 3)
+    assert uneven.stage_layers == [[0], [1, 2, 3, 4], [5, 6]]

@@ -11,6 +11,7 @@ import torch
 from conftest import REPO
 
 WORKER = os.path.join(REPO, "tests", "parallel_worker.py")
+UNTIED = {"untie-embeddings-and-output-weights": True}  # pipeline parallelism needs an untied head
 
 
 def run_worker(tmp_path, nproc, layouts, name):
@@ -28,7 +29,9 @@ def run_worker(tmp_path, nproc, layouts, name):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("ref"), 1, [{}], "ref")[0]
+    """Single-process results for the tied model and the untied one."""
+    tied, untied = run_worker(tmp_path_factory.mktemp("ref"), 1, [{}, UNTIED], "ref")
+    return lambda layout: untied if layout.get("untie-embeddings-and-output-weights") else tied
 
 
 def assert_equivalent(result, reference, label):
@@ -43,38 +46,43 @@ def assert_equivalent(result, reference, label):
         torch.testing.assert_close(result["weights"][name], w, rtol=1e-4, atol=1e-5, msg=f"{label}: weight {name}")
 
 
-TWO_RANKS = [
-    {"tensor-model-parallel-size": 2},
-    {"tensor-model-parallel-size": 2, "sequence-parallel": True},
-    {"data-parallel-sharding-strategy": "optim"},
-    {"data-parallel-sharding-strategy": "optim_grads"},
-    {"data-parallel-sharding-strategy": "optim_grads_params"},
-    {"tensor-model-parallel-size": 2, "untie-embeddings-and-output-weights": True},
-]
+def check(tmp_path, reference, nproc, layouts, name):
+    for layout, result in zip(layouts, run_worker(tmp_path, nproc, layouts, name)):
+        assert_equivalent(result, reference(layout), f"{nproc} ranks {json.dumps(layout)}")
 
 
-def test_two_rank_layouts_equal_single_process(tmp_path, reference):
-    results = run_worker(tmp_path, 2, TWO_RANKS, "two")
-    for layout, result in zip(TWO_RANKS, results):
-        if layout.get("untie-embeddings-and-output-weights"):
-            continue  # a different model: compared with its own reference below
-        assert_equivalent(result, reference, json.dumps(layout))
-    untied_ref = run_worker(tmp_path, 1, [{"untie-embeddings-and-output-weights": True}], "untied")[0]
-    assert_equivalent(results[-1], untied_ref, "tp=2 untied head")
+def test_two_rank_layouts(tmp_path, reference):
+    check(tmp_path, reference, 2, [
+        {"tensor-model-parallel-size": 2},
+        {"tensor-model-parallel-size": 2, "sequence-parallel": True},
+        {"tensor-model-parallel-size": 2, **UNTIED},
+        {"data-parallel-sharding-strategy": "optim"},
+        {"data-parallel-sharding-strategy": "optim_grads"},
+        {"data-parallel-sharding-strategy": "optim_grads_params"},
+        {"pipeline-model-parallel-size": 2, **UNTIED},  # 1F1B
+        {"pipeline-model-parallel-size": 2, "num-layers-per-virtual-pipeline-stage": 1, **UNTIED},  # interleaved
+        {"pipeline-model-parallel-size": 2, "num-layers-per-virtual-pipeline-stage": 1,
+         "pipeline-schedule": "ZBVZeroBubble", **UNTIED},
+        {"pipeline-model-parallel-size": 2, "decoder-first-pipeline-num-layers": 1, **UNTIED},  # uneven stages
+    ], "two")
 
 
-FOUR_RANKS = [
-    {"tensor-model-parallel-size": 2},
-    {"tensor-model-parallel-size": 2, "sequence-parallel": True, "data-parallel-sharding-strategy": "optim"},
-]
+def test_four_rank_layouts(tmp_path, reference):
+    check(tmp_path, reference, 4, [
+        {"tensor-model-parallel-size": 2},
+        {"tensor-model-parallel-size": 2, "sequence-parallel": True, "data-parallel-sharding-strategy": "optim"},
+        {"tensor-model-parallel-size": 2, "pipeline-model-parallel-size": 2, **UNTIED},
+        {"tensor-model-parallel-size": 2, "sequence-parallel": True, "pipeline-model-parallel-size": 2,
+         "num-layers-per-virtual-pipeline-stage": 1, **UNTIED},
+    ], "four")
 
 
-def test_tp2_dp2_equals_single_process(tmp_path, reference):
-    for layout, result in zip(FOUR_RANKS, run_worker(tmp_path, 4, FOUR_RANKS, "four")):
-        assert_equivalent(result, reference, "4 ranks " + json.dumps(layout))
+def test_eight_ranks_tp2_pp2_dp2(tmp_path, reference):
+    check(tmp_path, reference, 8, [
+        {"tensor-model-parallel-size": 2, "pipeline-model-parallel-size": 2, **UNTIED},
+    ], "eight")
 
 
 def test_recomputation_changes_nothing(tmp_path, reference):
-    layouts = [{"recompute-granularity": "full"}, {"recompute-granularity": "selective"}]
-    for layout, result in zip(layouts, run_worker(tmp_path, 1, layouts, "recompute")):
-        assert_equivalent(result, reference, json.dumps(layout))
+    check(tmp_path, reference, 1, [{"recompute-granularity": "full"}, {"recompute-granularity": "selective"}],
+          "recompute")

@@ -76,9 +76,10 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(corpus_cache, tmp_p
     assert a.keys() == b.keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key  # bit for bit, optimizer included:
-    for key, state in a["optim"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(value, b["optim"]["state"][key][name]), (key, name)
+    assert any(key.endswith("exp_avg_sq") for key in a["optim"])  # optimizer state, keyed by parameter name
+    for key, value in a["optim"].items():
+        same = torch.equal(value, b["optim"][key]) if torch.is_tensor(value) else value == b["optim"][key]
+        assert same, key
 
     # A checkpoint damaged after it was written (truncated file) is reported and the previous one used.
     latest = ckpt.iteration_dir(str(tmp_path / "b"), 16)

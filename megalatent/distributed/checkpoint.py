@@ -28,12 +28,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 LATEST = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer state flattened by parameter name
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
 
@@ -82,12 +82,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(root: str, iteration: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+# Optimizer state keyed by parameter name ("state.layers.3.mlp.up_proj.weight.exp_avg"), not by position
+# in one optimizer: the state of several model parts (pipeline stages) merges into one flat namespace
+# that any other layout can load.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _part_state_dicts(parts: list[torch.nn.Module], optimizers: Optional[list[torch.optim.Optimizer]]):
+    """[(model_sd, optim_sd or None)] for each part, with global names."""
+    if optimizers is None:
+        return [(get_model_state_dict(part, options=_OPTIONS), None) for part in parts]
+    return [get_state_dict(part, opt, options=_OPTIONS) for part, opt in zip(parts, optimizers)]
+
+
+def save_checkpoint(root: str, iteration: int, parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer],
                     train_state: dict[str, Any]) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    return save_state_dicts(root, iteration, {"model": model_sd, "optim": optim_sd}, train_state,
-                            {_rank(): rng_state()})
+    """Collective: every rank calls it with its model parts (one, or its pipeline stages) and their
+    optimizers. Returns the final checkpoint directory."""
+    state = {"model": {}, "optim": {}}
+    for model_sd, optim_sd in _part_state_dicts(parts, optimizers):
+        state["model"].update(model_sd)
+        state["optim"].update(optim_sd)
+    return save_state_dicts(root, iteration, state, train_state, {_rank(): rng_state()})
 
 
 def save_state_dicts(root: str, iteration: int, state: dict[str, Any], train_state: dict[str, Any],
@@ -179,19 +195,22 @@ def read_train_state(path: str) -> dict[str, Any]:
     return torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
 
 
-def load_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+def load_checkpoint(path: str, parts: list[torch.nn.Module], optimizers: Optional[list[torch.optim.Optimizer]],
                     load_rng: bool = True) -> dict[str, Any]:
-    """Collective. Loads weights (and optimizer state unless `optimizer` is None) into the live,
-    already-parallelized model, whatever layout wrote the checkpoint. Returns the train state."""
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(model, state["model"])
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    """Collective. Loads weights (and optimizer state unless `optimizers` is None) into the live,
+    already-parallelized model parts, whatever layout wrote the checkpoint. Returns the train state."""
+    per_part = _part_state_dicts(parts, optimizers)
+    state = {"model": {k: v for m, _ in per_part for k, v in m.items()}}
+    if optimizers is not None:
+        state["optim"] = {k: v for _, o in per_part for k, v in o.items()}
+    dcp.load(state, checkpoint_id=path)  # fills tensors in place, replaces non-tensor values
+    for i, (model_sd, optim_sd) in enumerate(per_part):
+        model_sd = {k: state["model"][k] for k in model_sd}
+        if optimizers is None:
+            set_model_state_dict(parts[i], model_sd, options=_OPTIONS)
+        else:
+            set_state_dict(parts[i], optimizers[i], model_state_dict=model_sd,
+                           optim_state_dict={k: state["optim"][k] for k in optim_sd}, options=_OPTIONS)
     rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
     if load_rng and os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))

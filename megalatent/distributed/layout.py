@@ -3,8 +3,7 @@
 One object carries the sizes of every parallel dimension and the mesh built from them; nothing else
 keeps parallel state in module globals. The mesh has named dims `pp, dp, cp, tp` with tp innermost,
 so tensor-parallel peers are adjacent ranks (inside one node). Pipeline and context parallelism
-(pp, cp) and expert parallelism (carved out of dp x cp for expert weights) plug in here; today pp and
-cp are 1.
+(pp, cp) and expert parallelism (carved out of dp x cp for expert weights) plug in here; today cp is 1.
 """
 from __future__ import annotations
 
@@ -28,7 +27,8 @@ class ParallelLayout:
 
     @classmethod
     def from_config(cls, cfg, world_size: int, rank: int = 0) -> "ParallelLayout":
-        return cls(world_size=world_size, rank=rank, tp=cfg.parallel.tensor_model_parallel_size)
+        return cls(world_size=world_size, rank=rank, tp=cfg.parallel.tensor_model_parallel_size,
+                   pp=cfg.parallel.pipeline_model_parallel_size)
 
     @property
     def dp(self) -> int:
@@ -44,6 +44,13 @@ class ParallelLayout:
     @property
     def tp_rank(self) -> int:
         return self._local_rank("tp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self._local_rank("pp")
+
+    def group(self, dim: str):
+        return self.mesh[dim].get_group()
 
     def build_mesh(self, device: torch.device) -> None:
         """Create the device mesh; needs the process group (call after init_process_group)."""
@@ -67,10 +74,11 @@ class ParallelLayout:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
-    def all_reduce_dp_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over the data-parallel ranks (the ranks that hold different samples)."""
-        if self.dp > 1:
-            dist.all_reduce(t, group=self.mesh["dp"].get_group())
+    def all_reduce_sum(self, t: torch.Tensor, dims: tuple[str, ...]) -> torch.Tensor:
+        """Sum over the named mesh dims, e.g. ("dp",) for the ranks holding different samples."""
+        for dim in dims:
+            if getattr(self, dim) > 1:
+                dist.all_reduce(t, group=self.group(dim))
         return t
 
     def _collective_device(self) -> torch.device:

@@ -23,14 +23,16 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
     """The plan for `megalatent.models.decoder.Decoder` (and any family keeping its module names)."""
     # Layout of the residual stream between blocks: sequence-sharded under SP, else replicated.
     stream = Shard(1) if sequence_parallel else Replicate()
-    plan = {
-        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream),
+    plan = {}
+    # A pipeline stage holds only some of these (see distributed/pipeline.py).
+    if model.embed_tokens is not None:
+        plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+    if model.output is not None:
         # The head needs the full sequence on every rank; it returns DTensor logits Shard(-1).
-        "output": PrepareModuleInput(input_layouts=(stream, None), desired_input_layouts=(Replicate(), None),
-                                     use_local_output=False),
-    }
-    if sequence_parallel:
-        plan["norm"] = SequenceParallel()
+        plan["output"] = PrepareModuleInput(input_layouts=(stream, None), desired_input_layouts=(Replicate(), None),
+                                            use_local_output=False)
+        if sequence_parallel:
+            plan["norm"] = SequenceParallel()
     for name in model.layers:
         p = f"layers.{name}."
         plan.update({
@@ -57,5 +59,5 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     parallelize_module(model, tp_mesh, decoder_plan(model, sequence_parallel))
     head = model.output
-    if head.weight is not None:  # untied head: shard its rows (the vocabulary) like the embedding's
+    if head is not None and head.weight is not None:  # untied head: shard its rows (the vocabulary) like the embedding's
         head.weight = nn.Parameter(distribute_tensor(head.weight.data, tp_mesh, [Shard(0)]))

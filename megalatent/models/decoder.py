@@ -103,15 +103,18 @@ class Decoder(nn.Module):
             is_output_proj = name.endswith(("o_proj.weight", "down_proj.weight"))
             nn.init.normal_(p, mean=0.0, std=out_std if is_output_proj else std)
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None):
+        """tokens -> logits. As a pipeline stage (see distributed/pipeline.py) a later stage takes the
+        hidden states instead of tokens, and every stage but the last returns (hidden, position_ids)."""
         if position_ids is None:
-            position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        x = self.embed_tokens(tokens)
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[:2]).contiguous()
+        x = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         rope = self.rotary(position_ids) if self.rotary is not None else None
         for layer in self.layers.values():
             x = layer(x, rope)
+        if self.output is None:
+            return x, position_ids
         return self.output(self.norm(x), None if self.output.weight is not None else self.embed_tokens.weight)
-
 
 def dense_decoder_flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs per token of the dense decoder (forward + backward = 3 x forward).

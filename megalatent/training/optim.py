@@ -21,12 +21,14 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
                              fused=on_gpu or None)  # the fused kernel is CUDA-only; foreach on CPU
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group=None) -> float:
     """Global L2 norm of all gradients (over every shard of every rank); scales them down to max_norm.
 
-    Returns the norm before clipping, the number Megatron logs as 'grad norm'. max_norm 0 only measures.
+    `parts` are this rank's model parts (its pipeline stages); `pp_group` sums the squared norms over
+    the pipeline ranks, which hold different layers. Returns the norm before clipping, the number
+    Megatron logs as 'grad norm'. max_norm 0 only measures.
     """
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for part in parts for p in part.parameters() if p.grad is not None]
     # Gradients may live on different meshes (TP-sharded DTensors, FSDP shards, plain replicated
     # tensors such as norm weights without sequence parallelism); norm each group on its own mesh.
     groups: dict = {}
@@ -38,7 +40,10 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # combines the shards' partial norms over their ranks
         squares.append(norm.float() ** 2)
-    total = torch.stack(squares).sum().sqrt()
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    if pp_group is not None:
+        torch.distributed.all_reduce(total, group=pp_group)
+    total = total.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
     return total.item()

@@ -24,6 +24,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from megalatent.config import Config
 from megalatent.distributed import checkpoint as ckpt
 from megalatent.distributed.layout import ParallelLayout
+from megalatent.distributed.pipeline import Pipeline, unpack_targets
 from megalatent.training.metrics import MetricsWriter, device_peak_tflops, iteration_line, log, peak_memory_gb
 from megalatent.training.optim import build_optimizer, clip_grad_norm
 from megalatent.training.schedules import LRSchedule
@@ -67,11 +68,16 @@ class StopRequest:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, layout: ParallelLayout, device: torch.device, model: nn.Module,
-                 train_loader, valid_loader, flops_per_token: float, stop: Optional[StopRequest] = None):
-        self.cfg, self.layout, self.device, self.model = cfg, layout, device, model
+    """Trains this rank's model parts: the whole (parallelized) model, or its pipeline stages."""
+
+    def __init__(self, cfg: Config, layout: ParallelLayout, device: torch.device, parts, train_loader,
+                 valid_loader, flops_per_token: float, stop: Optional[StopRequest] = None,
+                 pipeline: Optional[Pipeline] = None):
+        self.cfg, self.layout, self.device = cfg, layout, device
+        self.parts: list[nn.Module] = list(parts) if isinstance(parts, (list, tuple)) else [parts]
+        self.pipeline = pipeline
         self.train_loader, self.valid_loader = train_loader, valid_loader
-        self.optimizer = build_optimizer(model, cfg.training)
+        self.optimizers = [build_optimizer(part, cfg.training) for part in self.parts]
         self.schedule = LRSchedule(cfg.training)
         self.flops_per_token = flops_per_token
         self.iteration = 0
@@ -87,23 +93,30 @@ class Trainer:
         self.loss_context = loss_parallel if layout.tp > 1 else contextlib.nullcontext
         self.start_time = time.time()
 
+    @property
+    def model(self) -> nn.Module:
+        """The model, when this rank holds all of it (no pipeline parallelism)."""
+        assert len(self.parts) == 1, "this rank holds several pipeline stages; use .parts"
+        return self.parts[0]
+
     # ---------------------------------------------------------------- checkpoints
     def train_state(self) -> dict:
         return {"consumed_samples": self.train_loader.consumed_samples, "skipped": self.skipped, "nan": self.nan,
-                "model_config": asdict(self.cfg.model), "data_loader": self.train_loader.state_dict()}
+                "model_config": asdict(self.cfg.model), "data_loader": self.train_loader.state_dict(),
+                "tokenizer_model": self.cfg.data.tokenizer_model}
 
     def save(self) -> None:
         if self.cfg.checkpoint.save is None:
             return
         t0 = time.time()
-        path = ckpt.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer,
+        path = ckpt.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.parts, self.optimizers,
                                     self.train_state())
         if self.is_logger:
             log(f"saved checkpoint at iteration {self.iteration} to {path} ({time.time() - t0:.1f} s)")
 
     def resume(self, path: str) -> None:
         c = self.cfg.checkpoint
-        state = ckpt.load_checkpoint(path, self.model, None if c.no_load_optim else self.optimizer,
+        state = ckpt.load_checkpoint(path, self.parts, None if c.no_load_optim else self.optimizers,
                                      load_rng=not c.no_load_rng)
         if not c.no_load_optim:  # weights-only loads start the schedule and data afresh
             self.iteration = state["iteration"]
@@ -117,43 +130,70 @@ class Trainer:
     def _sync_grads_on(self, last: bool) -> None:
         # ZeRO-1 ("optim") accumulates full gradients and reduce-scatters once per step; ZeRO-2/3
         # reduce-scatter after every micro-batch so that only gradient shards are kept.
-        if isinstance(self.model, FSDPModule):
-            per_step = self.cfg.parallel.data_parallel_sharding_strategy == "optim"
-            self.model.set_requires_gradient_sync(last or not per_step)
+        # (Pipeline stages leave this to the schedule, which syncs on the last micro-batch.)
+        per_step = self.cfg.parallel.data_parallel_sharding_strategy == "optim"
+        for part in self.parts:
+            if isinstance(part, FSDPModule):
+                part.set_requires_gradient_sync(last or not per_step)
 
-    def _global_tokens(self, micro_batches) -> torch.Tensor:
-        local = sum(mb["loss_mask"].sum() for mb in micro_batches).to(self.device, torch.float32)
-        return self.layout.all_reduce_dp_sum(local.reshape(1))[0]
-
-    def train_step(self, micro_batches) -> tuple[float, float]:
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        global_tokens = self._global_tokens(micro_batches)
-        # Gradient reduction over data-parallel ranks averages; scaling by dp makes it the global sum,
-        # so the step's gradient is that of the mean loss over every token of the global batch.
-        scale = self.layout.dp / global_tokens
+    def _forward_backward(self, micro_batches, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """Runs the micro-batches (backward too when `scale` is given: the factor applied to each
+        micro-batch's summed loss). Returns this rank's summed token loss (0 off the last stage)."""
         loss_sum = torch.zeros((), device=self.device)
+        train = scale is not None
+        if self.pipeline is not None:
+            def loss_fn(logits, target):
+                labels, mask = unpack_targets(target)
+                micro_loss = lm_loss_sum(logits, labels, mask)
+                return micro_loss * scale if train else micro_loss
+
+            batch = {k: torch.cat([mb[k] for mb in micro_batches]).to(self.device) for k in micro_batches[0]}
+            with self.loss_context(), self.autocast():
+                losses = self.pipeline.run(self.parts, batch, len(micro_batches), loss_fn, train)
+            for micro_loss in losses:
+                loss_sum += micro_loss.detach() / scale if train else micro_loss.detach()
+            return loss_sum
         for i, mb in enumerate(micro_batches):
-            self._sync_grads_on(i == len(micro_batches) - 1)
+            if train:
+                self._sync_grads_on(i == len(micro_batches) - 1)
             tokens, labels, mask, pos = (mb[k].to(self.device, non_blocking=True)
                                          for k in ("tokens", "labels", "loss_mask", "position_ids"))
             with self.loss_context():
                 with self.autocast():
                     logits = self.model(tokens, pos)
                 micro_loss = lm_loss_sum(logits, labels, mask)
-                (micro_loss * scale).backward()
+                if train:
+                    (micro_loss * scale).backward()
             loss_sum += micro_loss.detach()
-        loss = (self.layout.all_reduce_dp_sum(loss_sum.reshape(1))[0] / global_tokens).item()
-        grad_norm = clip_grad_norm(self.model, self.cfg.training.clip_grad)
+        return loss_sum
+
+    def _global_tokens(self, micro_batches) -> torch.Tensor:
+        local = sum(mb["loss_mask"].sum() for mb in micro_batches).to(self.device, torch.float32)
+        return self.layout.all_reduce_sum(local.reshape(1), ("dp",))[0]
+
+    def train_step(self, micro_batches) -> tuple[float, float]:
+        for part in self.parts:
+            part.train()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        global_tokens = self._global_tokens(micro_batches)
+        # Gradient reduction over data-parallel ranks averages; scaling by dp makes it the global sum,
+        # so the step's gradient is that of the mean loss over every token of the global batch.
+        loss_sum = self._forward_backward(micro_batches, scale=self.layout.dp / global_tokens)
+        loss = (self.layout.all_reduce_sum(loss_sum.reshape(1), ("pp", "dp"))[0] / global_tokens).item()
+        grad_norm = clip_grad_norm(self.parts, self.cfg.training.clip_grad,
+                                   self.layout.group("pp") if self.layout.pp > 1 else None)
         if not math.isfinite(grad_norm):  # a NaN/inf step is skipped, never applied, and counted
             self.nan += 1
             self.skipped += 1
-            self.optimizer.zero_grad(set_to_none=True)
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
             return loss, grad_norm
         lr = self.schedule(self.iteration)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
         return loss, grad_norm
 
     @torch.no_grad()
@@ -161,17 +201,17 @@ class Trainer:
         """Mean validation loss over --eval-iters global batches, always the same ones."""
         if self.valid_loader is None:
             return None
-        self.model.eval()
+        for part in self.parts:
+            part.eval()
         self.valid_loader.load_state_dict({"consumed_samples": 0})
         loss_sum = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device)
         for _ in range(self.cfg.training.eval_iters):
-            for mb in self.valid_loader.next_global_batch():
-                with self.loss_context(), self.autocast():
-                    logits = self.model(mb["tokens"].to(self.device), mb["position_ids"].to(self.device))
-                    loss_sum += lm_loss_sum(logits, mb["labels"].to(self.device), mb["loss_mask"].to(self.device))
-                tokens += mb["loss_mask"].sum().to(self.device)
-        both = self.layout.all_reduce_dp_sum(torch.stack([loss_sum, tokens]))
+            micro_batches = self.valid_loader.next_global_batch()
+            loss_sum += self._forward_backward(micro_batches, scale=None)
+            tokens += sum(mb["loss_mask"].sum() for mb in micro_batches).to(self.device)
+        loss_sum = self.layout.all_reduce_sum(loss_sum.reshape(1), ("pp",))
+        both = self.layout.all_reduce_sum(torch.cat([loss_sum, tokens.reshape(1)]), ("dp",))
         return (both[0] / both[1]).item()
 
     # ---------------------------------------------------------------- the loop

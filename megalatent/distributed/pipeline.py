@@ -1,0 +1,169 @@
+"""Pipeline parallelism with torch.distributed.pipelining: which layers form each stage, which rank
+runs which stages, the stage modules and the schedule (1F1B, interleaved 1F1B, zero-bubble).
+
+A stage module is the model itself with the parts it does not own removed (layers of other stages,
+the embedding unless first, the final norm and head unless last), so parameter names stay global
+(`layers.7.mlp.up_proj.weight` on whichever rank holds layer 7) and checkpoints do not depend on the
+pipeline layout. Between stages flows a tuple of tensors — today (hidden states, position ids), the
+interface a family extends when a later stage needs more (e.g. YOCO's shared K/V).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SCHEDULES = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
+
+
+class PipelinePlanError(ValueError):
+    """A pipeline layout that cannot be built; the message names the flags to change."""
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    schedule: str
+    stage_layers: list[list[int]]  # global layer indices of each stage, in pipeline order
+    pp: int
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_layers)
+
+    @property
+    def stages_per_rank(self) -> int:
+        return self.num_stages // self.pp
+
+    def stages_of_rank(self, rank: int) -> list[int]:
+        """The stage indices a pipeline rank runs: looped (rank, rank + pp, ...) or V-shaped for ZBV."""
+        if self.schedule == "ZBVZeroBubble":
+            return [rank, self.num_stages - 1 - rank]
+        return list(range(rank, self.num_stages, self.pp))
+
+
+def _split(layers: list[int], parts: int) -> list[list[int]]:
+    size = len(layers) // parts
+    return [layers[i * size:(i + 1) * size] for i in range(parts)]
+
+
+def plan_pipeline(cfg, pp: int) -> PipelinePlan:
+    """Check the pipeline flags and decide the stages. Pure: no process group or tensor needed."""
+    p, num_layers = cfg.parallel, cfg.model.num_layers
+    per_virtual = p.num_layers_per_virtual_pipeline_stage
+    first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
+    layers = list(range(num_layers))
+    if per_virtual is not None:
+        if first is not None or last is not None:
+            raise PipelinePlanError("--num-layers-per-virtual-pipeline-stage cannot be combined with "
+                                    "--decoder-first/last-pipeline-num-layers")
+        if per_virtual < 1 or num_layers % per_virtual or (num_layers // per_virtual) % pp \
+                or num_layers // per_virtual < 2 * pp:
+            raise PipelinePlanError(
+                f"--num-layers-per-virtual-pipeline-stage {per_virtual}: --num-layers {num_layers} must split into "
+                f"virtual stages of that many layers, at least 2 per pipeline rank and the same number on each of "
+                f"the {pp} ranks (e.g. {num_layers // (2 * pp) if num_layers % (2 * pp) == 0 else 'a divisor'})")
+        stage_layers = _split(layers, num_layers // per_virtual)
+    elif first is not None or last is not None:
+        head = first if first is not None else 0
+        tail = last if last is not None else 0
+        inner = pp - (first is not None) - (last is not None)
+        middle = num_layers - head - tail
+        if head < 0 or tail < 0 or middle < 0 or (inner == 0 and middle) or (inner and middle % inner):
+            raise PipelinePlanError(
+                f"--decoder-first/last-pipeline-num-layers ({first}, {last}) leave {middle} of --num-layers "
+                f"{num_layers} for the {inner} other stage(s); that must be >= 0 and split evenly")
+        stage_layers = ([layers[:head]] if first is not None else []) \
+            + (_split(layers[head:num_layers - tail], inner) if inner else []) \
+            + ([layers[num_layers - tail:]] if last is not None else [])
+    else:
+        if num_layers % pp:
+            raise PipelinePlanError(f"--num-layers {num_layers} must be divisible by --pipeline-model-parallel-size "
+                                    f"{pp} (or set --decoder-first/last-pipeline-num-layers)")
+        stage_layers = _split(layers, pp)
+
+    per_rank = len(stage_layers) // pp
+    schedule = p.pipeline_schedule or ("Interleaved1F1B" if per_rank > 1 else "1F1B")
+    if schedule == "1F1B" and per_rank != 1:
+        raise PipelinePlanError("--pipeline-schedule 1F1B runs one stage per rank; drop "
+                                "--num-layers-per-virtual-pipeline-stage or choose Interleaved1F1B")
+    if schedule != "1F1B" and per_rank < 2:
+        raise PipelinePlanError(f"--pipeline-schedule {schedule} needs several stages per rank: set "
+                                "--num-layers-per-virtual-pipeline-stage")
+    if schedule == "ZBVZeroBubble" and per_rank != 2:
+        raise PipelinePlanError("--pipeline-schedule ZBVZeroBubble needs exactly 2 stages per rank "
+                                f"(--num-layers-per-virtual-pipeline-stage {num_layers // (2 * pp)})")
+    return PipelinePlan(schedule, stage_layers, pp)
+
+
+def stage_module(model: nn.Module, layer_ids: list[int], is_first: bool, is_last: bool) -> nn.Module:
+    """A copy of `model` that keeps only what this stage owns (global names preserved)."""
+    stage = copy.deepcopy(model)
+    keep = {str(i) for i in layer_ids}
+    for name in list(stage.layers):
+        if name not in keep:
+            del stage.layers[name]
+    if not is_first:
+        stage.embed_tokens = None
+    if not is_last:
+        stage.norm = None
+        stage.output = None
+    return stage
+
+
+def build_schedule(plan: PipelinePlan, stages: list[nn.Module], stage_ids: list[int], pp_group, device,
+                   n_microbatches: int, loss_fn):
+    from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B,
+                                              ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
+
+    pipeline_stages = [PipelineStage(module, sid, plan.num_stages, device, group=pp_group)
+                       for module, sid in zip(stages, stage_ids)]
+    # scale_grads=False: the loss function already normalises by the global token count.
+    if plan.schedule == "1F1B":
+        return Schedule1F1B(pipeline_stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    cls = {"Interleaved1F1B": ScheduleInterleaved1F1B, "InterleavedZeroBubble": ScheduleInterleavedZeroBubble,
+           "ZBVZeroBubble": ScheduleZBVZeroBubble}[plan.schedule]
+    return cls(pipeline_stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def pack_targets(labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The schedule splits one target tensor into micro-batches: carry labels and mask in one."""
+    return torch.stack([labels, loss_mask.to(labels.dtype)], dim=1)
+
+
+def unpack_targets(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return target[:, 0], target[:, 1].float()
+
+
+class Pipeline:
+    """This rank's share of a pipeline: its stages, and the schedule that runs them."""
+
+    def __init__(self, plan: PipelinePlan, pp_rank: int, pp_group, device: torch.device):
+        self.plan, self.group, self.device = plan, pp_group, device
+        self.stage_ids = plan.stages_of_rank(pp_rank)
+        self.has_first = 0 in self.stage_ids
+        self.has_last = plan.num_stages - 1 in self.stage_ids
+        self.schedule = None
+
+    def split(self, model: nn.Module) -> list[nn.Module]:
+        last = self.plan.num_stages - 1
+        return [stage_module(model, self.plan.stage_layers[s], s == 0, s == last) for s in self.stage_ids]
+
+    def run(self, parts: list[nn.Module], batch: dict[str, torch.Tensor], n_microbatches: int, loss_fn,
+            train: bool) -> list[torch.Tensor]:
+        """One global batch (this rank's micro-batches concatenated) through the schedule; the schedule
+        splits it back into `n_microbatches` and calls `loss_fn(logits, target)` on the last stage.
+        Returns the loss_fn values of the micro-batches (empty off the last stage)."""
+        self._loss_fn = loss_fn  # the schedule keeps the function it was built with: delegate to this step's
+        if self.schedule is None:
+            self.schedule = build_schedule(self.plan, parts, self.stage_ids, self.group, self.device,
+                                           n_microbatches, lambda output, target: self._loss_fn(output, target))
+        args = (batch["tokens"], batch["position_ids"]) if self.has_first else ()
+        target = pack_targets(batch["labels"], batch["loss_mask"]) if self.has_last else None
+        losses: list[torch.Tensor] = []
+        if train:
+            self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        else:
+            self.schedule.eval(*args, target=target, losses=losses)
+        return losses
