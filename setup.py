@@ -19,7 +19,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors"],
         "mpi": ["mpi4py", "mpich"],
         "vision": ["nvidia-dali-cuda130"],
     },

@@ -25,7 +25,7 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
 fi
 _megalatent_extras=${1:-}
 _megalatent_check="import megalatent"
-[[ "$_megalatent_extras" == *dev* ]] && _megalatent_check="$_megalatent_check, pytest, pytest_timeout"
+[[ "$_megalatent_extras" == *dev* ]] && _megalatent_check="$_megalatent_check, pytest, pytest_timeout, transformers, safetensors"
 [[ "$_megalatent_extras" == *mpi* ]] && _megalatent_check="$_megalatent_check, mpi4py"
 # Re-install when this checkout is not the one installed (e.g. a second clone).
 if ! "$PYTHON" -c "$_megalatent_check; import os, sys; sys.exit(os.path.dirname(os.path.dirname(megalatent.__file__)) != '$_megalatent_root')" 2>/dev/null; then

@@ -110,8 +110,11 @@ def model_config(train_state: dict[str, Any]) -> ModelConfig:
     if not isinstance(saved, dict):
         raise ConvertError("the train state has no model_config; it was not written by megalatent-pretrain "
                            "or tools/convert_checkpoint.py to-torch")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise ConvertError(f"the checkpoint's model_config has fields this megalatent does not know ({unknown}): "
+                           "it was written by another version; convert it with that version")
+    return ModelConfig(**saved)
 
 
 # The RNG states hold numpy's Mersenne-Twister key as an ndarray, which torch's default
@@ -129,7 +132,7 @@ def _rng_from_plain(state: dict[str, Any]) -> dict[str, Any]:
 
 def _check_output(path: str, force: bool, what: str) -> None:
     """Refuse to overwrite `path` (a file, or a non-empty directory) unless --force."""
-    if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)):
+    if not force and (os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path))):
         raise ConvertError(f"{what} {path} already exists; pass --force to replace it, or choose another path")
 
 
@@ -181,6 +184,8 @@ def from_torch(input: str, save: str, iteration: Optional[int] = None, force: bo
     """
     if not os.path.isfile(input):
         raise ConvertError(f"--input {input}: no such file")
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise ConvertError(f"--save {save} is a file; give a directory (new, or one to add a checkpoint to)")
     if os.path.isdir(save) and _iterations(save) and not force:
         raise ConvertError(f"--save {save} already holds checkpoints {_iterations(save)}; the converted one "
                            "would become the one a resume picks. Pass --force to write it there anyway, or "
@@ -200,6 +205,12 @@ def from_torch(input: str, save: str, iteration: Optional[int] = None, force: bo
         raise ConvertError(f"--input {input} has no {' or '.join(missing)} entry; it needs "
                            "{'model', 'optim', 'train_state'} as tools/convert_checkpoint.py to-torch writes")
     train_state = dict(data["train_state"])
+    version = train_state.get("format_version")
+    if version != ckpt.FORMAT_VERSION:
+        raise ConvertError(f"--input {input} comes from a checkpoint of format version {version}, and this "
+                           f"megalatent writes version {ckpt.FORMAT_VERSION} (the optimizer state is laid out "
+                           "differently): convert it back with the megalatent that wrote it, or delete its "
+                           "'optim' entry and resume with --no-load-optim")
     problems = _shape_problems(model_config(train_state), data["model"])
     if problems:
         raise ConvertError(f"--input {input}: the weights do not fit the model its train_state.model_config "
@@ -212,7 +223,7 @@ def from_torch(input: str, save: str, iteration: Optional[int] = None, force: bo
         state["optim"] = data["optim"]
     else:
         log("WARNING: the file has no optimizer state: resume from it with --no-load-optim")
-    for key in ("iteration", "format_version"):  # the save writes its own
+    for key in ("iteration", "format_version"):  # the save writes them
         train_state.pop(key, None)
     rng = {int(rank): _rng_from_plain(s) for rank, s in data.get("rng", {}).items()}
     log(f"writing iteration {iteration} to {save}")
@@ -245,6 +256,15 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+# The ModelConfig fields the export has been checked against. A field added later (a new architectural
+# option) refuses the export when it is set to anything but its default, until the export learns it.
+_HF_UNDERSTOOD = {
+    "model_family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
+    "num_query_groups", "seq_length", "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by",
+    "normalization", "norm_epsilon", "swiglu", "position_embedding_type", "rotary_base",
+    "untie_embeddings_and_output_weights", "init_method_std",
+}
+
 
 def hf_export_problems(cfg: ModelConfig) -> list[str]:
     """Why LlamaForCausalLM cannot express the model of `cfg` (empty when it can)."""
@@ -259,6 +279,10 @@ def hf_export_problems(cfg: ModelConfig) -> list[str]:
     if cfg.position_embedding_type != "rope":
         problems.append(f"the model uses --position-embedding-type {cfg.position_embedding_type}; "
                         "LlamaForCausalLM always applies RoPE")
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in _HF_UNDERSTOOD and getattr(cfg, f.name) != f.default:
+            problems.append(f"the export does not know what --{f.name.replace('_', '-')} "
+                            f"{getattr(cfg, f.name)!r} means for LLaMA (teach convert.hf_export_problems)")
     return problems
 
 
@@ -366,8 +390,13 @@ def _resolve_tokenizer(cfg: ModelConfig, tokenizer_model: Optional[str], data_ca
                                "give the tokenizer with --tokenizer-model")
         tokenizer_model = found[0]
     if tokenizer_model is None:
+        from megalatent.pretrain import default_cache_dir
+
+        found = find_default_tokenizer(default_cache_dir(), cfg.vocab_size)
+        hint = (f"; the default cache has {', '.join(found)}: add --data-cache-path {default_cache_dir()} if the "
+                "run used the default corpus" if found else "")
         log("WARNING: no tokenizer in the export (and no bos/eos ids in its config): pass --tokenizer-model "
-            "FILE, or --data-cache-path DIR for the default corpus's (default DIR: ~/.cache/megalatent)")
+            f"FILE, or the run's --data-cache-path for the default corpus's{hint}")
         return None
     if not os.path.isfile(tokenizer_model):
         raise ConvertError(f"--tokenizer-model {tokenizer_model}: no such file")
@@ -389,11 +418,6 @@ def to_hf(load: str, output: str, iteration: Optional[int] = None, dtype: str = 
     tokenizer.model, into `output.partial/`, renamed to `output` at the end (replacing it under force).
     Returns the checkpoint it read.
     """
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise ConvertError("to-hf writes SafeTensors and needs the safetensors package: pip install safetensors "
-                           "(or pip install -e '.[dev]')") from None
     if dtype not in HF_DTYPES:
         raise ConvertError(f"--dtype {dtype}: choose one of {', '.join(HF_DTYPES)}")
     path = resolve_checkpoint(load, iteration)
@@ -404,6 +428,11 @@ def to_hf(load: str, output: str, iteration: Optional[int] = None, dtype: str = 
     if problems:
         raise ConvertError(f"checkpoint {path} cannot be exported to Hugging Face LLaMA: " + "; ".join(problems))
     tokenizer_model = _resolve_tokenizer(cfg, tokenizer_model, data_cache_path, train_state, log)
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ConvertError("to-hf writes SafeTensors and needs the safetensors package: pip install safetensors "
+                           "(or pip install -e '.[dev]')") from None
 
     log(f"reading the weights of {path}")
     weights = hf_state_dict(read_state(path, keys=["model"])["model"], cfg, HF_DTYPES[dtype])
