@@ -119,6 +119,7 @@ class ParallelConfig:
     sequence_parallel: bool = _opt(False, "shard norms/residual activations along the sequence over the "
                                           "tensor-parallel ranks")
     pipeline_model_parallel_size: int = _opt(1, "pipeline stages (across nodes is fine)")
+    context_parallel_size: int = _opt(1, "ranks that split each sequence (load-balanced, K/V all-gathered)")
     num_layers_per_virtual_pipeline_stage: Optional[int] = _opt(
         None, "layers per virtual stage: each rank holds several non-adjacent stages (interleaved 1F1B)")
     pipeline_schedule: Optional[str] = _opt(
@@ -285,17 +286,22 @@ def _parallel_errors(cfg: Config, world_size: int) -> tuple[list[str], int]:
     """The layout rules: every parallel size must divide what it splits. Returns (errors, dp size)."""
     m, t, p = cfg.model, cfg.training, cfg.parallel
     e: list[str] = []
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    for flag, size in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp)):
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    for flag, size in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp),
+                       ("context-parallel-size", cp)):
         if size < 1:
             e.append(f"--{flag} must be >= 1, got {size}")
     if e:
         return e, 1
-    if world_size % (tp * pp):
+    if world_size % (tp * pp * cp):
         e.append(f"the world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-                 f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes")
+                 f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp}; launch a multiple of "
+                 f"{tp * pp * cp} processes")
         return e, 1
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
+    if cp > 1 and m.seq_length % (2 * cp):
+        e.append(f"--context-parallel-size {cp}: --seq-length {m.seq_length} must be divisible by 2 x {cp} "
+                 "(each rank holds two chunks, one early and one late, to balance causal attention)")
 
     for key, value in (("num_attention_heads", m.num_attention_heads), ("make_vocab_size_divisible_by",
                        m.make_vocab_size_divisible_by), ("ffn_hidden_size", m.mlp_width)):
@@ -306,9 +312,9 @@ def _parallel_errors(cfg: Config, world_size: int) -> tuple[list[str], int]:
                  f"{tp} (each tensor-parallel rank holds whole K/V heads)")
     if p.sequence_parallel and tp == 1:
         e.append("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards over the TP ranks)")
-    elif p.sequence_parallel and m.seq_length % tp:
-        e.append(f"--sequence-parallel: --seq-length {m.seq_length} must be divisible by "
-                 f"--tensor-model-parallel-size {tp}")
+    elif p.sequence_parallel and (m.seq_length // cp) % tp:
+        e.append(f"--sequence-parallel: the tokens per context-parallel rank (--seq-length {m.seq_length} / "
+                 f"{cp}) must be divisible by --tensor-model-parallel-size {tp}")
 
     pipeline_flags = {"num_layers_per_virtual_pipeline_stage": p.num_layers_per_virtual_pipeline_stage,
                       "pipeline_schedule": p.pipeline_schedule,

@@ -23,7 +23,7 @@ from megalatent.training.trainer import Trainer
 MODEL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
          "--num-query-groups", "2", "--seq-length", "16", "--vocab-size", "200", "--make-vocab-size-divisible-by", "8",
          "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3", "--lr-warmup-iters", "0",
-         "--lr-decay-style", "constant", "--clip-grad", "0.5"]
+         "--lr-decay-style", "constant", "--clip-grad", "0.5", "--adam-eps", "1e-6"]
 STEPS = 3
 
 

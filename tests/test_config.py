@@ -132,7 +132,13 @@ LAYOUT_RULES = [
      "--num-query-groups 2 must be divisible by --tensor-model-parallel-size 4"),
     (["--sequence-parallel"], 2, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "255"], 2,
-     "--sequence-parallel: --seq-length 255 must be divisible by --tensor-model-parallel-size 2"),
+     "--sequence-parallel: the tokens per context-parallel rank (--seq-length 255 / 1) must be divisible"),
+    (["--context-parallel-size", "0"], 2, "--context-parallel-size must be >= 1"),
+    (["--context-parallel-size", "2", "--seq-length", "250"], 2,
+     "--context-parallel-size 2: --seq-length 250 must be divisible by 2 x 2"),
+    (["--context-parallel-size", "4", "--tensor-model-parallel-size", "2"], 12,
+     "the world size 12 is not divisible by --tensor-model-parallel-size 2 x --pipeline-model-parallel-size 1 x "
+     "--context-parallel-size 4"),
 ]
 
 

@@ -9,7 +9,7 @@ from megalatent.config import ModelConfig
 from megalatent.models.decoder import Decoder, dense_decoder_flops_per_token
 from megalatent.nn.attention import SelfAttention
 from megalatent.nn.norms import RMSNorm
-from megalatent.nn.rotary import RotaryEmbedding, apply_rotary
+from megalatent.nn.rotary import Positions, RotaryEmbedding, apply_rotary
 
 
 def test_rmsnorm_formula():
@@ -52,7 +52,8 @@ def test_gqa_causal_attention_formula(kv_heads):
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
     scores = scores.masked_fill(torch.triu(torch.ones(s, s, dtype=torch.bool), 1), float("-inf"))
     out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(b, s, h)
-    torch.testing.assert_close(attn(x, None), attn.o_proj(out), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(x, Positions(torch.arange(s).expand(b, s), None)), attn.o_proj(out),
+                               atol=1e-5, rtol=1e-5)
 
 
 def tiny_cfg(**kw):

@@ -40,8 +40,9 @@ def assert_equivalent(result, reference, label):
     assert result["grads"].keys() == reference["grads"].keys(), label
     for name, g in reference["grads"].items():
         torch.testing.assert_close(result["grads"][name], g, rtol=1e-4, atol=1e-6, msg=f"{label}: grad {name}")
-    # Adam turns tiny gradient differences of near-zero entries into differences of up to ~lr, so the
-    # weights after the steps are compared at a tolerance well below one step (lr = 1e-3).
+    # Adam turns tiny gradient differences of near-zero entries into differences of up to ~lr; the
+    # worker's --adam-eps 1e-6 damps that, and the weights after the steps are compared at a tolerance
+    # well below one step (lr = 1e-3).
     for name, w in reference["weights"].items():
         torch.testing.assert_close(result["weights"][name], w, rtol=1e-4, atol=1e-5, msg=f"{label}: weight {name}")
 
@@ -64,6 +65,7 @@ def test_two_rank_layouts(tmp_path, reference):
         {"pipeline-model-parallel-size": 2, "num-layers-per-virtual-pipeline-stage": 1,
          "pipeline-schedule": "ZBVZeroBubble", **UNTIED},
         {"pipeline-model-parallel-size": 2, "decoder-first-pipeline-num-layers": 1, **UNTIED},  # uneven stages
+        {"context-parallel-size": 2},
     ], "two")
 
 
@@ -74,12 +76,16 @@ def test_four_rank_layouts(tmp_path, reference):
         {"tensor-model-parallel-size": 2, "pipeline-model-parallel-size": 2, **UNTIED},
         {"tensor-model-parallel-size": 2, "sequence-parallel": True, "pipeline-model-parallel-size": 2,
          "num-layers-per-virtual-pipeline-stage": 1, **UNTIED},
+        {"context-parallel-size": 2, "tensor-model-parallel-size": 2, "sequence-parallel": True},
+        {"context-parallel-size": 4},
+        {"context-parallel-size": 2, "pipeline-model-parallel-size": 2, **UNTIED},
     ], "four")
 
 
 def test_eight_ranks_tp2_pp2_dp2(tmp_path, reference):
     check(tmp_path, reference, 8, [
         {"tensor-model-parallel-size": 2, "pipeline-model-parallel-size": 2, **UNTIED},
+        {"tensor-model-parallel-size": 2, "context-parallel-size": 2, **UNTIED},  # with dp = 2
     ], "eight")
 
 

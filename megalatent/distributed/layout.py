@@ -2,8 +2,8 @@
 
 One object carries the sizes of every parallel dimension and the mesh built from them; nothing else
 keeps parallel state in module globals. The mesh has named dims `pp, dp, cp, tp` with tp innermost,
-so tensor-parallel peers are adjacent ranks (inside one node). Pipeline and context parallelism
-(pp, cp) and expert parallelism (carved out of dp x cp for expert weights) plug in here; today cp is 1.
+so tensor-parallel peers are adjacent ranks (inside one node). Expert parallelism (carved out of
+dp x cp for expert weights, Megatron's "parallel folding") plugs in here.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class ParallelLayout:
     @classmethod
     def from_config(cls, cfg, world_size: int, rank: int = 0) -> "ParallelLayout":
         return cls(world_size=world_size, rank=rank, tp=cfg.parallel.tensor_model_parallel_size,
-                   pp=cfg.parallel.pipeline_model_parallel_size)
+                   pp=cfg.parallel.pipeline_model_parallel_size, cp=cfg.parallel.context_parallel_size)
 
     @property
     def dp(self) -> int:
@@ -48,6 +48,14 @@ class ParallelLayout:
     @property
     def pp_rank(self) -> int:
         return self._local_rank("pp")
+
+    @property
+    def cp_rank(self) -> int:
+        return self._local_rank("cp")
+
+    def fsdp_mesh(self) -> DeviceMesh:
+        """Weights are replicated over dp and cp, so FSDP shards them (and reduces gradients) over both."""
+        return self.mesh["dp", "cp"]._flatten("dp_cp") if self.cp > 1 else self.mesh["dp"]
 
     def group(self, dim: str):
         return self.mesh[dim].get_group()

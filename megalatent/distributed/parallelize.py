@@ -1,8 +1,9 @@
 """The one place where a parallel layout is applied to a plain (layout-agnostic) model.
 
 Order matters and follows torchtitan: tensor/sequence parallelism first (it rewrites weights into
-DTensors on the tp mesh), then activation recomputation (wraps whole layers), then FSDP2 over the
-data-parallel ranks (which shards those DTensors again along dp: 2-D TP x FSDP).
+DTensors on the tp mesh), context parallelism (swaps the attention core), then activation
+recomputation (wraps whole layers), then FSDP2 over the data- and context-parallel ranks (which shards
+those DTensors again: 2-D TP x FSDP).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from megalatent.config import ParallelConfig
+from megalatent.distributed.context_parallel import apply_context_parallel
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.tensor_parallel import apply_tensor_parallel
 
@@ -54,15 +56,17 @@ def parallelize(model: nn.Module, layout: ParallelLayout, cfg: ParallelConfig,
                 param_dtype: torch.dtype | None = None) -> nn.Module:
     if layout.tp > 1:
         apply_tensor_parallel(model, layout.mesh["tp"], cfg.sequence_parallel)
+    if layout.cp > 1:
+        apply_context_parallel(model, layout.group("cp"))
     if cfg.recompute_granularity is not None:
         apply_recompute(model, cfg.recompute_granularity)
-    if layout.dp > 1:
+    if layout.dp * layout.cp > 1:
         apply_fsdp(model, layout, cfg.data_parallel_sharding_strategy, param_dtype)
     return model
 
 
 def apply_fsdp(model: nn.Module, layout: ParallelLayout, strategy: str, param_dtype: torch.dtype | None) -> None:
-    """FSDP2 over the data-parallel ranks; each decoder layer is its own unit (one layer's weights
+    """FSDP2 over the data-parallel (and context-parallel) ranks; each decoder layer is its own unit (one layer's weights
     gathered at a time), the root holds the embedding, final norm and head.
 
     Megatron's --data-parallel-sharding-strategy maps onto FSDP2 as:
@@ -77,7 +81,7 @@ def apply_fsdp(model: nn.Module, layout: ParallelLayout, strategy: str, param_dt
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     reshard = strategy == "optim_grads_params"
-    dp_mesh = layout.mesh["dp"]
+    dp_mesh = layout.fsdp_mesh()
     for layer in model.layers.values():
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)

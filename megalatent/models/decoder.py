@@ -1,7 +1,7 @@
 """The LLaMA-style baseline decoder, and the trunk every decoder-only family reuses.
 
     x = embed(tokens)
-    for each layer:  x = x + attn(norm(x), rope(positions));  x = x + mlp(norm(x))
+    for each layer:  x = x + attn(norm(x), positions);  x = x + mlp(norm(x))
     logits = head(norm(x))
 
 A family changes what a layer is made of through a `LayerSpec` (LongNet swaps the attention,
@@ -21,7 +21,7 @@ from megalatent.models.registry import ModelFamily, register
 from megalatent.nn.attention import SelfAttention
 from megalatent.nn.mlp import GeluMLP, SwiGLU
 from megalatent.nn.norms import build_norm
-from megalatent.nn.rotary import RotaryEmbedding
+from megalatent.nn.rotary import Positions, RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = spec.norm(cfg)
         self.mlp = spec.mlp(cfg, layer)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, positions: Positions) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), positions)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -109,9 +109,9 @@ class Decoder(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[:2]).contiguous()
         x = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
-        rope = self.rotary(position_ids) if self.rotary is not None else None
+        positions = Positions(position_ids, self.rotary(position_ids) if self.rotary is not None else None)
         for layer in self.layers.values():
-            x = layer(x, rope)
+            x = layer(x, positions)
         if self.output is None:
             return x, position_ids
         return self.output(self.norm(x), None if self.output.weight is not None else self.embed_tokens.weight)

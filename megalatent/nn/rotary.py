@@ -3,8 +3,22 @@
 Positions are passed in rather than assumed to be 0..S-1 so that a sequence split across devices
 (context parallelism) rotates every token by its global position.
 """
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch import nn
+
+
+@dataclass
+class Positions:
+    """Where the tokens a rank holds sit in their sequences: what attention needs besides q, k, v.
+
+    `ids` [b, s] are global positions (under context parallelism a rank holds non-contiguous
+    chunks); `rope` is (cos, sin) for those positions, or None without rotary embeddings.
+    """
+    ids: torch.Tensor
+    rope: Optional[tuple[torch.Tensor, torch.Tensor]]
 
 
 class RotaryEmbedding(nn.Module):

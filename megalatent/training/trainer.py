@@ -23,6 +23,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from megalatent.config import Config
 from megalatent.distributed import checkpoint as ckpt
+from megalatent.distributed.context_parallel import zigzag_shard
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.pipeline import Pipeline, unpack_targets
 from megalatent.training.metrics import MetricsWriter, device_peak_tflops, iteration_line, log, peak_memory_gb
@@ -167,20 +168,29 @@ class Trainer:
             loss_sum += micro_loss.detach()
         return loss_sum
 
+    def _local_tokens(self, micro_batches):
+        """This rank's share of each micro-batch: its sequence chunks under context parallelism."""
+        if self.layout.cp == 1:
+            return micro_batches
+        return [{k: zigzag_shard(v, self.layout.cp_rank, self.layout.cp) for k, v in mb.items()}
+                for mb in micro_batches]
+
     def _global_tokens(self, micro_batches) -> torch.Tensor:
         local = sum(mb["loss_mask"].sum() for mb in micro_batches).to(self.device, torch.float32)
-        return self.layout.all_reduce_sum(local.reshape(1), ("dp",))[0]
+        return self.layout.all_reduce_sum(local.reshape(1), ("dp", "cp"))[0]
 
     def train_step(self, micro_batches) -> tuple[float, float]:
         for part in self.parts:
             part.train()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        micro_batches = self._local_tokens(micro_batches)
         global_tokens = self._global_tokens(micro_batches)
-        # Gradient reduction over data-parallel ranks averages; scaling by dp makes it the global sum,
-        # so the step's gradient is that of the mean loss over every token of the global batch.
-        loss_sum = self._forward_backward(micro_batches, scale=self.layout.dp / global_tokens)
-        loss = (self.layout.all_reduce_sum(loss_sum.reshape(1), ("pp", "dp"))[0] / global_tokens).item()
+        # Gradient reduction over the data- and context-parallel ranks averages; scaling by their
+        # number makes it the sum, so the step's gradient is that of the mean loss over every token
+        # of the global batch.
+        loss_sum = self._forward_backward(micro_batches, scale=self.layout.dp * self.layout.cp / global_tokens)
+        loss = (self.layout.all_reduce_sum(loss_sum.reshape(1), ("pp", "dp", "cp"))[0] / global_tokens).item()
         grad_norm = clip_grad_norm(self.parts, self.cfg.training.clip_grad,
                                    self.layout.group("pp") if self.layout.pp > 1 else None)
         if not math.isfinite(grad_norm):  # a NaN/inf step is skipped, never applied, and counted
@@ -207,11 +217,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device)
         for _ in range(self.cfg.training.eval_iters):
-            micro_batches = self.valid_loader.next_global_batch()
+            micro_batches = self._local_tokens(self.valid_loader.next_global_batch())
             loss_sum += self._forward_backward(micro_batches, scale=None)
             tokens += sum(mb["loss_mask"].sum() for mb in micro_batches).to(self.device)
         loss_sum = self.layout.all_reduce_sum(loss_sum.reshape(1), ("pp",))
-        both = self.layout.all_reduce_sum(torch.cat([loss_sum, tokens.reshape(1)]), ("dp",))
+        both = self.layout.all_reduce_sum(torch.cat([loss_sum, tokens.reshape(1)]), ("dp", "cp"))
         return (both[0] / both[1]).item()
 
     # ---------------------------------------------------------------- the loop
