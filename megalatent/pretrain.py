@@ -24,7 +24,7 @@ from megalatent.distributed.parallelize import parallelize
 from megalatent.distributed.pipeline import Pipeline, plan_pipeline
 from megalatent.models.registry import MODEL_FAMILIES, build_model
 from megalatent.training.metrics import log
-from megalatent.training.trainer import StopRequest, Trainer
+from megalatent.training.trainer import StopRequest, Trainer, uses_bf16
 
 # Config fields that do not change parameter shapes: a checkpoint may be resumed with other values.
 _NON_ARCHITECTURAL = {"seq_length", "max_position_embeddings", "init_method_std"}
@@ -120,7 +120,8 @@ def build_model_parts(cfg: Config, layout: ParallelLayout, device: torch.device)
         if layout.tp_rank == 0 and layout.dp_rank == 0:
             print(f"[layout] pp rank {layout.pp_rank}: {plan.schedule}, stages {pipeline.stage_ids} with layers "
                   f"{[plan.stage_layers[s] for s in pipeline.stage_ids]}", flush=True)
-    return [parallelize(part, layout, cfg.parallel) for part in parts], pipeline
+    param_dtype = torch.bfloat16 if uses_bf16(cfg, device) else None
+    return [parallelize(part, layout, cfg.parallel, param_dtype) for part in parts], pipeline
 
 
 def run(argv: Optional[list[str]] = None) -> None:

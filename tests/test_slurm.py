@@ -159,6 +159,22 @@ def test_two_nodes_one_task_each(submit, cluster_nodes):
     assert info.get("NumNodes") == "2", f"NumNodes={info.get('NumNodes')}\n{job.tail()}"
 
 
+def test_tp2_dp2_on_two_nodes(submit, cluster_nodes):
+    """The parallel engine under SLURM: TP=2 inside each node (adjacent ranks), DP=2 across the nodes."""
+    if len(cluster_nodes) < 2:
+        msg = f"needs 2 nodes, the cluster has {cluster_nodes} (`bash launch/local_cluster.sh up 2`)"
+        if REQUIRE:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    iters = 20
+    job = submit("tp2dp2", ["--nodes=2", "--ntasks-per-node=2"],
+                 ["--train-iters", str(iters), "--tensor-model-parallel-size", "2", *TINY])
+    info = wait_done(job, FIRST_JOB_TIMEOUT)
+    assert_completed(job, info, iters)
+    assert "world 4 = pp 1 x dp 2 x cp 1 x tp 2 (slurm)" in job.text(), job.tail()
+    assert info.get("NumNodes") == "2", f"NumNodes={info.get('NumNodes')}\n{job.tail()}"
+
+
 def test_usr1_requeue_resumes_exactly(submit):
     """scancel --signal=USR1 --full: the trainer checkpoints, the batch shell requeues, the rerun resumes
     from the checkpoint, and the final loss equals that of an unsignalled run with the same arguments."""

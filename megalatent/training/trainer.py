@@ -43,6 +43,11 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Ten
     return (ce * loss_mask.flatten()).sum()
 
 
+def uses_bf16(cfg: Config, device: torch.device) -> bool:
+    """bf16 compute (autocast, and bf16 FSDP all-gathers) by default on a GPU, fp32 on CPU."""
+    return cfg.training.bf16 if cfg.training.bf16 is not None else device.type == "cuda"
+
+
 class StopRequest:
     """Set by SIGUSR1/SIGTERM (SLURM's pre-emption warnings); acted on at the next step boundary.
 
@@ -84,8 +89,8 @@ class Trainer:
         self.iteration = 0
         self.skipped = self.nan = 0
         self.is_logger = layout.rank == 0
-        bf16 = cfg.training.bf16 if cfg.training.bf16 is not None else device.type == "cuda"
-        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if uses_bf16(cfg, device)
+                         else contextlib.nullcontext)
         self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
         self.writer = MetricsWriter(cfg.logging.tensorboard_dir, cfg.logging.wandb_project,
                                     cfg.to_flat_dict()) if self.is_logger else None
@@ -239,6 +244,7 @@ class Trainer:
         t, log_cfg = self.cfg.training, self.cfg.logging
         tokens_per_step = t.global_batch_size * self.cfg.model.seq_length
         interval_time, interval_steps = 0.0, 0
+        first_step = True
         while self.iteration < t.train_iters:
             t0 = time.time()
             loss, grad_norm = self.train_step(self.train_loader.next_global_batch())
@@ -250,6 +256,9 @@ class Trainer:
             if self.is_logger:
                 self.writer.scalars({"lm-loss": loss, "grad-norm": grad_norm,
                                      "learning-rate": self.schedule(self.iteration - 1)}, self.iteration)
+            if first_step:
+                self._report_memory()
+                first_step = False
             if self.iteration % log_cfg.log_interval == 0 or self.iteration == t.train_iters:
                 self._log_iteration(loss, grad_norm, interval_time / interval_steps, tokens_per_step)
                 interval_time, interval_steps = 0.0, 0
@@ -270,6 +279,18 @@ class Trainer:
         if self.is_logger:
             log(f"training finished at iteration {self.iteration}")
             self.writer.close()
+
+    def _report_memory(self) -> None:
+        """Once, after the first step: every rank's peak memory, printed by rank 0 (the memory of
+        pipeline stages and shards differs between ranks, and the fullest rank is the one that OOMs)."""
+        peak = peak_memory_gb(self.device)
+        peaks = [peak] * self.layout.world_size
+        if self.layout.world_size > 1:
+            torch.distributed.all_gather_object(peaks, peak)
+        if self.is_logger:
+            kind = "GPU allocated" if self.device.type == "cuda" else "host RSS"
+            log(f"peak memory per rank after the first step (GB, {kind}): "
+                + ", ".join(f"{r}: {p:.2f}" for r, p in enumerate(peaks)))
 
     def _log_iteration(self, loss: float, grad_norm: float, sec_per_iter: float, tokens_per_step: int) -> None:
         if not self.is_logger:
