@@ -145,12 +145,16 @@ def test_one_node_two_tasks(submit):
     assert "1 node(s), 2 task(s)" in job.text(), job.tail()
 
 
-def test_two_nodes_one_task_each(submit, cluster_nodes):
+@pytest.fixture
+def two_nodes(cluster_nodes):
     if len(cluster_nodes) < 2:
         msg = f"needs 2 nodes, the cluster has {cluster_nodes} (`bash launch/local_cluster.sh up 2`)"
         if REQUIRE:
             pytest.fail(msg)
         pytest.skip(msg)
+
+
+def test_two_nodes_one_task_each(submit, two_nodes):
     iters = 20
     job = submit("n2x1", ["--nodes=2", "--ntasks-per-node=1"], ["--train-iters", str(iters), *TINY])
     info = wait_done(job, FIRST_JOB_TIMEOUT)
@@ -159,13 +163,8 @@ def test_two_nodes_one_task_each(submit, cluster_nodes):
     assert info.get("NumNodes") == "2", f"NumNodes={info.get('NumNodes')}\n{job.tail()}"
 
 
-def test_tp2_dp2_on_two_nodes(submit, cluster_nodes):
+def test_tp2_dp2_on_two_nodes(submit, two_nodes):
     """The parallel engine under SLURM: TP=2 inside each node (adjacent ranks), DP=2 across the nodes."""
-    if len(cluster_nodes) < 2:
-        msg = f"needs 2 nodes, the cluster has {cluster_nodes} (`bash launch/local_cluster.sh up 2`)"
-        if REQUIRE:
-            pytest.fail(msg)
-        pytest.skip(msg)
     iters = 20
     job = submit("tp2dp2", ["--nodes=2", "--ntasks-per-node=2"],
                  ["--train-iters", str(iters), "--tensor-model-parallel-size", "2", *TINY])
