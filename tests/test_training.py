@@ -163,3 +163,10 @@ def test_sigusr1_saves_and_exits_cleanly_then_resumes(corpus_cache, tmp_path):
     stopped = max(losses(out))
     assert stopped < 400
     assert ckpt.find_loadable(str(tmp_path / "s")) == ckpt.iteration_dir(str(tmp_path / "s"), stopped)
+
+
+def test_exit_duration_saves_and_stops(corpus_cache, tmp_path):
+    out = run_trainer(["--train-iters", "400", "--log-interval", "1", "--eval-interval", "0",
+                       "--exit-duration-in-mins", "0.0001", "--save", str(tmp_path / "t")], corpus_cache)
+    assert "stopping at iteration 1 on --exit-duration-in-mins: saving a checkpoint" in out.stdout
+    assert ckpt.find_loadable(str(tmp_path / "t")) == ckpt.iteration_dir(str(tmp_path / "t"), 1)
