@@ -51,6 +51,10 @@ class ModelConfig:
     rotary_base: float = _opt(10000.0, "RoPE base (theta)")
     untie_embeddings_and_output_weights: bool = _opt(False, "separate input embedding and output head weights")
     init_method_std: float = _opt(0.02, "standard deviation of the normal weight initialisation")
+    segment_lengths: Optional[list[int]] = _opt(
+        None, "LongNet: segment length w_i of each dilated-attention pattern, increasing", nargs="+")
+    dilated_ratios: Optional[list[int]] = _opt(
+        None, "LongNet: dilation r_i of each pattern (same count as --segment-lengths), non-decreasing", nargs="+")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -200,9 +204,12 @@ def _coerce(key: str, value: Any, tp) -> Any:
         return None
     base = _scalar_type(tp)
     if get_origin(tp) is list or list in [get_origin(a) for a in get_args(tp)]:
-        if isinstance(value, str):
-            value = value.split()
-        return [str(v) for v in value]
+        if isinstance(value, (str, int)):
+            value = str(value).split()
+        try:
+            return [base(v) for v in value]
+        except (TypeError, ValueError):
+            raise ConfigError([f"'{key}' must be a list of {base.__name__}, got {value!r}"]) from None
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -354,6 +361,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
     if m.model_family not in registry.MODEL_FAMILIES:
         e.append(f"--model-family {m.model_family!r} is unknown; choose one of {sorted(registry.MODEL_FAMILIES)}")
+    else:
+        e += registry.MODEL_FAMILIES[m.model_family].validate(cfg)
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "make_vocab_size_divisible_by"):
         if getattr(m, key) < 1:
             e.append(f"--{key.replace('_', '-')} must be >= 1, got {getattr(m, key)}")

@@ -27,7 +27,7 @@ from megalatent.training.metrics import log
 from megalatent.training.trainer import StopRequest, Trainer, uses_bf16
 
 # Config fields that do not change parameter shapes: a checkpoint may be resumed with other values.
-_NON_ARCHITECTURAL = {"seq_length", "max_position_embeddings", "init_method_std"}
+_NON_ARCHITECTURAL = {"seq_length", "max_position_embeddings", "init_method_std", "segment_lengths", "dilated_ratios"}
 
 
 def default_cache_dir() -> str:
@@ -81,9 +81,6 @@ def setup(argv: Optional[list[str]] = None) -> tuple[Config, DistEnv, ParallelLa
     elif cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError([f"--vocab-size {cfg.model.vocab_size} is smaller than the tokenizer's "
                            f"{tokenizer.vocab_size}; drop --vocab-size to use the tokenizer's"])
-    family_errors = MODEL_FAMILIES[cfg.model.model_family].validate(cfg.model)
-    if family_errors:
-        raise ConfigError(family_errors)
     return cfg, env, layout, tokenizer, prefixes, weights
 
 

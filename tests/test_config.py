@@ -210,3 +210,36 @@ def test_valid_pipelines_plan_their_stages():
                                             "--decoder-first-pipeline-num-layers", "1",
                                             "--decoder-last-pipeline-num-layers", "2"]), 3)
     assert uneven.stage_layers == [[0], [1, 2, 3, 4], [5, 6]]
+
+
+LONGNET = ["--model-family", "longnet"]
+LONGNET_RULES = [
+    (LONGNET, 1, "--model-family longnet needs --segment-lengths and --dilated-ratios"),
+    (LONGNET + ["--segment-lengths", "64", "128", "--dilated-ratios", "1"], 1,
+     "--segment-lengths has 2 values and --dilated-ratios 1"),
+    (LONGNET + ["--segment-lengths", "0", "128", "--dilated-ratios", "1", "2"], 1,
+     "--segment-lengths and --dilated-ratios must be >= 1"),
+    (LONGNET + ["--segment-lengths", "128", "64", "--dilated-ratios", "1", "2"], 1,
+     "LongNet's patterns are geometric"),
+    (LONGNET + ["--segment-lengths", "64", "128", "--dilated-ratios", "1", "2", "--context-parallel-size", "2"], 2,
+     "--model-family longnet does not support --context-parallel-size > 1 yet"),
+    (LONGNET + ["--segment-lengths", "64", "128", "--dilated-ratios", "1", "2", "--tensor-model-parallel-size",
+                "2"], 2, "--model-family longnet does not support --tensor-model-parallel-size > 1 yet"),
+    (["--segment-lengths", "64"], 1, "--segment-lengths/--dilated-ratios configure dilated attention"),
+]
+
+
+@pytest.mark.parametrize("argv,world,message", LONGNET_RULES, ids=[m[:40] for _, _, m in LONGNET_RULES])
+def test_longnet_rules(argv, world, message):
+    assert message in errors_of(argv, world=world)
+
+
+def test_yaml_lists_of_integers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model-family: longnet\nsegment-lengths: [64, 128]\ndilated-ratios: 1 2\n")
+    cfg = parse_args(["--config", str(path)])
+    assert cfg.model.segment_lengths == [64, 128] and cfg.model.dilated_ratios == [1, 2]
+    validate(cfg)
+    path.write_text("segment-lengths: [64, wide]\n")
+    with pytest.raises(ConfigError, match="'segment_lengths' must be a list of int"):
+        parse_args(["--config", str(path)])

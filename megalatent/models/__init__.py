@@ -1,3 +1,4 @@
 """Model families. Importing this package registers every family in `registry.MODEL_FAMILIES`."""
 from megalatent.models import registry  # noqa: F401
 from megalatent.models import decoder  # noqa: F401  (registers "gpt")
+from megalatent.models import longnet  # noqa: F401  (registers "longnet")

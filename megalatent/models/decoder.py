@@ -116,22 +116,34 @@ class Decoder(nn.Module):
             return x, position_ids
         return self.output(self.norm(x), None if self.output.weight is not None else self.embed_tokens.weight)
 
-def dense_decoder_flops_per_token(cfg: ModelConfig) -> float:
-    """Training FLOPs per token of the dense decoder (forward + backward = 3 x forward).
+def decoder_flops_per_token(cfg: ModelConfig, keys_per_query: float) -> float:
+    """Training FLOPs per token of a decoder (forward + backward = 3 x forward) whose attention lets a
+    query see `keys_per_query` keys on average.
 
     Forward counts 2 FLOPs per multiply-add of every matmul: per layer the q/k/v/o projections
-    (2*h*(2h + 2*kv_dim)), the MLP (2*h*ffn*(3 if SwiGLU else 2)) and the attention itself
-    (QK^T and AV: 2 * 2*s*h, halved because causal attention needs only the lower triangle, the
-    Megatron-LM convention), plus the output head (2*h*V). Embedding lookups, norms, softmax and
-    RoPE are not counted.
+    (2*h*(2h + 2*kv_dim)), the MLP (2*h*ffn*(3 if SwiGLU else 2)) and the attention itself (QK^T and
+    AV: 2 * 2*h per attended key), plus the output head (2*h*V). Embedding lookups, norms, softmax
+    and RoPE are not counted.
     """
-    h, s, L = cfg.hidden_size, cfg.seq_length, cfg.num_layers
+    h, L = cfg.hidden_size, cfg.num_layers
     kv_dim = cfg.kv_heads * cfg.head_dim
     proj = 2 * h * (2 * h + 2 * kv_dim)
     mlp = 2 * h * cfg.mlp_width * (3 if cfg.swiglu else 2)
-    attention = 2 * 2 * s * h / 2
+    attention = 2 * 2 * h * keys_per_query
     head = 2 * h * cfg.padded_vocab_size
     return 3.0 * (L * (proj + mlp + attention) + head)
 
 
-register(ModelFamily(name="gpt", build=lambda cfg: Decoder(cfg), flops_per_token=dense_decoder_flops_per_token))
+def dense_decoder_flops_per_token(cfg: ModelConfig) -> float:
+    """Causal dense attention: s/2 keys per query on average (Megatron-LM's halving for the mask)."""
+    return decoder_flops_per_token(cfg, cfg.seq_length / 2)
+
+
+def validate_dense(cfg) -> list[str]:
+    if cfg.model.segment_lengths or cfg.model.dilated_ratios:
+        return ["--segment-lengths/--dilated-ratios configure dilated attention: add --model-family longnet"]
+    return []
+
+
+register(ModelFamily(name="gpt", build=lambda cfg: Decoder(cfg), flops_per_token=dense_decoder_flops_per_token,
+                     validate=validate_dense))

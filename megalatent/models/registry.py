@@ -10,7 +10,7 @@ from typing import Callable
 
 from torch import nn
 
-from megalatent.config import ModelConfig
+from megalatent.config import Config, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -19,8 +19,8 @@ class ModelFamily:
     build: Callable[[ModelConfig], nn.Module]
     # Training FLOPs per token (forward + backward) at the configured sequence length.
     flops_per_token: Callable[[ModelConfig], float]
-    # Rules beyond the generic ones in config.validate; each returns an error message.
-    validate: Callable[[ModelConfig], list[str]] = field(default=lambda cfg: [])
+    # Rules beyond the generic ones in config.validate (which calls this): one message per broken rule.
+    validate: Callable[[Config], list[str]] = field(default=lambda cfg: [])
 
 
 MODEL_FAMILIES: dict[str, ModelFamily] = {}

@@ -1,0 +1,74 @@
+"""LongNet (arXiv 2307.02486): the baseline decoder with dilated attention in every layer.
+
+    --model-family longnet --segment-lengths 2048 4096 8192 16384 32768 --dilated-ratios 1 2 4 6 12
+
+Each layer's attention is the baseline's (projections, RoPE with global positions, GQA) with its core
+replaced by the mixture of dilated patterns (megalatent/nn/dilated.py). Training FLOPs count, per query
+and head, the keys of each pattern: about w_i / r_i^2 averaged over heads (a head sees 1/r_i of the
+queries, each with w_i / r_i keys), halved for the causal mask (paper Eq. 16).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+from megalatent.config import Config, ModelConfig
+from megalatent.models.decoder import BASELINE_SPEC, Decoder, LayerSpec, decoder_flops_per_token, default_attention
+from megalatent.models.registry import ModelFamily, register
+from megalatent.nn.dilated import dilated_attention
+
+
+class DilatedCore:
+    """The attention core of a LongNet layer: causal dilated attention over the configured patterns."""
+
+    def __init__(self, segment_lengths: list[int], dilated_ratios: list[int]):
+        self.segment_lengths, self.dilated_ratios = list(segment_lengths), list(dilated_ratios)
+
+    def __call__(self, q, k, v, positions):
+        return dilated_attention(q, k, v, self.segment_lengths, self.dilated_ratios, causal=True)
+
+    def __repr__(self) -> str:
+        return f"DilatedCore(w={self.segment_lengths}, r={self.dilated_ratios})"
+
+
+def dilated_self_attention(cfg: ModelConfig, layer: int):
+    attention = default_attention(cfg, layer)
+    attention.core_attention = DilatedCore(cfg.segment_lengths, cfg.dilated_ratios)
+    return attention
+
+
+def build(cfg: ModelConfig) -> Decoder:
+    return Decoder(cfg, LayerSpec(attention=dilated_self_attention, mlp=BASELINE_SPEC.mlp, norm=BASELINE_SPEC.norm))
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    s = cfg.seq_length
+    keys = sum(min(w, s) / r ** 2 for w, r in zip(cfg.segment_lengths, cfg.dilated_ratios)) / 2
+    return decoder_flops_per_token(cfg, keys)
+
+
+def validate(cfg: Config) -> list[str]:
+    m, p = cfg.model, cfg.parallel
+    w, r = m.segment_lengths, m.dilated_ratios
+    if not w or not r:
+        return ["--model-family longnet needs --segment-lengths and --dilated-ratios "
+                "(e.g. --segment-lengths 2048 4096 8192 --dilated-ratios 1 2 4)"]
+    e = []
+    if len(w) != len(r):
+        e.append(f"--segment-lengths has {len(w)} values and --dilated-ratios {len(r)}; give one ratio per length")
+    if any(x < 1 for x in w + r):
+        e.append("--segment-lengths and --dilated-ratios must be >= 1")
+    if any(b <= a for a, b in zip(w, w[1:])) or any(b < a for a, b in zip(r, r[1:])):
+        e.append(f"LongNet's patterns are geometric: --segment-lengths {w} must increase and --dilated-ratios "
+                 f"{r} must not decrease")
+    # Not yet: LongNet's own distributed algorithm (context parallelism) and heads split by TP, whose
+    # per-head offsets must follow the global head index.
+    if p.context_parallel_size > 1:
+        e.append("--model-family longnet does not support --context-parallel-size > 1 yet (its distributed "
+                 "dilated attention is not implemented); use context-parallel-size 1")
+    if p.tensor_model_parallel_size > 1:
+        e.append("--model-family longnet does not support --tensor-model-parallel-size > 1 yet (per-head "
+                 "dilation offsets must follow the global head index); use data or pipeline parallelism")
+    return e
+
+
+register(ModelFamily(name="longnet", build=build, flops_per_token=flops_per_token, validate=validate))

@@ -1,0 +1,109 @@
+"""LongNet's dilated attention against its definition (reference/models.md §1): one pattern with w = N,
+r = 1 is dense attention; a mixture is one softmax over the union of the patterns' keys counted with
+multiplicity — values and gradients, causal and not, lengths that are not multiples of w."""
+import math
+
+import pytest
+import torch
+
+from megalatent.nn.dilated import dilated_attention
+
+
+def union_multiplicity(n, h, segment_lengths, dilated_ratios, causal):
+    """count[j, p, q] = how many patterns let head j's query p see key q (the definition, by loops)."""
+    count = torch.zeros(h, n, n)
+    for w, r in zip(segment_lengths, dilated_ratios):
+        w = min(w, n)
+        for j in range(h):
+            s = j % r
+            for p in range(n):
+                for q in range(n):
+                    same_segment = p // w == q // w
+                    kept = (p % w) % r == s and (q % w) % r == s
+                    if same_segment and kept and (q <= p or not causal):
+                        count[j, p, q] += 1
+    return count
+
+
+def reference(q, k, v, count):
+    """Dense attention with weights exp(score) x multiplicity; queries no pattern covers give 0."""
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    scores = scores + torch.log(count)  # log 0 = -inf removes a key
+    covered = count.sum(-1) > 0
+    probs = torch.softmax(scores.masked_fill(~covered[..., None], 0.0), dim=-1) * covered[..., None]
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
+def run_both(n, h, segment_lengths, dilated_ratios, causal, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, h, n, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    out = dilated_attention(q.float(), k.float(), v.float(), segment_lengths, dilated_ratios, causal)
+    ref = reference(q, k, v, union_multiplicity(n, h, segment_lengths, dilated_ratios, causal))
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out.double(), (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_one_pattern_w_n_r_1_is_dense_attention(causal):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 3, 20, 8, generator=g).requires_grad_() for _ in range(3))
+    out = dilated_attention(q, k, v, [20], [1], causal)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    g1 = torch.autograd.grad(out.sum(), (q, k, v))
+    g2 = torch.autograd.grad(dense.sum(), (q, k, v))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,h,segments,ratios", [
+    (16, 2, [4, 8, 16], [1, 2, 4]),   # the paper's geometric shape, lengths multiples of w
+    (23, 3, [4, 8, 16], [1, 2, 4]),   # a length that is a multiple of no w: padding
+    (19, 4, [6, 12, 32], [1, 3, 6]),  # w not a multiple of r, w longer than the sequence
+    (17, 5, [5, 10], [2, 3]),         # no r = 1 pattern: some (query, head) pairs are not covered
+])
+def test_mixture_is_one_softmax_over_the_union_with_multiplicity(n, h, segments, ratios, causal):
+    run_both(n, h, segments, ratios, causal)
+
+
+def test_grouped_query_heads_are_shared():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 12, 8, generator=g)
+    k, v = torch.randn(1, 2, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g)
+    out = dilated_attention(q, k, v, [4, 12], [1, 2])
+    full = dilated_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), [4, 12], [1, 2])
+    torch.testing.assert_close(out, full)
+
+
+def test_longnet_with_one_full_pattern_is_the_dense_decoder():
+    from megalatent.config import ModelConfig
+    from megalatent.models.registry import build_model
+    shape = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=100, seq_length=16,
+                 make_vocab_size_divisible_by=64)
+    torch.manual_seed(0)
+    dense = build_model(ModelConfig(model_family="gpt", **shape))
+    longnet = build_model(ModelConfig(model_family="longnet", segment_lengths=[16], dilated_ratios=[1], **shape))
+    longnet.load_state_dict(dense.state_dict())
+    tokens = torch.randint(0, 100, (2, 16))
+    torch.testing.assert_close(longnet(tokens), dense(tokens), atol=1e-5, rtol=1e-5)
+    # and with real dilation it is a different (sparser) model that is still causal
+    sparse = build_model(ModelConfig(model_family="longnet", segment_lengths=[4, 8, 16], dilated_ratios=[1, 2, 4],
+                                     **shape))
+    sparse.load_state_dict(dense.state_dict())
+    changed = tokens.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % 100
+    torch.testing.assert_close(sparse(changed)[:, :9], sparse(tokens)[:, :9])
+    assert not torch.allclose(sparse(tokens), dense(tokens))
+
+
+def test_tiny_longnet_trains(corpus_cache):
+    from conftest import losses, run_trainer
+    out = run_trainer(["--config", "examples/tiny/longnet.yaml", "--train-iters", "20", "--log-interval", "5",
+                       "--eval-interval", "0"], corpus_cache)
+    curve = {i: float(v) for i, v in losses(out.stdout).items()}
+    assert curve[20] < curve[5] - 1.0, curve
