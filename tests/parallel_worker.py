@@ -41,7 +41,12 @@ def samples(n, seed):
 def flags(layout: dict) -> list[str]:
     argv = []
     for k, v in layout.items():
-        argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+        if v is True:
+            argv += [f"--{k}"]
+        elif isinstance(v, list):
+            argv += [f"--{k}"] + [str(x) for x in v]
+        else:
+            argv += [f"--{k}", str(v)]
     return argv
 
 

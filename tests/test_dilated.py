@@ -107,3 +107,57 @@ def test_tiny_longnet_trains(corpus_cache):
                        "--eval-interval", "0"], corpus_cache)
     curve = {i: float(v) for i, v in losses(out.stdout).items()}
     assert curve[20] < curve[5] - 1.0, curve
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_distributed_dilated_attention_equals_single_process(tmp_path, ranks):
+    """Every rank (rank 0 and the last included) gets the single-device values and gradients."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    out = tmp_path / "errors.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                           os.path.join(REPO, "tests", "dilated_worker.py"), str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    errors = json.loads(out.read_text())
+    assert {e["rank"] for e in errors} == set(range(ranks))
+    for e in errors:
+        assert e["out"] < 1e-5, e
+        assert max(e["grads"]) < 1e-4, e
+    # Patterns longer than a rank's share were gathered, from the segment's ranks only, in the amount
+    # the communication formula states.
+    from megalatent.nn.dilated import received_rows
+    assert any(e["gathered_rows"] > 0 for e in errors)
+    for e in errors:
+        assert e["gathered_rows"] == received_rows(e["segments"], e["ratios"], e["local"], ranks), e
+
+
+LONGNET = {"model-family": "longnet", "segment-lengths": [4, 8, 16], "dilated-ratios": [1, 2, 4]}
+
+
+def test_longnet_training_with_context_parallelism_equals_one_device(tmp_path):
+    """C = 2 and C = 2 x DP = 2 give the single-device losses, gradients and weights (tests/parallel_worker.py)."""
+    from test_parallel import assert_equivalent, run_worker
+    reference = run_worker(tmp_path, 1, [LONGNET], "longnet-ref")[0]
+    for nproc, extra in [(2, {}), (4, {"data-parallel-sharding-strategy": "optim"})]:
+        layout = {**LONGNET, "context-parallel-size": 2, **extra}
+        result = run_worker(tmp_path, nproc, [layout], f"longnet-{nproc}")[0]
+        assert_equivalent(result, reference, f"longnet {nproc} ranks {layout}")
+
+
+def test_communication_per_rank_does_not_grow_with_the_sequence():
+    """LongNet §3.1: with w_i / r_i constant, what a rank receives is the same at 64K and at 1M tokens."""
+    from megalatent.nn.dilated import received_rows
+    w = [2048, 4096, 8192, 16384, 32768]
+    r = [1, 2, 4, 8, 16]
+    local = 2048
+    volumes = [received_rows(w, r, local, cp=n // local) for n in (65536, 131072, 262144, 1048576)]
+    assert len(set(volumes)) == 1 and volumes[0] > 0
+    assert volumes[0] <= sum(wi // ri for wi, ri in zip(w, r))
+    # the paper's schedule (r = 1 2 4 6 12) stays within a constant bound too
+    paper = [received_rows(w, [1, 2, 4, 6, 12], local, cp=n // local) for n in (65536, 1048576)]
+    assert paper[0] == paper[1]
+

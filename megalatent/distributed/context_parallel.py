@@ -19,8 +19,11 @@ from torch import nn
 from megalatent.nn.rotary import Positions
 
 
-def zigzag_shard(t: torch.Tensor, cp_rank: int, cp: int, dim: int = 1) -> torch.Tensor:
-    """This rank's tokens of a full-sequence tensor: chunks cp_rank and 2*cp-1-cp_rank along `dim`."""
+def shard_sequence(t: torch.Tensor, cp_rank: int, cp: int, split: str, dim: int = 1) -> torch.Tensor:
+    """This rank's tokens of a full-sequence tensor: "zigzag" takes chunks cp_rank and 2*cp-1-cp_rank of
+    2*cp; "contiguous" takes chunk cp_rank of cp."""
+    if split == "contiguous":
+        return t.chunk(cp, dim=dim)[cp_rank].contiguous()
     chunks = t.chunk(2 * cp, dim=dim)
     return torch.cat([chunks[cp_rank], chunks[2 * cp - 1 - cp_rank]], dim=dim).contiguous()
 
@@ -66,7 +69,17 @@ class ContextParallelAttention:
                                               enable_gqa=q.shape[1] != k.shape[1])
 
 
-def apply_context_parallel(model: nn.Module, cp_group) -> None:
-    core = ContextParallelAttention(cp_group)
+def apply_context_parallel(model: nn.Module, cp_group, local_length: int) -> None:
+    """Give every layer's attention its context-parallel core: the core's own distributed form when it
+    has one (LongNet's dilated attention), else dense attention over all-gathered K/V."""
+    replaced: dict[int, object] = {}  # one distributed core per distinct core (they create process groups)
     for layer in model.layers.values():
-        layer.attention.core_attention = core
+        core = layer.attention.core_attention
+        if id(core) not in replaced:
+            replaced[id(core)] = (core.distributed(cp_group, local_length) if hasattr(core, "distributed")
+                                  else ContextParallelAttention(cp_group))
+        layer.attention.core_attention = replaced[id(core)]
+    for core in replaced.values():
+        if hasattr(core, "expected_rows") and torch.distributed.get_rank() == 0:
+            print(f"[context parallel] dilated attention: each rank receives {core.expected_rows} K/V rows per "
+                  f"head, sequence and layer ({local_length} local tokens)", flush=True)

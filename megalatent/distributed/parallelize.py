@@ -57,7 +57,7 @@ def parallelize(model: nn.Module, layout: ParallelLayout, cfg: ParallelConfig,
     if layout.tp > 1:
         apply_tensor_parallel(model, layout.mesh["tp"], cfg.sequence_parallel)
     if layout.cp > 1:
-        apply_context_parallel(model, layout.group("cp"))
+        apply_context_parallel(model, layout.group("cp"), model.cfg.seq_length // layout.cp)
     if cfg.recompute_granularity is not None:
         apply_recompute(model, cfg.recompute_granularity)
     if layout.dp * layout.cp > 1:

@@ -9,12 +9,10 @@ queries, each with w_i / r_i keys), halved for the causal mask (paper Eq. 16).
 """
 from __future__ import annotations
 
-from functools import partial
-
 from megalatent.config import Config, ModelConfig
 from megalatent.models.decoder import BASELINE_SPEC, Decoder, LayerSpec, decoder_flops_per_token, default_attention
 from megalatent.models.registry import ModelFamily, register
-from megalatent.nn.dilated import dilated_attention
+from megalatent.nn.dilated import DistributedDilatedAttention, dilated_attention
 
 
 class DilatedCore:
@@ -26,18 +24,23 @@ class DilatedCore:
     def __call__(self, q, k, v, positions):
         return dilated_attention(q, k, v, self.segment_lengths, self.dilated_ratios, causal=True)
 
+    def distributed(self, cp_group, local_length: int) -> DistributedDilatedAttention:
+        """The same attention for a sequence split contiguously over `cp_group` (LongNet §3.1)."""
+        return DistributedDilatedAttention(self.segment_lengths, self.dilated_ratios, cp_group, local_length)
+
     def __repr__(self) -> str:
         return f"DilatedCore(w={self.segment_lengths}, r={self.dilated_ratios})"
 
 
-def dilated_self_attention(cfg: ModelConfig, layer: int):
-    attention = default_attention(cfg, layer)
-    attention.core_attention = DilatedCore(cfg.segment_lengths, cfg.dilated_ratios)
-    return attention
-
-
 def build(cfg: ModelConfig) -> Decoder:
-    return Decoder(cfg, LayerSpec(attention=dilated_self_attention, mlp=BASELINE_SPEC.mlp, norm=BASELINE_SPEC.norm))
+    core = DilatedCore(cfg.segment_lengths, cfg.dilated_ratios)  # stateless: one for every layer
+
+    def attention(cfg: ModelConfig, layer: int):
+        module = default_attention(cfg, layer)
+        module.core_attention = core
+        return module
+
+    return Decoder(cfg, LayerSpec(attention=attention, mlp=BASELINE_SPEC.mlp, norm=BASELINE_SPEC.norm))
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
@@ -60,15 +63,20 @@ def validate(cfg: Config) -> list[str]:
     if any(b <= a for a, b in zip(w, w[1:])) or any(b < a for a, b in zip(r, r[1:])):
         e.append(f"LongNet's patterns are geometric: --segment-lengths {w} must increase and --dilated-ratios "
                  f"{r} must not decrease")
-    # Not yet: LongNet's own distributed algorithm (context parallelism) and heads split by TP, whose
-    # per-head offsets must follow the global head index.
-    if p.context_parallel_size > 1:
-        e.append("--model-family longnet does not support --context-parallel-size > 1 yet (its distributed "
-                 "dilated attention is not implemented); use context-parallel-size 1")
+    cp = p.context_parallel_size
+    if cp > 1 and m.seq_length % cp == 0 and not e:
+        local = m.seq_length // cp
+        for x in w:
+            x = min(x, m.seq_length)
+            if (x <= local and local % x) or (x > local and x % local):
+                e.append(f"--context-parallel-size {cp}: each rank holds {local} tokens; a segment length must "
+                         f"divide that or be a multiple of it (segments must not straddle ranks), got {x}")
+    # Not yet: heads split by TP, whose per-head dilation offsets must follow the global head index.
     if p.tensor_model_parallel_size > 1:
         e.append("--model-family longnet does not support --tensor-model-parallel-size > 1 yet (per-head "
                  "dilation offsets must follow the global head index); use data or pipeline parallelism")
     return e
 
 
-register(ModelFamily(name="longnet", build=build, flops_per_token=flops_per_token, validate=validate))
+register(ModelFamily(name="longnet", build=build, flops_per_token=flops_per_token, validate=validate,
+                     context_parallel_split="contiguous"))

@@ -21,6 +21,9 @@ class ModelFamily:
     flops_per_token: Callable[[ModelConfig], float]
     # Rules beyond the generic ones in config.validate (which calls this): one message per broken rule.
     validate: Callable[[Config], list[str]] = field(default=lambda cfg: [])
+    # How context parallelism splits a sequence: "zigzag" (chunks r and 2C-1-r, balanced causal work for
+    # dense attention) or "contiguous" (LongNet: segments stay on consecutive ranks).
+    context_parallel_split: str = "zigzag"
 
 
 MODEL_FAMILIES: dict[str, ModelFamily] = {}

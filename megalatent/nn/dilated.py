@@ -96,3 +96,115 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     parts = [attention_pattern(q, k, v, w, r, causal) for w, r in zip(segment_lengths, dilated_ratios)]
     return merge_by_lse([o for o, _ in parts], [lse for _, lse in parts])
+
+
+def received_rows(segment_lengths: list[int], dilated_ratios: list[int], local: int, cp: int) -> int:
+    """K/V rows (per head and sequence) one rank receives per layer under the distributed algorithm:
+    (g - 1) * ceil(local / r) for each pattern spanning g > 1 ranks — bounded by w / r, so it does not
+    grow with the sequence length once that exceeds the largest segment."""
+    total = 0
+    for w, r in zip(segment_lengths, dilated_ratios):
+        g = max(1, min(w, local * cp) // local)
+        total += (g - 1) * math.ceil(local / r)
+    return total
+
+
+_SUBGROUPS: dict[tuple[int, ...], object] = {}
+
+
+def _subgroup(ranks: tuple[int, ...]):
+    """One process group per set of ranks for the whole process: a second group over the same ranks
+    would share its rendezvous keys with the first."""
+    import torch.distributed as dist
+    if ranks not in _SUBGROUPS:
+        _SUBGROUPS[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
+    return _SUBGROUPS[ranks]
+
+
+class DistributedDilatedAttention:
+    """LongNet's distributed algorithm (§3.1) for a sequence split contiguously over the cp ranks.
+
+    Local length l = N / C. A pattern with w <= l lives inside each rank (segments never cross a rank
+    boundary because l % w == 0) and runs locally. A pattern with w > l spans g = w / l ranks: each rank
+    keeps its own rows of the pattern (global position mod r, per head), all-gathers only those sparse
+    K/V rows among the g ranks of its segment, and attends with its local sparse queries, masked by
+    global position (causal) — so every rank, rank 0 and its own keys included, sees exactly the keys
+    the single-device pattern gives it. The all-gather's backward is a reduce-scatter. Traffic per rank
+    and pattern: (g - 1) * l / r rows of K and V, about w / r — independent of N for the paper's
+    geometric schedules (w_i / r_i is nearly constant).
+    """
+
+    def __init__(self, segment_lengths: list[int], dilated_ratios: list[int], cp_group, local_length: int,
+                 causal: bool = True):
+        import torch.distributed as dist
+        self.segment_lengths, self.dilated_ratios, self.causal = segment_lengths, dilated_ratios, causal
+        self.local = local_length
+        self.cp = dist.get_world_size(cp_group)
+        self.cp_rank = dist.get_rank(cp_group)
+        ranks = dist.get_process_group_ranks(cp_group)
+        for w in segment_lengths:
+            w = min(w, local_length * self.cp)
+            if (w <= local_length and local_length % w) or (w > local_length and w % local_length):
+                raise ValueError(f"segment length {w} straddles context-parallel ranks of {local_length} tokens: "
+                                 "it must divide that or be a multiple of it")
+        # The g consecutive cp ranks that hold this rank's segment, for each span g > 1 in use. Only the
+        # members create (and synchronise on) a group, so other cp groups of the job need not take part.
+        self._groups: dict[int, object] = {}
+        for g in sorted({self._ranks_per_segment(w) for w in segment_lengths} - {1}):
+            first = self.cp_rank // g * g
+            self._groups[g] = _subgroup(tuple(ranks[first:first + g]))
+        self.gathered_rows = 0  # K/V rows received by this rank in the last forward (for logs and tests)
+        self.expected_rows = received_rows(segment_lengths, dilated_ratios, local_length, self.cp)
+
+    def _ranks_per_segment(self, w: int) -> int:
+        return max(1, min(w, self.local * self.cp) // self.local)
+
+    def __call__(self, q, k, v, positions):
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        local = q.shape[2]
+        assert local == self.local, f"expected {self.local} tokens per context-parallel rank, got {local}"
+        self.gathered_rows = 0
+        parts = []
+        for w, r in zip(self.segment_lengths, self.dilated_ratios):
+            g = self._ranks_per_segment(w)
+            if g == 1:
+                parts.append(attention_pattern(q, k, v, w, r, self.causal))
+            else:
+                parts.append(self._spanning_pattern(q, k, v, min(w, local * self.cp), r, g))
+        return merge_by_lse([o for o, _ in parts], [lse for _, lse in parts])
+
+    def _spanning_pattern(self, q, k, v, w: int, r: int, g: int):
+        from megalatent.distributed.context_parallel import all_gather_sequence
+        b, h, local, d = q.shape
+        start = self.cp_rank * local
+        pos = torch.arange(start, start + local, device=q.device)
+        keep = ((pos % w) % r).unsqueeze(0) == (torch.arange(h, device=q.device) % r).unsqueeze(1)  # [h, l]
+        rows = math.ceil(local / r)
+        # Indices of each head's kept rows, padded to `rows` with an invalid marker (position -1).
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :rows]  # kept rows first
+        valid = torch.take_along_dim(keep, order, dim=1)
+        q_pos = torch.where(valid, pos[order], torch.full_like(order, -1))  # [h, rows]
+        index = order.view(1, h, rows, 1).expand(b, h, rows, d)
+        qs, ks, vs = (torch.take_along_dim(x.float(), index, dim=2) for x in (q, k, v))
+        group = self._groups[g]
+        # K and V travel in one collective (and their gradients in one reduce-scatter).
+        k_all, v_all = all_gather_sequence(torch.stack([ks, vs]), group, dim=3)  # each [b, h, g*rows, d]
+        k_pos = all_gather_sequence(q_pos.unsqueeze(0), group, dim=2)[0]  # [h, g*rows]
+        self.gathered_rows += (g - 1) * rows
+        scores = torch.einsum("bhqd,bhkd->bhqk", qs, k_all) / math.sqrt(d)
+        visible = (k_pos >= 0).unsqueeze(1) & (q_pos >= 0).unsqueeze(2)  # [h, rows, g*rows]
+        if self.causal:
+            visible = visible & (k_pos.unsqueeze(1) <= q_pos.unsqueeze(2))
+        scores = scores.masked_fill(~visible, NOT_COVERED)
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - lse.unsqueeze(-1)), v_all)
+        has_keys = visible.any(-1)
+        lse = torch.where(has_keys, lse, torch.full_like(lse, NOT_COVERED))
+        out = torch.where(has_keys.unsqueeze(-1), out, torch.zeros_like(out))
+        # Back to local positions; the padded (invalid) rows go to a spare slot that is cut off.
+        target = torch.where(valid, order, torch.full_like(order, local)).view(1, h, rows, 1)
+        full_out = out.new_zeros(b, h, local + 1, d).scatter(2, target.expand(b, h, rows, d), out)
+        full_lse = lse.new_full((b, h, local + 1), NOT_COVERED).scatter(2, target[..., 0].expand(b, h, rows), lse)
+        return full_out[:, :, :local].to(q.dtype), full_lse[:, :, :local]

@@ -23,9 +23,10 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from megalatent.config import Config
 from megalatent.distributed import checkpoint as ckpt
-from megalatent.distributed.context_parallel import zigzag_shard
+from megalatent.distributed.context_parallel import shard_sequence
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.pipeline import Pipeline, unpack_targets
+from megalatent.models.registry import MODEL_FAMILIES
 from megalatent.training.metrics import MetricsWriter, device_peak_tflops, iteration_line, log, peak_memory_gb
 from megalatent.training.optim import build_optimizer, clip_grad_norm
 from megalatent.training.schedules import LRSchedule
@@ -177,7 +178,8 @@ class Trainer:
         """This rank's share of each micro-batch: its sequence chunks under context parallelism."""
         if self.layout.cp == 1:
             return micro_batches
-        return [{k: zigzag_shard(v, self.layout.cp_rank, self.layout.cp) for k, v in mb.items()}
+        split = MODEL_FAMILIES[self.cfg.model.model_family].context_parallel_split
+        return [{k: shard_sequence(v, self.layout.cp_rank, self.layout.cp, split) for k, v in mb.items()}
                 for mb in micro_batches]
 
     def _global_tokens(self, micro_batches) -> torch.Tensor:

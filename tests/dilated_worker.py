@@ -1,0 +1,50 @@
+"""Worker for tests/test_dilated.py: LongNet's distributed dilated attention on every rank of a gloo job
+against the single-process module, causal and not, values and gradients; writes per-rank errors."""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megalatent.nn.dilated import DistributedDilatedAttention, dilated_attention
+
+
+def main():
+    out_path = sys.argv[1]
+    dist.init_process_group("gloo")
+    rank, cp = dist.get_rank(), dist.get_world_size()
+    n, heads, d = 96, 6, 8
+    cases = [([12, 24, 48, 96], [1, 2, 3, 6]), ([8, 24, 200], [1, 4, 5]), ([24, 48], [2, 3])]
+    errors = []
+    for segments, ratios in cases:
+        for causal in (True, False):
+            g = torch.Generator().manual_seed(len(errors))
+            q = torch.randn(2, heads, n, d, generator=g, requires_grad=True)
+            k, v = (torch.randn(2, heads // 2, n, d, generator=g, requires_grad=True) for _ in range(2))  # GQA
+            weight = torch.randn(2, heads, n, d, generator=g)
+            ref = dilated_attention(q, k, v, segments, ratios, causal)
+            ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+            local = n // cp
+            mine = slice(rank * local, (rank + 1) * local)
+            ql, kl, vl = (x.detach()[:, :, mine].clone().requires_grad_() for x in (q, k, v))
+            core = DistributedDilatedAttention(segments, ratios, dist.group.WORLD, local, causal)
+            out = core(ql, kl, vl, None)
+            grads = torch.autograd.grad((out * weight[:, :, mine]).sum(), (ql, kl, vl))
+            errors.append({"case": f"{segments}/{ratios} causal={causal}", "rank": rank, "local": local,
+                           "segments": segments, "ratios": ratios,
+                           "out": (out - ref[:, :, mine]).abs().max().item(),
+                           "grads": [(a - b[:, :, mine]).abs().max().item() for a, b in zip(grads, ref_grads)],
+                           "gathered_rows": core.gathered_rows})
+    gathered = [None] * cp
+    dist.all_gather_object(gathered, errors)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump([e for per_rank in gathered for e in per_rank], f)
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
