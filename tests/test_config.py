@@ -224,8 +224,6 @@ LONGNET_RULES = [
     (LONGNET + ["--segment-lengths", "48", "128", "--dilated-ratios", "1", "2", "--context-parallel-size", "2",
                 "--seq-length", "256"], 2,
      "--context-parallel-size 2: each rank holds 128 tokens; a segment length must divide that or be a multiple"),
-    (LONGNET + ["--segment-lengths", "64", "128", "--dilated-ratios", "1", "2", "--tensor-model-parallel-size",
-                "2"], 2, "--model-family longnet does not support --tensor-model-parallel-size > 1 yet"),
     (["--segment-lengths", "64"], 1, "--segment-lengths/--dilated-ratios configure dilated attention"),
 ]
 

@@ -139,10 +139,13 @@ LONGNET = {"model-family": "longnet", "segment-lengths": [4, 8, 16], "dilated-ra
 
 
 def test_longnet_training_with_context_parallelism_equals_one_device(tmp_path):
-    """C = 2 and C = 2 x DP = 2 give the single-device losses, gradients and weights (tests/parallel_worker.py)."""
+    """C = 2, C = 2 x DP = 2, TP = 2 and C = 2 x TP = 2 + SP give the single-device losses, gradients and
+    weights (tests/parallel_worker.py)."""
     from test_parallel import assert_equivalent, run_worker
     reference = run_worker(tmp_path, 1, [LONGNET], "longnet-ref")[0]
-    for nproc, extra in [(2, {}), (4, {"data-parallel-sharding-strategy": "optim"})]:
+    for nproc, extra in [(2, {}), (4, {"data-parallel-sharding-strategy": "optim"}),
+                         (2, {"context-parallel-size": 1, "tensor-model-parallel-size": 2}),
+                         (4, {"tensor-model-parallel-size": 2, "sequence-parallel": True})]:
         layout = {**LONGNET, "context-parallel-size": 2, **extra}
         result = run_worker(tmp_path, nproc, [layout], f"longnet-{nproc}")[0]
         assert_equivalent(result, reference, f"longnet {nproc} ranks {layout}")

@@ -58,6 +58,15 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     parallelize_module(model, tp_mesh, decoder_plan(model, sequence_parallel))
+    # An attention core whose per-head behaviour depends on the head index (LongNet's dilation offsets)
+    # learns which global heads this rank holds.
+    first_head = tp_mesh.get_local_rank() * (model.cfg.num_attention_heads // tp_mesh.size())
+    replaced: dict[int, object] = {}  # layers sharing a core keep sharing it
+    for layer in model.layers.values():
+        core = layer.attention.core_attention
+        if hasattr(core, "tensor_parallel"):
+            replaced.setdefault(id(core), core.tensor_parallel(first_head))
+            layer.attention.core_attention = replaced[id(core)]
     head = model.output
     if head is not None and head.weight is not None:  # untied head: shard its rows (the vocabulary) like the embedding's
         head.weight = nn.Parameter(distribute_tensor(head.weight.data, tp_mesh, [Shard(0)]))

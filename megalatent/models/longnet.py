@@ -16,17 +16,24 @@ from megalatent.nn.dilated import DistributedDilatedAttention, dilated_attention
 
 
 class DilatedCore:
-    """The attention core of a LongNet layer: causal dilated attention over the configured patterns."""
+    """The attention core of a LongNet layer: causal dilated attention over the configured patterns.
+    `first_head` is the global index of the first head this rank holds (non-zero under TP)."""
 
-    def __init__(self, segment_lengths: list[int], dilated_ratios: list[int]):
+    def __init__(self, segment_lengths: list[int], dilated_ratios: list[int], first_head: int = 0):
         self.segment_lengths, self.dilated_ratios = list(segment_lengths), list(dilated_ratios)
+        self.first_head = first_head
 
     def __call__(self, q, k, v, positions):
-        return dilated_attention(q, k, v, self.segment_lengths, self.dilated_ratios, causal=True)
+        return dilated_attention(q, k, v, self.segment_lengths, self.dilated_ratios, True, self.first_head)
+
+    def tensor_parallel(self, first_head: int) -> "DilatedCore":
+        """The core for a rank holding the heads from `first_head` on: dilation offsets follow global heads."""
+        return DilatedCore(self.segment_lengths, self.dilated_ratios, first_head)
 
     def distributed(self, cp_group, local_length: int) -> DistributedDilatedAttention:
         """The same attention for a sequence split contiguously over `cp_group` (LongNet §3.1)."""
-        return DistributedDilatedAttention(self.segment_lengths, self.dilated_ratios, cp_group, local_length)
+        return DistributedDilatedAttention(self.segment_lengths, self.dilated_ratios, cp_group, local_length,
+                                           causal=True, first_head=self.first_head)
 
     def __repr__(self) -> str:
         return f"DilatedCore(w={self.segment_lengths}, r={self.dilated_ratios})"
@@ -71,10 +78,6 @@ def validate(cfg: Config) -> list[str]:
             if (x <= local and local % x) or (x > local and x % local):
                 e.append(f"--context-parallel-size {cp}: each rank holds {local} tokens; a segment length must "
                          f"divide that or be a multiple of it (segments must not straddle ranks), got {x}")
-    # Not yet: heads split by TP, whose per-head dilation offsets must follow the global head index.
-    if p.tensor_model_parallel_size > 1:
-        e.append("--model-family longnet does not support --tensor-model-parallel-size > 1 yet (per-head "
-                 "dilation offsets must follow the global head index); use data or pipeline parallelism")
     return e
 
 

@@ -29,12 +29,12 @@ NOT_COVERED = -1e30
 class _Sparsifier:
     """The gather of one (w, r) pattern for a sequence of length n and h heads, and its inverse."""
 
-    def __init__(self, n: int, h: int, w: int, r: int, device: torch.device):
+    def __init__(self, n: int, h: int, w: int, r: int, device: torch.device, first_head: int = 0):
         self.n, self.h, self.r = n, h, r
         self.w = min(w, n)
         self.segments = math.ceil(n / self.w)
         self.rows = math.ceil(self.w / r)  # kept rows per segment and head
-        self.offset = (torch.arange(h, device=device) % r).view(1, h, 1, 1, 1, 1)
+        self.offset = (torch.arange(first_head, first_head + h, device=device) % r).view(1, h, 1, 1, 1, 1)
 
     def _blocks(self, x: torch.Tensor, fill: float) -> torch.Tensor:
         """[b, h, n, d] -> [b, h, segments, rows, r, d], padded with `fill`."""
@@ -61,11 +61,12 @@ class _Sparsifier:
 
 
 def attention_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, r: int,
-                      causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One (w, r) pattern on [b, h, n, d] (K/V with as many heads as Q).
+                      causal: bool, first_head: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (w, r) pattern on [b, h, n, d] (K/V with as many heads as Q). `first_head` is the global index
+    of head 0 (tensor parallelism holds a slice of the heads; offsets follow the global index).
     Returns (out [b, h, n, d], lse [b, h, n]); rows the pattern does not cover: 0 and NOT_COVERED."""
     b, h, n, d = q.shape
-    sp = _Sparsifier(n, h, w, r, q.device)
+    sp = _Sparsifier(n, h, w, r, q.device, first_head)
     positions = torch.arange(n, device=q.device, dtype=torch.float32).view(1, 1, n, 1).expand(1, h, n, 1)
     pos = sp.gather(positions, fill=-1.0)[..., 0]  # [1, h, segments, rows]; -1 marks padding
     qs, ks, vs = sp.gather(q.float()), sp.gather(k.float()), sp.gather(v.float())
@@ -89,12 +90,12 @@ def merge_by_lse(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch
 
 
 def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: list[int],
-                      dilated_ratios: list[int], causal: bool = True) -> torch.Tensor:
+                      dilated_ratios: list[int], causal: bool = True, first_head: int = 0) -> torch.Tensor:
     """The mixture of (w_i, r_i) patterns on [b, h, n, d]; K/V may have fewer heads (GQA)."""
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    parts = [attention_pattern(q, k, v, w, r, causal) for w, r in zip(segment_lengths, dilated_ratios)]
+    parts = [attention_pattern(q, k, v, w, r, causal, first_head) for w, r in zip(segment_lengths, dilated_ratios)]
     return merge_by_lse([o for o, _ in parts], [lse for _, lse in parts])
 
 
@@ -135,9 +136,10 @@ class DistributedDilatedAttention:
     """
 
     def __init__(self, segment_lengths: list[int], dilated_ratios: list[int], cp_group, local_length: int,
-                 causal: bool = True):
+                 causal: bool = True, first_head: int = 0):
         import torch.distributed as dist
         self.segment_lengths, self.dilated_ratios, self.causal = segment_lengths, dilated_ratios, causal
+        self.first_head = first_head
         self.local = local_length
         self.cp = dist.get_world_size(cp_group)
         self.cp_rank = dist.get_rank(cp_group)
@@ -170,7 +172,7 @@ class DistributedDilatedAttention:
         for w, r in zip(self.segment_lengths, self.dilated_ratios):
             g = self._ranks_per_segment(w)
             if g == 1:
-                parts.append(attention_pattern(q, k, v, w, r, self.causal))
+                parts.append(attention_pattern(q, k, v, w, r, self.causal, self.first_head))
             else:
                 parts.append(self._spanning_pattern(q, k, v, min(w, local * self.cp), r, g))
         return merge_by_lse([o for o, _ in parts], [lse for _, lse in parts])
@@ -180,7 +182,8 @@ class DistributedDilatedAttention:
         b, h, local, d = q.shape
         start = self.cp_rank * local
         pos = torch.arange(start, start + local, device=q.device)
-        keep = ((pos % w) % r).unsqueeze(0) == (torch.arange(h, device=q.device) % r).unsqueeze(1)  # [h, l]
+        heads = torch.arange(self.first_head, self.first_head + h, device=q.device)
+        keep = ((pos % w) % r).unsqueeze(0) == (heads % r).unsqueeze(1)  # [h, l]
         rows = math.ceil(local / r)
         # Indices of each head's kept rows, padded to `rows` with an invalid marker (position -1).
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :rows]  # kept rows first
