@@ -24,11 +24,18 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     fi
 fi
 _megalatent_extras=${1:-}
-_megalatent_check="import megalatent"
-[[ "$_megalatent_extras" == *dev* ]] && _megalatent_check="$_megalatent_check, pytest, pytest_timeout, transformers, safetensors"
-[[ "$_megalatent_extras" == *mpi* ]] && _megalatent_check="$_megalatent_check, mpi4py"
-# Re-install when this checkout is not the one installed (e.g. a second clone).
-if ! "$PYTHON" -c "$_megalatent_check; import os, sys; sys.exit(os.path.dirname(os.path.dirname(megalatent.__file__)) != '$_megalatent_root')" 2>/dev/null; then
+# What must import, by extra (module names, not package names).
+_megalatent_modules="'yaml', 'sentencepiece', 'megatron', 'numpy', 'tensorboard', 'tqdm'"
+[[ "$_megalatent_extras" == *dev* ]] && _megalatent_modules="$_megalatent_modules, 'pytest', 'pytest_timeout', 'transformers', 'safetensors'"
+[[ "$_megalatent_extras" == *mpi* ]] && _megalatent_modules="$_megalatent_modules, 'mpi4py'"
+# Installed (from this checkout, e.g. not a second clone) with every dependency? Checked from / so that
+# the checkout itself, being the current directory, does not pass for an installed package.
+if ! (cd / && "$PYTHON" -c "
+import importlib.util, os, sys
+import megalatent
+missing = [m for m in ($_megalatent_modules,) if importlib.util.find_spec(m) is None]
+sys.exit(bool(missing) or os.path.dirname(os.path.dirname(megalatent.__file__)) != '$_megalatent_root')
+") 2>/dev/null; then
     echo "[megalatent] installing $_megalatent_root into $("$PYTHON" -c 'import sys; print(sys.prefix)')" >&2
     "$PYTHON" -m pip install --quiet -e "$_megalatent_root${_megalatent_extras:+[$_megalatent_extras]}"
 fi
