@@ -60,6 +60,26 @@ class _Sparsifier:
         return full.view(b, h, s, rows * self.r, d)[:, :, :, :self.w].reshape(b, h, s * self.w, d)[:, :, :self.n]
 
 
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor):
+    """softmax(q k^T / sqrt(d)) v over the visible keys, with its log-sum-exp; [..., rows, d] inputs.
+    Query rows that see no key (padding) get output 0 and lse NOT_COVERED, with finite gradients."""
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~visible, NOT_COVERED)
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.exp(scores - lse.unsqueeze(-1)) @ v
+    has_keys = visible.any(-1)
+    lse = torch.where(has_keys, lse, torch.full_like(lse, NOT_COVERED))
+    out = torch.where(has_keys.unsqueeze(-1), out, torch.zeros_like(out))
+    return out, lse
+
+
+def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Grouped-query attention: repeat each K/V head for the query heads that share it."""
+    if k.shape[1] == q.shape[1]:
+        return k, v
+    repeat = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+
+
 def attention_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, r: int,
                       causal: bool, first_head: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One (w, r) pattern on [b, h, n, d] (K/V with as many heads as Q). `first_head` is the global index
@@ -70,16 +90,10 @@ def attention_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int,
     positions = torch.arange(n, device=q.device, dtype=torch.float32).view(1, 1, n, 1).expand(1, h, n, 1)
     pos = sp.gather(positions, fill=-1.0)[..., 0]  # [1, h, segments, rows]; -1 marks padding
     qs, ks, vs = sp.gather(q.float()), sp.gather(k.float()), sp.gather(v.float())
-    scores = torch.einsum("bhsqd,bhskd->bhsqk", qs, ks) / math.sqrt(d)
     visible = (pos >= 0).unsqueeze(-2)  # [1, h, segments, 1, rows]: real keys only
     if causal:
         visible = visible & (pos.unsqueeze(-1) >= pos.unsqueeze(-2))
-    scores = scores.masked_fill(~visible, NOT_COVERED)
-    lse = torch.logsumexp(scores, dim=-1)
-    out = torch.einsum("bhsqk,bhskd->bhsqd", torch.exp(scores - lse.unsqueeze(-1)), vs)
-    has_keys = visible.any(-1)  # padding query rows may see no key at all
-    lse = torch.where(has_keys, lse, torch.full_like(lse, NOT_COVERED))
-    out = torch.where(has_keys.unsqueeze(-1), out, torch.zeros_like(out))
+    out, lse = _masked_attention(qs, ks, vs, visible)
     return sp.scatter(out, 0.0).to(q.dtype), sp.scatter(lse.unsqueeze(-1), NOT_COVERED)[..., 0]
 
 
@@ -92,9 +106,7 @@ def merge_by_lse(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch
 def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: list[int],
                       dilated_ratios: list[int], causal: bool = True, first_head: int = 0) -> torch.Tensor:
     """The mixture of (w_i, r_i) patterns on [b, h, n, d]; K/V may have fewer heads (GQA)."""
-    if k.shape[1] != q.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    k, v = _expand_kv(q, k, v)
     parts = [attention_pattern(q, k, v, w, r, causal, first_head) for w, r in zip(segment_lengths, dilated_ratios)]
     return merge_by_lse([o for o, _ in parts], [lse for _, lse in parts])
 
@@ -162,9 +174,7 @@ class DistributedDilatedAttention:
         return max(1, min(w, self.local * self.cp) // self.local)
 
     def __call__(self, q, k, v, positions):
-        if k.shape[1] != q.shape[1]:
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        k, v = _expand_kv(q, k, v)
         local = q.shape[2]
         assert local == self.local, f"expected {self.local} tokens per context-parallel rank, got {local}"
         self.gathered_rows = 0
@@ -196,16 +206,10 @@ class DistributedDilatedAttention:
         k_all, v_all = all_gather_sequence(torch.stack([ks, vs]), group, dim=3)  # each [b, h, g*rows, d]
         k_pos = all_gather_sequence(q_pos.unsqueeze(0), group, dim=2)[0]  # [h, g*rows]
         self.gathered_rows += (g - 1) * rows
-        scores = torch.einsum("bhqd,bhkd->bhqk", qs, k_all) / math.sqrt(d)
         visible = (k_pos >= 0).unsqueeze(1) & (q_pos >= 0).unsqueeze(2)  # [h, rows, g*rows]
         if self.causal:
             visible = visible & (k_pos.unsqueeze(1) <= q_pos.unsqueeze(2))
-        scores = scores.masked_fill(~visible, NOT_COVERED)
-        lse = torch.logsumexp(scores, dim=-1)
-        out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - lse.unsqueeze(-1)), v_all)
-        has_keys = visible.any(-1)
-        lse = torch.where(has_keys, lse, torch.full_like(lse, NOT_COVERED))
-        out = torch.where(has_keys.unsqueeze(-1), out, torch.zeros_like(out))
+        out, lse = _masked_attention(qs, k_all, v_all, visible)
         # Back to local positions; the padded (invalid) rows go to a spare slot that is cut off.
         target = torch.where(valid, order, torch.full_like(order, local)).view(1, h, rows, 1)
         full_out = out.new_zeros(b, h, local + 1, d).scatter(2, target.expand(b, h, rows, d), out)

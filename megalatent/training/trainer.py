@@ -98,6 +98,7 @@ class Trainer:
         self.stop = stop if stop is not None else StopRequest()
         # Forward and backward of a vocab-sharded loss must both run inside loss_parallel().
         self.loss_context = loss_parallel if layout.tp > 1 else contextlib.nullcontext
+        self.cp_split = MODEL_FAMILIES[cfg.model.model_family].context_parallel_split
         self.start_time = time.time()
 
     @property
@@ -178,8 +179,7 @@ class Trainer:
         """This rank's share of each micro-batch: its sequence chunks under context parallelism."""
         if self.layout.cp == 1:
             return micro_batches
-        split = MODEL_FAMILIES[self.cfg.model.model_family].context_parallel_split
-        return [{k: shard_sequence(v, self.layout.cp_rank, self.layout.cp, split) for k, v in mb.items()}
+        return [{k: shard_sequence(v, self.layout.cp_rank, self.layout.cp, self.cp_split) for k, v in mb.items()}
                 for mb in micro_batches]
 
     def _global_tokens(self, micro_batches) -> torch.Tensor:
