@@ -19,7 +19,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors"],
+        # triton: CUDA torch brings it; the CPU tests run the kernels in its interpreter (TRITON_INTERPRET=1)
+        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "triton"],
         "mpi": ["mpi4py", "mpich"],
         "vision": ["nvidia-dali-cuda130"],
     },
