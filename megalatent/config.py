@@ -55,6 +55,25 @@ class ModelConfig:
         None, "LongNet: segment length w_i of each dilated-attention pattern, increasing", nargs="+")
     dilated_ratios: Optional[list[int]] = _opt(
         None, "LongNet: dilation r_i of each pattern (same count as --segment-lengths), non-decreasing", nargs="+")
+    num_experts: Optional[int] = _opt(None, "MoE: experts per MoE layer (unset: dense MLPs)")
+    moe_layer_freq: int = _opt(1, "MoE: layers 0, k, 2k, ... are MoE layers (as Megatron); 1 = every layer")
+    moe_ffn_hidden_size: Optional[int] = _opt(None, "MoE: width of each expert's SwiGLU; default --ffn-hidden-size "
+                                                    "divided by --moe-num-heads")
+    moe_router_topk: int = _opt(2, "MoE: experts per (sub-)token")
+    moe_num_heads: int = _opt(1, "MH-MoE: sub-tokens per token (head/merge projections when > 1)")
+    moe_router_type: str = _opt("linear", "MoE router: linear softmax, or X-MoE's low-dimensional cosine router",
+                                choices=["linear", "xmoe"])
+    moe_router_pre_softmax: bool = _opt(False, "MoE: combine weights are the full softmax's probabilities of the "
+                                               "selected experts (default: softmax over the top-k logits)")
+    moe_aux_loss_coeff: float = _opt(0.0, "MoE: weight of the load-balancing loss (statistics over the global batch)")
+    moe_z_loss_coeff: Optional[float] = _opt(None, "MoE: weight of the router z-loss")
+    moe_expert_capacity_factor: Optional[float] = _opt(None, "MoE: cap each expert at factor x assignments / experts "
+                                                             "(dropless when unset)")
+    moe_token_drop_policy: str = _opt("probs", "MoE with a capacity: drop an expert's lowest-weight assignments "
+                                               "(probs) or its latest tokens (position)", choices=["probs", "position"])
+    moe_router_enable_expert_bias: bool = _opt(False, "MoE: auxiliary-loss-free balancing with a per-expert "
+                                                      "selection bias updated after every step")
+    moe_router_bias_update_rate: float = _opt(1e-3, "MoE: step size of the expert-bias update")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -68,6 +87,17 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts is not None and layer % self.moe_layer_freq == 0
+
+    @property
+    def expert_width(self) -> int:
+        """Each expert's SwiGLU width; by default the dense MLP's split over the MH-MoE heads, so that
+        h sub-tokens through k experts cost what k dense MLPs would."""
+        if self.moe_ffn_hidden_size is not None:
+            return self.moe_ffn_hidden_size
+        return max(1, self.mlp_width // self.moe_num_heads)
 
     @property
     def mlp_width(self) -> int:
@@ -124,6 +154,8 @@ class ParallelConfig:
                                           "tensor-parallel ranks")
     pipeline_model_parallel_size: int = _opt(1, "pipeline stages (across nodes is fine)")
     context_parallel_size: int = _opt(1, "ranks that split each sequence (load-balanced, K/V all-gathered)")
+    expert_model_parallel_size: int = _opt(1, "ranks that split each MoE layer's experts (carved out of the data- "
+                                              "and context-parallel ranks; tokens move by all-to-all)")
     num_layers_per_virtual_pipeline_stage: Optional[int] = _opt(
         None, "layers per virtual stage: each rank holds several non-adjacent stages (interleaved 1F1B)")
     pipeline_schedule: Optional[str] = _opt(
@@ -317,6 +349,15 @@ def _parallel_errors(cfg: Config, world_size: int) -> tuple[list[str], int]:
     if m.group_query_attention and m.num_query_groups and m.num_query_groups % tp:
         e.append(f"--num-query-groups {m.num_query_groups} must be divisible by --tensor-model-parallel-size "
                  f"{tp} (each tensor-parallel rank holds whole K/V heads)")
+    ep = p.expert_model_parallel_size
+    if ep < 1:
+        e.append(f"--expert-model-parallel-size must be >= 1, got {ep}")
+    elif ep > 1 and (dp * cp) % ep:
+        e.append(f"--expert-model-parallel-size {ep} must divide data-parallel size {dp} x --context-parallel-size "
+                 f"{cp} = {dp * cp} (expert parallelism is carved out of those ranks)")
+    elif ep > 1 and (m.num_experts is None or m.num_experts % ep):
+        e.append(f"--expert-model-parallel-size {ep} needs --num-experts divisible by it (each rank holds "
+                 f"--num-experts / {ep} experts), got --num-experts {m.num_experts}")
     if p.sequence_parallel and tp == 1:
         e.append("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards over the TP ranks)")
     elif p.sequence_parallel and (m.seq_length // cp) % tp:
@@ -347,6 +388,33 @@ def _parallel_errors(cfg: Config, world_size: int) -> tuple[list[str], int]:
                      f"(--global-batch-size / (--micro-batch-size x data-parallel size) = {n_micro}) that is "
                      f">= {pp}" + (f" and a multiple of {pp}" if plan.stages_per_rank > 1 else ""))
     return e, dp
+
+
+def _moe_errors(m: ModelConfig) -> list[str]:
+    if m.num_experts is None:
+        set_flags = [k for k in ("moe_ffn_hidden_size", "moe_z_loss_coeff", "moe_expert_capacity_factor")
+                     if getattr(m, k) is not None] + [k for k in ("moe_num_heads",) if getattr(m, k) != 1]
+        return [f"--{k.replace('_', '-')} configures MoE layers: add --num-experts" for k in set_flags]
+    e = []
+    if m.num_experts < 1:
+        e.append(f"--num-experts must be >= 1, got {m.num_experts}")
+    if not 1 <= m.moe_router_topk <= max(m.num_experts, 1):
+        e.append(f"--moe-router-topk {m.moe_router_topk} must be between 1 and --num-experts {m.num_experts}")
+    elif m.moe_router_topk == 1 and not m.moe_router_pre_softmax:
+        e.append("--moe-router-topk 1: the softmax over one selected logit is always 1, so the router would get no "
+                 "gradient from the loss; add --moe-router-pre-softmax")
+    if m.moe_layer_freq < 1:
+        e.append(f"--moe-layer-freq must be >= 1, got {m.moe_layer_freq}")
+    if m.moe_num_heads < 1 or m.hidden_size % m.moe_num_heads:
+        e.append(f"--moe-num-heads {m.moe_num_heads} must divide --hidden-size {m.hidden_size} "
+                 "(each sub-token has hidden-size / heads features)")
+    if m.moe_ffn_hidden_size is not None and m.moe_ffn_hidden_size < 1:
+        e.append(f"--moe-ffn-hidden-size must be >= 1, got {m.moe_ffn_hidden_size}")
+    if m.moe_expert_capacity_factor is not None and m.moe_expert_capacity_factor <= 0:
+        e.append(f"--moe-expert-capacity-factor must be > 0, got {m.moe_expert_capacity_factor}")
+    if m.moe_aux_loss_coeff < 0 or (m.moe_z_loss_coeff or 0) < 0:
+        e.append("--moe-aux-loss-coeff and --moe-z-loss-coeff must be >= 0")
+    return e
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
@@ -386,6 +454,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         e.append(f"--vocab-size must be >= 2, got {m.vocab_size}")
     if m.norm_epsilon <= 0:
         e.append(f"--norm-epsilon must be > 0, got {m.norm_epsilon}")
+    e += _moe_errors(m)
 
     if d.data_path is not None and d.tokenizer_model is None:
         e.append("--data-path needs --tokenizer-model (the sentencepiece model the data was tokenized with)")

@@ -65,14 +65,17 @@ def run_layout(layout_flags: dict, env, device) -> dict:
     layout.build_mesh(device)
     torch.manual_seed(0)
     parts, pipeline = build_model_parts(cfg, layout, device)
-    loader = MicroBatchLoader(samples(STEPS * 8, seed=1), 2, 8, layout.dp_rank, layout.dp)
+    t = cfg.training
+    loader = MicroBatchLoader(samples(STEPS * t.global_batch_size, seed=1), t.micro_batch_size, t.global_batch_size,
+                              layout.dp_rank, layout.dp)
     trainer = Trainer(cfg, layout, device, parts, loader, None, 1.0, pipeline=pipeline)
-    result = {"loss": [], "grad_norm": []}
+    result = {"loss": [], "grad_norm": [], "moe": []}
     for _ in range(STEPS):
         loss, norm = trainer.train_step(loader.next_global_batch())
         trainer.iteration += 1
         result["loss"].append(loss)
         result["grad_norm"].append(norm)
+        result["moe"].append(trainer.moe_stats)
     # The last step's gradients (after clipping) and the weights after it, gathered to full tensors
     # and, over the pipeline ranks, to rank 0.
     named = [(clean(n), p) for part in parts for n, p in part.named_parameters()]

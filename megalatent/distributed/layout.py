@@ -2,8 +2,12 @@
 
 One object carries the sizes of every parallel dimension and the mesh built from them; nothing else
 keeps parallel state in module globals. The mesh has named dims `pp, dp, cp, tp` with tp innermost,
-so tensor-parallel peers are adjacent ranks (inside one node). Expert parallelism (carved out of
-dp x cp for expert weights, Megatron's "parallel folding") plugs in here.
+so tensor-parallel peers are adjacent ranks (inside one node).
+
+Expert parallelism is carved out of dp x cp (Megatron's "parallel folding"): the dp x cp ranks of one
+(pp, tp) coordinate, in mesh order, are regrouped as edp x ep with ep innermost, so an `ep` group is
+ep consecutive data/context-parallel ranks and `edp` (expert data parallel) the ranks holding the same
+experts. That regrouping is a second mesh over the same ranks, `expert_mesh` ("pp", "edp", "ep", "tp").
 """
 from __future__ import annotations
 
@@ -23,12 +27,16 @@ class ParallelLayout:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    ep: int = 1
     mesh: Optional[DeviceMesh] = field(default=None, repr=False)
+    expert_mesh: Optional[DeviceMesh] = field(default=None, repr=False)
+    _fsdp_mesh: Optional[DeviceMesh] = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, cfg, world_size: int, rank: int = 0) -> "ParallelLayout":
         return cls(world_size=world_size, rank=rank, tp=cfg.parallel.tensor_model_parallel_size,
-                   pp=cfg.parallel.pipeline_model_parallel_size, cp=cfg.parallel.context_parallel_size)
+                   pp=cfg.parallel.pipeline_model_parallel_size, cp=cfg.parallel.context_parallel_size,
+                   ep=cfg.parallel.expert_model_parallel_size)
 
     @property
     def dp(self) -> int:
@@ -55,7 +63,17 @@ class ParallelLayout:
 
     def fsdp_mesh(self) -> DeviceMesh:
         """Weights are replicated over dp and cp, so FSDP shards them (and reduces gradients) over both."""
-        return self.mesh["dp", "cp"]._flatten("dp_cp") if self.cp > 1 else self.mesh["dp"]
+        if self._fsdp_mesh is None:
+            self._fsdp_mesh = self.mesh["dp", "cp"]._flatten("dp_cp") if self.cp > 1 else self.mesh["dp"]
+        return self._fsdp_mesh
+
+    @property
+    def edp(self) -> int:
+        return self.dp * self.cp // self.ep
+
+    def token_group(self):
+        """The ranks that hold different tokens of a step (dp x cp); None when there is only one."""
+        return self.fsdp_mesh().get_group() if self.dp * self.cp > 1 else None
 
     def group(self, dim: str):
         return self.mesh[dim].get_group()
@@ -65,9 +83,13 @@ class ParallelLayout:
         if self.world_size > 1:
             self.mesh = init_device_mesh(device.type, (self.pp, self.dp, self.cp, self.tp),
                                          mesh_dim_names=("pp", "dp", "cp", "tp"))
+            if self.ep > 1:
+                self.expert_mesh = init_device_mesh(device.type, (self.pp, self.edp, self.ep, self.tp),
+                                                    mesh_dim_names=("pp", "edp", "ep", "tp"))
 
     def describe(self) -> str:
-        return f"world {self.world_size} = pp {self.pp} x dp {self.dp} x cp {self.cp} x tp {self.tp}"
+        text = f"world {self.world_size} = pp {self.pp} x dp {self.dp} x cp {self.cp} x tp {self.tp}"
+        return text + (f" (experts: edp {self.edp} x ep {self.ep} over dp x cp)" if self.ep > 1 else "")
 
     def coordinates(self) -> str:
         """This rank's place in the mesh, e.g. 'rank 5: pp 0, dp 1, cp 0, tp 1'."""

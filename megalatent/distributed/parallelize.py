@@ -1,9 +1,10 @@
 """The one place where a parallel layout is applied to a plain (layout-agnostic) model.
 
 Order matters and follows torchtitan: tensor/sequence parallelism first (it rewrites weights into
-DTensors on the tp mesh), context parallelism (swaps the attention core), then activation
-recomputation (wraps whole layers), then FSDP2 over the data- and context-parallel ranks (which shards
-those DTensors again: 2-D TP x FSDP).
+DTensors on the tp mesh), context parallelism (swaps the attention core), expert parallelism (shards
+the experts over ep, attaches the all-to-all dispatcher), then activation recomputation (wraps whole
+layers), then FSDP2 over the data- and context-parallel ranks (which shards those DTensors again:
+2-D TP x FSDP; experts over the expert-data-parallel ranks).
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from megalatent.config import ParallelConfig
 from megalatent.distributed.context_parallel import apply_context_parallel
+from megalatent.distributed.expert_parallel import apply_expert_parallel
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.tensor_parallel import apply_tensor_parallel
+from megalatent.nn.moe import moe_layers
 
 # Selective recomputation keeps the outputs of the matmuls (the expensive ops) and recomputes the
 # rest of the layer in backward: norms, activations, RoPE and the attention core, whose score matrix
@@ -58,6 +61,10 @@ def parallelize(model: nn.Module, layout: ParallelLayout, cfg: ParallelConfig,
         apply_tensor_parallel(model, layout.mesh["tp"], cfg.sequence_parallel)
     if layout.cp > 1:
         apply_context_parallel(model, layout.group("cp"), model.cfg.seq_length // layout.cp)
+    for _, moe in moe_layers(model):
+        moe.token_group = layout.token_group()  # balance statistics over every rank's tokens
+    if layout.ep > 1:
+        apply_expert_parallel(model, layout.expert_mesh["ep"])
     if cfg.recompute_granularity is not None:
         apply_recompute(model, cfg.recompute_granularity)
     if layout.dp * layout.cp > 1:
@@ -78,10 +85,23 @@ def apply_fsdp(model: nn.Module, layout: ParallelLayout, strategy: str, param_dt
                                    micro-batches and are reduce-scattered once per step.
     In every case the optimizer state is sharded. Gradients are reduced in fp32.
     (The gradient-sync half of the mapping lives in the trainer: see Trainer._sync_grads_on.)
+
+    With expert parallelism the experts are their own unit over the expert-data-parallel ranks (`edp`),
+    which hold the same experts. Their gradient already sums the tokens of all dp x cp ranks (the
+    all-to-all brought them), so it is divided by dp x cp, not by edp, to be the same mean as every
+    other gradient.
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     reshard = strategy == "optim_grads_params"
     dp_mesh = layout.fsdp_mesh()
+    if layout.ep > 1:
+        for _, moe in moe_layers(model):
+            fully_shard(moe.experts, mesh=layout.expert_mesh["edp"], mp_policy=mp, reshard_after_forward=reshard)
+            moe.experts.set_gradient_divide_factor(float(layout.dp * layout.cp))
+            # gloo lacks the PREMUL_SUM a custom factor becomes; sum-then-divide instead. Not with one expert-data-
+            # parallel rank: FSDP2 (torch 2.13) skips the collective but would then divide twice.
+            if torch.distributed.get_backend() == "gloo" and layout.edp > 1:
+                moe.experts.set_force_sum_reduction_for_comms(True)
     for layer in model.layers.values():
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)

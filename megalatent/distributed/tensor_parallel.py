@@ -15,8 +15,10 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel, parallelize_module)
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
+
+from megalatent.nn.moe import MoELayer
 
 
 def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
@@ -33,26 +35,34 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
                                             use_local_output=False)
         if sequence_parallel:
             plan["norm"] = SequenceParallel()
-    for name in model.layers:
+    for name, layer in model.layers.items():
         p = f"layers.{name}."
         plan.update({
             p + "attention.q_proj": ColwiseParallel(),
             p + "attention.k_proj": ColwiseParallel(),
             p + "attention.v_proj": ColwiseParallel(),
             p + "attention.o_proj": RowwiseParallel(output_layouts=stream),
-            p + "mlp.gate_proj": ColwiseParallel(),
-            p + "mlp.up_proj": ColwiseParallel(),
-            p + "mlp.down_proj": RowwiseParallel(output_layouts=stream),
         })
+        moe = isinstance(layer.mlp, MoELayer)
+        if not moe:
+            plan.update({
+                p + "mlp.gate_proj": ColwiseParallel(),
+                p + "mlp.up_proj": ColwiseParallel(),
+                p + "mlp.down_proj": RowwiseParallel(output_layouts=stream),
+            })
         if sequence_parallel:
             plan.update({
                 p + "attention_norm": SequenceParallel(),
                 p + "attention": PrepareModuleInput(input_layouts=(stream, None),
                                                     desired_input_layouts=(Replicate(), None), use_local_output=True),
                 p + "mlp_norm": SequenceParallel(),
-                p + "mlp": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),),
-                                              use_local_output=True),
             })
+            # An MoE layer is not split over the TP ranks (expert tensor parallelism 1): it runs on the
+            # whole sequence on every TP rank, and its replicated output is cut back to this rank's shard.
+            plan[p + "mlp"] = (PrepareModuleInputOutput(
+                input_layouts=(stream,), desired_input_layouts=(Replicate(),), use_local_input=True,
+                output_layouts=(Replicate(),), desired_output_layouts=(stream,), use_local_output=True) if moe else
+                PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),), use_local_output=True))
     return plan
 
 

@@ -20,6 +20,7 @@ from megalatent.config import ModelConfig
 from megalatent.models.registry import ModelFamily, register
 from megalatent.nn.attention import SelfAttention
 from megalatent.nn.mlp import GeluMLP, SwiGLU
+from megalatent.nn.moe import MoELayer
 from megalatent.nn.norms import build_norm
 from megalatent.nn.rotary import Positions, RotaryEmbedding
 
@@ -37,6 +38,14 @@ def default_attention(cfg: ModelConfig, layer: int, linear=nn.Linear) -> nn.Modu
 
 
 def default_mlp(cfg: ModelConfig, layer: int, linear=nn.Linear) -> nn.Module:
+    """The dense MLP, or with --num-experts on the layers --moe-layer-freq picks, the (MH-)MoE layer."""
+    if cfg.is_moe_layer(layer):
+        return MoELayer(cfg.hidden_size, cfg.expert_width, cfg.num_experts, cfg.moe_router_topk,
+                        heads=cfg.moe_num_heads, router=cfg.moe_router_type, pre_softmax=cfg.moe_router_pre_softmax,
+                        expert_bias=cfg.moe_router_enable_expert_bias,
+                        capacity_factor=cfg.moe_expert_capacity_factor, drop_policy=cfg.moe_token_drop_policy,
+                        aux_loss_coeff=cfg.moe_aux_loss_coeff, z_loss_coeff=cfg.moe_z_loss_coeff or 0.0,
+                        linear=linear)
     mlp = SwiGLU if cfg.swiglu else GeluMLP
     return mlp(cfg.hidden_size, cfg.mlp_width, linear=linear)
 
@@ -94,13 +103,17 @@ class Decoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, std) for every matrix; output projections scaled by 1/sqrt(2L) (GPT-2/Megatron)."""
+        """Normal(0, std) for every matrix; projections into the residual stream scaled by 1/sqrt(2L)
+        (GPT-2/Megatron); biases zero."""
         std = self.cfg.init_method_std
         out_std = std / (2 * self.cfg.num_layers) ** 0.5
         for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
             if p.dim() < 2:
                 continue  # norm weights keep their ones
-            is_output_proj = name.endswith(("o_proj.weight", "down_proj.weight"))
+            is_output_proj = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj",
+                                            "merge_proj.weight"))
             nn.init.normal_(p, mean=0.0, std=out_std if is_output_proj else std)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None):
@@ -123,15 +136,22 @@ def decoder_flops_per_token(cfg: ModelConfig, keys_per_query: float) -> float:
     Forward counts 2 FLOPs per multiply-add of every matmul: per layer the q/k/v/o projections
     (2*h*(2h + 2*kv_dim)), the MLP (2*h*ffn*(3 if SwiGLU else 2)) and the attention itself (QK^T and
     AV: 2 * 2*h per attended key), plus the output head (2*h*V). Embedding lookups, norms, softmax
-    and RoPE are not counted.
+    and RoPE are not counted. An MoE layer counts its active parameters: the router (2*h*E), the k
+    experts each of its h_moe sub-tokens visits (k * 2*h*ffn_e*3 over all sub-tokens) and MH-MoE's
+    head and merge projections (2 * 2*h*h).
     """
     h, L = cfg.hidden_size, cfg.num_layers
     kv_dim = cfg.kv_heads * cfg.head_dim
     proj = 2 * h * (2 * h + 2 * kv_dim)
-    mlp = 2 * h * cfg.mlp_width * (3 if cfg.swiglu else 2)
+    dense_mlp = 2 * h * cfg.mlp_width * (3 if cfg.swiglu else 2)
+    moe_mlp = 0.0
+    if cfg.num_experts is not None:
+        moe_mlp = (2 * h * cfg.num_experts + cfg.moe_router_topk * 2 * h * cfg.expert_width * 3
+                   + (2 * 2 * h * h if cfg.moe_num_heads > 1 else 0))
+    mlp = sum(moe_mlp if cfg.is_moe_layer(i) else dense_mlp for i in range(L))
     attention = 2 * 2 * h * keys_per_query
     head = 2 * h * cfg.padded_vocab_size
-    return 3.0 * (L * (proj + mlp + attention) + head)
+    return 3.0 * (L * (proj + attention) + mlp + head)
 
 
 def dense_decoder_flops_per_token(cfg: ModelConfig) -> float:

@@ -80,8 +80,12 @@ def iteration_line(it: int, total: int, values: dict) -> str:
         parts.append(f"MFU: {100 * values['mfu']:.2f}%")
     parts += [f"learning rate: {values['lr']:.6E}",
               f"global batch size: {values['global_batch_size']:5d}",
-              f"lm loss: {values['loss']:.6E}",
-              f"grad norm: {values['grad_norm']:.4f}",
+              f"lm loss: {values['loss']:.6E}"]
+    moe = values.get("moe")
+    if moe is not None:  # Megatron's MoE entries, plus the worst expert's load over the mean (1 = balanced)
+        parts += [f"load_balancing_loss: {moe['balance_loss']:.6E}", f"z_loss: {moe['z_loss']:.6E}",
+                  f"max expert load: {moe['max_load']:.2f}"]
+    parts += [f"grad norm: {values['grad_norm']:.4f}",
               f"number of skipped iterations: {values['skipped']:3d}",
               f"number of nan iterations: {values['nan']:3d}"]
     parts.append(f"peak memory (GB): {values['peak_mem_gb']:.2f}")

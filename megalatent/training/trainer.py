@@ -28,6 +28,7 @@ from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.pipeline import Pipeline, unpack_targets
 from megalatent.models.registry import MODEL_FAMILIES
 from megalatent.training.metrics import MetricsWriter, device_peak_tflops, iteration_line, log, peak_memory_gb
+from megalatent.training.moe_stats import MoEStepStats
 from megalatent.training.optim import build_optimizer, clip_grad_norm
 from megalatent.training.schedules import LRSchedule
 
@@ -99,6 +100,9 @@ class Trainer:
         # Forward and backward of a vocab-sharded loss must both run inside loss_parallel().
         self.loss_context = loss_parallel if layout.tp > 1 else contextlib.nullcontext
         self.cp_split = MODEL_FAMILIES[cfg.model.model_family].context_parallel_split
+        self.moe = MoEStepStats(self.parts, layout, cfg.model.num_layers, cfg.model.num_experts,
+                                cfg.model.moe_router_bias_update_rate)
+        self.moe_stats: Optional[dict] = None  # the last step's, for logs
         self.start_time = time.time()
 
     @property
@@ -193,11 +197,13 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         micro_batches = self._local_tokens(micro_batches)
         global_tokens = self._global_tokens(micro_batches)
+        self.moe.start_step(len(micro_batches))
         # Gradient reduction over the data- and context-parallel ranks averages; scaling by their
         # number makes it the sum, so the step's gradient is that of the mean loss over every token
         # of the global batch.
         loss_sum = self._forward_backward(micro_batches, scale=self.layout.dp * self.layout.cp / global_tokens)
         loss = (self.layout.all_reduce_sum(loss_sum.reshape(1), ("pp", "dp", "cp"))[0] / global_tokens).item()
+        self.moe_stats = self.moe.gather(self.device)
         grad_norm = clip_grad_norm(self.parts, self.cfg.training.clip_grad,
                                    self.layout.group("pp") if self.layout.pp > 1 else None)
         if not math.isfinite(grad_norm):  # a NaN/inf step is skipped, never applied, and counted
@@ -211,6 +217,7 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()
+        self.moe.after_step()
         return loss, grad_norm
 
     @torch.no_grad()
@@ -305,9 +312,13 @@ class Trainer:
                   "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
                   "lr": self.schedule(self.iteration - 1), "global_batch_size": self.cfg.training.global_batch_size,
                   "loss": loss, "grad_norm": grad_norm, "skipped": self.skipped, "nan": self.nan,
-                  "peak_mem_gb": peak_memory_gb(self.device)}
+                  "peak_mem_gb": peak_memory_gb(self.device), "moe": self.moe_stats}
         log(iteration_line(self.iteration, self.cfg.training.train_iters, values))
         scalars = {"tokens-per-second": tokens_per_s, "tflops-per-gpu": tflops}
+        if self.moe_stats is not None:
+            scalars.update({"moe/load-balancing-loss": self.moe_stats["balance_loss"],
+                            "moe/z-loss": self.moe_stats["z_loss"], "moe/max-expert-load": self.moe_stats["max_load"]})
+            scalars.update({f"moe/layer-{i}/max-expert-load": v for i, v in self.moe_stats["layer_loads"].items()})
         if values["mfu"] is not None:
             scalars["mfu"] = values["mfu"]
         self.writer.scalars(scalars, self.iteration)

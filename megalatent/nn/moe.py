@@ -1,0 +1,276 @@
+"""Mixture of experts: the top-k MoE layer and MH-MoE (arXiv 2404.15045, 2411.16205) in one module.
+
+    MH-MoE:  x [tokens, d] -> head_proj (d x d) -> h sub-tokens of width d/h each
+             -> route every sub-token to its top-k experts (experts work at width d/h)
+             -> put the sub-tokens back in order -> merge_proj (d x d)
+    h = 1 without head/merge projections is the plain top-k MoE layer.
+
+Dispatch is index-based: the (sub-)token/expert assignments are sorted by expert, the tokens gathered
+in that order, each expert applied to its contiguous block (a grouped matmul), and the outputs
+scattered back weighted by the router. Memory is O(tokens * k), never a dense tokens x experts x
+capacity mask (which MH-MoE's h-fold more tokens would make h^2 larger). With expert parallelism the
+sorted blocks travel to the experts' ranks by all-to-all (distributed/expert_parallel.py).
+
+Balancing (see `balance_loss`): the Switch/GShard auxiliary loss with statistics over the tokens of every
+data- and context-parallel rank, the router z-loss, and the auxiliary-loss-free expert bias (DeepSeek-V3).
+The auxiliary losses enter backward through `_AttachAuxLoss` on the layer's output, so that a model's
+forward keeps returning only logits (pipeline stages included).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+@dataclass
+class Routing:
+    """The router's decision for T (sub-)tokens."""
+    experts: torch.Tensor  # [T, k] expert index of each assignment
+    weights: torch.Tensor  # [T, k] combine weight of each assignment (fp32)
+    probs: torch.Tensor    # [T, E] softmax over all experts (fp32), for the balance loss
+    logits: torch.Tensor   # [T, E] (fp32), for the z-loss
+
+
+class Router(nn.Module):
+    """Top-k router in fp32.
+
+    kind "linear": logits = x W^T.  kind "xmoe" (X-MoE, arXiv 2204.09179): x is projected to 16
+    dimensions and scored by cosine similarity against L2-normalised expert embeddings, divided by a
+    temperature; low-dimensional cosine routing avoids the representation collapse of dot-product routing.
+
+    Combine weights follow Megatron: the softmax over the k selected logits, or with `pre_softmax` the
+    full softmax's probabilities of the selected experts. With `expert_bias` a per-expert bias (a buffer,
+    not trained by gradient) shifts which experts are *selected*, never the weights; the trainer moves it
+    toward balance after every step (auxiliary-loss-free balancing, DeepSeek-V3).
+    """
+
+    XMOE_DIM = 16
+    XMOE_TEMPERATURE = 0.07
+
+    def __init__(self, dim: int, num_experts: int, topk: int, kind: str = "linear", pre_softmax: bool = False,
+                 expert_bias: bool = False):
+        super().__init__()
+        self.num_experts, self.topk, self.kind, self.pre_softmax = num_experts, topk, kind, pre_softmax
+        if kind == "linear":
+            self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        elif kind == "xmoe":
+            self.proj = nn.Linear(dim, self.XMOE_DIM, bias=False)
+            self.expert_embeddings = nn.Parameter(torch.empty(num_experts, self.XMOE_DIM))
+        else:
+            raise ValueError(f"unknown router kind {kind!r}")
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.kind == "linear":
+                return F.linear(x, self.weight.float())
+            q = F.normalize(F.linear(x, self.proj.weight.float()), dim=-1)
+            return F.linear(q, F.normalize(self.expert_embeddings.float(), dim=-1)) / self.XMOE_TEMPERATURE
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = self.logits(x)
+        probs = logits.softmax(dim=-1)
+        scores = logits if self.expert_bias is None else logits + self.expert_bias
+        experts = scores.topk(self.topk, dim=-1).indices
+        if self.pre_softmax:
+            weights = probs.gather(-1, experts)
+        else:
+            weights = logits.gather(-1, experts).softmax(dim=-1)
+        return Routing(experts, weights, probs, logits)
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert: torch.Tensor, rate: float) -> None:
+        """Raise the bias of under-loaded experts and lower it for over-loaded ones by `rate`."""
+        self.expert_bias += rate * torch.sign(tokens_per_expert.mean() - tokens_per_expert)
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [T, d_in] sorted by expert, counts [E] rows per expert, weight [E, d_in, d_out] -> [T, d_out].
+
+    On Hopper-class GPUs in bf16 this is one `torch._grouped_mm` launch; elsewhere a loop over the
+    experts' blocks (the same arithmetic, and the reference the fast path is checked against).
+    """
+    if (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x.device)[0] >= 9):
+        offsets = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, weight, offs=offsets)
+    blocks = x.split(counts.tolist())
+    return torch.cat([block @ weight[e] for e, block in enumerate(blocks)]) if blocks else x.new_zeros(0, weight.shape[-1])
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The experts this rank holds: a parameter sharded over the expert-parallel ranks is a DTensor."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as stacked weights [E, d_in, d_out] (one tensor per projection, so one grouped
+    matmul per projection, and expert parallelism shards dim 0)."""
+
+    def __init__(self, num_experts: int, dim: int, ffn: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, dim, ffn))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, dim, ffn))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, ffn, dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x sorted by (local) expert with counts[e] rows for expert e."""
+        gate, up, down = _local(self.gate_proj), _local(self.up_proj), _local(self.down_proj)
+        hidden = F.silu(grouped_mm(x, gate, counts)) * grouped_mm(x, up, counts)
+        return grouped_mm(hidden, down, counts)
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on `out`; in backward, the auxiliary loss gets gradient 1 (it was scaled before), so its
+    gradient joins the main loss's without changing what the layer returns."""
+
+    @staticmethod
+    def forward(ctx, out, aux_loss):
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones((), device=grad.device, dtype=torch.float32)
+
+
+def _in_backward() -> bool:
+    """True while activation recomputation re-runs a forward inside backward: statistics must not be
+    counted twice."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoELayer(nn.Module):
+    """The MoE / MH-MoE feed-forward block: [b, s, d] -> [b, s, d] (the residual stays outside).
+
+    Parallel state is attached by the parallelize step (plain attributes, None when not parallel):
+    `token_group` (the data- and context-parallel ranks, which hold different tokens: balance statistics
+    are summed over them) and `dispatcher` (expert parallelism). `aux_loss_scale` is set by the trainer
+    before each step so that the auxiliary losses' gradient matches the loss it reports.
+    """
+
+    def __init__(self, dim: int, ffn: int, num_experts: int, topk: int, heads: int = 1, router: str = "linear",
+                 pre_softmax: bool = False, expert_bias: bool = False, capacity_factor: Optional[float] = None,
+                 drop_policy: str = "probs", aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0,
+                 linear=nn.Linear):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"MH-MoE: hidden size {dim} is not divisible by {heads} heads")
+        self.heads, self.sub_dim = heads, dim // heads
+        self.num_experts, self.topk = num_experts, topk
+        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
+        # MH-MoE's head and merge layers (with bias, as in the reference code); absent for plain MoE.
+        self.head_proj = linear(dim, dim, bias=True) if heads > 1 else None
+        self.merge_proj = linear(dim, dim, bias=True) if heads > 1 else None
+        self.router = Router(self.sub_dim, num_experts, topk, router, pre_softmax, expert_bias)
+        self.experts = Experts(num_experts, self.sub_dim, ffn)
+        self.token_group = None
+        self.dispatcher = None
+        self.aux_loss_scale = 1.0
+        self.reset_statistics()
+
+    # ------------------------------------------------------------------ statistics for logs and balancing
+    def reset_statistics(self) -> None:
+        """One record per training micro-batch forward: (tokens per expert, balance loss, z-loss), each over
+        every data/context-parallel rank's tokens; read by training/moe_stats.py."""
+        self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        h = self.head_proj(x) if self.head_proj is not None else x
+        # A token's h sub-tokens are adjacent rows, so reshaping back reassembles every token in order.
+        tokens = h.reshape(-1, self.sub_dim)
+        routing = self.router(tokens)
+        experts, weights = routing.experts.flatten(), routing.weights.flatten()
+        token_of = torch.arange(tokens.shape[0], device=x.device).repeat_interleave(self.topk)
+        counts = torch.bincount(experts, minlength=self.num_experts)
+        order, kept_counts = self._dispatch_order(experts, weights, counts)
+        rows = token_of[order]
+        if self.dispatcher is not None:
+            y = self.dispatcher(tokens[rows], kept_counts, self.experts)
+        else:
+            y = self.experts(tokens[rows], kept_counts)
+        combined = torch.zeros_like(tokens).index_add_(0, rows, y * weights[order].unsqueeze(-1).to(y.dtype))
+        out = combined.view(shape)
+        if self.merge_proj is not None:
+            out = self.merge_proj(out)
+        if self.training and torch.is_grad_enabled():
+            out = self._attach_aux_losses(out, routing, counts)
+        return out
+
+    def _dispatch_order(self, experts: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor):
+        """The assignments in expert order, and the kept count per expert.
+
+        Dropless unless a capacity factor is set: then expert e keeps at most
+        C = ceil(factor * assignments / E) of its assignments, those with the highest router weight
+        ("probs", Megatron's default) or the earliest tokens ("position"); a dropped assignment adds
+        nothing (its token still has the residual and its other experts).
+        """
+        if self.capacity_factor is None:
+            return experts.argsort(stable=True), counts
+        capacity = math.ceil(self.capacity_factor * experts.numel() / self.num_experts)
+        if self.drop_policy == "probs":  # by weight (descending), then stably by expert
+            by_weight = weights.argsort(descending=True, stable=True)
+            order = by_weight[experts[by_weight].argsort(stable=True)]
+        else:
+            order = experts.argsort(stable=True)
+        starts = counts.cumsum(0) - counts
+        rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[experts[order]]
+        order = order[rank_in_expert < capacity]
+        return order, counts.clamp(max=capacity)
+
+    def _attach_aux_losses(self, out: torch.Tensor, routing: Routing, counts: torch.Tensor) -> torch.Tensor:
+        balance, z, global_counts = balance_and_z_losses(routing, counts, self.topk, self.token_group)
+        if not _in_backward():
+            self.records.append((global_counts, balance.value, z.value))
+        aux = self.aux_loss_coeff * balance.local_part + self.z_loss_coeff * z.local_part
+        if not aux.requires_grad:
+            return out
+        return _AttachAuxLoss.apply(out, aux * self.aux_loss_scale)
+
+
+@dataclass
+class _Loss:
+    value: torch.Tensor       # the loss over every rank's tokens (no gradient), for logs
+    local_part: torch.Tensor  # this rank's additive share of it (with gradient); the shares sum to `value`
+
+
+def balance_and_z_losses(routing: Routing, counts: torch.Tensor, topk: int, token_group=None):
+    """The Switch/GShard balance loss and the router z-loss over the tokens of every rank in `token_group`.
+
+        balance = E * sum_e f_e * P_e,   f_e = (assignments to e) / (T k),   P_e = (sum_t p_te) / T
+        z       = (1/T) sum_t logsumexp(logits_t)^2
+
+    with T the number of (sub-)tokens over all ranks of the group (Megatron's "global_aux_loss": the
+    statistics of the batch across the data-parallel ranks, not of one rank's shard). f carries no
+    gradient; each rank's share of P (its own tokens' probabilities over the global T) is the part of the
+    loss its backward differentiates, and the shares sum to the global loss over the ranks.
+    Returns (balance, z, global assignment counts per expert).
+    """
+    num_experts = routing.probs.shape[-1]
+    stats = torch.cat([counts.float(), torch.tensor([float(routing.probs.shape[0])], device=counts.device)])
+    if token_group is not None:
+        dist.all_reduce(stats, group=token_group)
+    global_counts, total = stats[:-1], stats[-1]
+    f = global_counts / (total * topk)
+    balance_local = num_experts * (f * routing.probs.sum(0)).sum() / total
+    z_local = routing.logits.logsumexp(-1).square().sum() / total
+    values = torch.stack([balance_local.detach(), z_local.detach()])
+    if token_group is not None:
+        dist.all_reduce(values, group=token_group)
+    return _Loss(values[0], balance_local), _Loss(values[1], z_local), global_counts
+
+
+def moe_layers(parts) -> list[tuple[str, MoELayer]]:
+    """(name, layer) of every MoE layer in a model or a list of pipeline-stage modules."""
+    parts = parts if isinstance(parts, (list, tuple)) else [parts]
+    return [(name, m) for part in parts for name, m in part.named_modules() if isinstance(m, MoELayer)]
