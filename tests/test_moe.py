@@ -218,3 +218,30 @@ def test_moe_four_ranks(tmp_path, moe_reference):
         (moe_layout(2, **{"expert-model-parallel-size": 2, "tensor-model-parallel-size": 2}), (4,)),  # + TP, dp 2
         (moe_layout(2, **{"expert-model-parallel-size": 2, "pipeline-model-parallel-size": 2}, **UNTIED), (4, True)),
     ], "moe4")
+
+
+def test_checkpoint_written_at_ep2_loads_at_ep1(corpus_cache, tmp_path):
+    """Saved at EP = 2 (dp 2), resumed at EP = 2 and in one process (with the same tokens per micro-batch):
+    the first loss after loading (the loaded weights' logits) and the next ones are equal; the checkpoint
+    holds the global [experts, ...] tensors."""
+    from conftest import losses, run_trainer
+    from megalatent.distributed import checkpoint as ckpt, convert
+    moe = ["--num-experts", "4", "--moe-num-heads", "2", "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "1e-3",
+           "--moe-router-enable-expert-bias", "--global-batch-size", "8", "--log-interval", "1", "--eval-interval", "0",
+           "--lr-warmup-iters", "1", "--lr-decay-iters", "4", "--seq-length", "64"]
+    save = str(tmp_path / "ckpt")
+    run_trainer(moe + ["--micro-batch-size", "4", "--expert-model-parallel-size", "2", "--train-iters", "2",
+                       "--save", save], corpus_cache, nproc=2)
+    path = convert.resolve_checkpoint(save)
+    model_sd = convert.read_state(path, keys=["model"])["model"]
+    assert model_sd["layers.0.mlp.experts.gate_proj"].shape[0] == 4  # all experts, not one rank's two
+    assert convert._shape_problems(convert.model_config(ckpt.read_train_state(path)), model_sd) == []
+    resumed = {}
+    for name, nproc, layout in [("ep2", 2, ["--micro-batch-size", "4", "--expert-model-parallel-size", "2"]),
+                                ("single", 1, ["--micro-batch-size", "8"])]:
+        out = run_trainer(moe + layout + ["--train-iters", "4", "--load", save], corpus_cache, nproc=nproc)
+        assert "resumed from checkpoint at iteration 2" in out.stdout, name
+        resumed[name] = losses(out.stdout)
+    assert sorted(resumed["ep2"]) == [3, 4]
+    for it in (3, 4):
+        assert float(resumed["single"][it]) == pytest.approx(float(resumed["ep2"][it]), rel=1e-5), it
