@@ -57,8 +57,8 @@ class ModelConfig:
         None, "LongNet: dilation r_i of each pattern (same count as --segment-lengths), non-decreasing", nargs="+")
     num_experts: Optional[int] = _opt(None, "MoE: experts per MoE layer (unset: dense MLPs)")
     moe_layer_freq: int = _opt(1, "MoE: layers 0, k, 2k, ... are MoE layers (as Megatron); 1 = every layer")
-    moe_ffn_hidden_size: Optional[int] = _opt(None, "MoE: width of each expert's SwiGLU; default --ffn-hidden-size "
-                                                    "divided by --moe-num-heads")
+    moe_ffn_hidden_size: Optional[int] = _opt(None, "MoE: width of each expert's SwiGLU; default the dense MLP's "
+                                                    "width (as Megatron)")
     moe_router_topk: int = _opt(2, "MoE: experts per (sub-)token")
     moe_num_heads: int = _opt(1, "MH-MoE: sub-tokens per token (head/merge projections when > 1)")
     moe_router_type: str = _opt("linear", "MoE router: linear softmax, or X-MoE's low-dimensional cosine router",
@@ -93,11 +93,9 @@ class ModelConfig:
 
     @property
     def expert_width(self) -> int:
-        """Each expert's SwiGLU width; by default the dense MLP's split over the MH-MoE heads, so that
-        h sub-tokens through k experts cost what k dense MLPs would."""
-        if self.moe_ffn_hidden_size is not None:
-            return self.moe_ffn_hidden_size
-        return max(1, self.mlp_width // self.moe_num_heads)
+        """Each expert's SwiGLU width. A token's h sub-tokens through k experts of width f cost
+        6*k*d*f FLOPs whatever h is, so f = dense width / k matches a dense MLP's compute."""
+        return self.moe_ffn_hidden_size if self.moe_ffn_hidden_size is not None else self.mlp_width
 
     @property
     def mlp_width(self) -> int:

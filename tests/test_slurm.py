@@ -1,4 +1,4 @@
-"""End-to-end SLURM tests: real sbatch jobs of launch/pretrain_gpt.sh on a running cluster.
+"""End-to-end SLURM tests: real sbatch jobs of launch/pretrain_gpt.sh (and each family's script) on a running cluster.
 
 Start the single-machine cluster first (needs root; ~2 s):
 
@@ -97,12 +97,12 @@ def submit(tmp_path):
     """submit(name, sbatch_args, trainer_args) -> Job; jobs still queued at teardown are cancelled."""
     jobs: list[Job] = []
 
-    def _submit(name: str, sbatch_args: list[str], trainer_args: list[str]) -> Job:
+    def _submit(name: str, sbatch_args: list[str], trainer_args: list[str], script: Path = SCRIPT) -> Job:
         run_dir = tmp_path / name
         log = tmp_path / f"{name}-%j.out"
         env = f"ALL,RUN_DIR={run_dir},PYTHON={sys.executable}"
         cmd = ["sbatch", "--parsable", f"--export={env}", f"--output={log}", f"--job-name=ml-test-{name}",
-               *sbatch_args, str(SCRIPT), *trainer_args]
+               *sbatch_args, str(script), *trainer_args]
         r = _run(cmd)
         assert r.returncode == 0, f"{' '.join(cmd)} failed: {r.stderr}"
         job_id = r.stdout.strip().split(";")[0]
@@ -172,6 +172,19 @@ def test_tp2_dp2_on_two_nodes(submit, two_nodes):
     assert_completed(job, info, iters)
     assert "world 4 = pp 1 x dp 2 x cp 1 x tp 2 (slurm)" in job.text(), job.tail()
     assert info.get("NumNodes") == "2", f"NumNodes={info.get('NumNodes')}\n{job.tail()}"
+
+
+# Every model family's batch script other than pretrain_gpt.sh (tested above), with its default tiny config.
+FAMILY_SCRIPTS = ["pretrain_longnet.sh", "pretrain_mhmoe.sh"]
+
+
+def test_every_family_batch_script_trains(submit):
+    """`sbatch launch/pretrain_<family>.sh` as the README says: all submitted at once, each must finish."""
+    iters = 10
+    jobs = {name: submit(name.removesuffix(".sh"), [], ["--train-iters", str(iters), *TINY],
+                         script=ROOT / "launch" / name) for name in FAMILY_SCRIPTS}
+    for name, job in jobs.items():
+        assert_completed(job, wait_done(job, FIRST_JOB_TIMEOUT), iters)
 
 
 def test_usr1_requeue_resumes_exactly(submit):
