@@ -356,6 +356,9 @@ def _parallel_errors(cfg: Config, world_size: int) -> tuple[list[str], int]:
     elif ep > 1 and (m.num_experts is None or m.num_experts % ep):
         e.append(f"--expert-model-parallel-size {ep} needs --num-experts divisible by it (each rank holds "
                  f"--num-experts / {ep} experts), got --num-experts {m.num_experts}")
+    if m.num_experts is not None and tp > 1 and (m.seq_length // cp) % tp:
+        e.append(f"--num-experts with --tensor-model-parallel-size {tp}: each TP rank routes 1/{tp} of the tokens, so "
+                 f"the tokens per context-parallel rank (--seq-length {m.seq_length} / {cp}) must be divisible by {tp}")
     if p.sequence_parallel and tp == 1:
         e.append("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards over the TP ranks)")
     elif p.sequence_parallel and (m.seq_length // cp) % tp:

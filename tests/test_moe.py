@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from megalatent.config import ConfigError, parse_args, validate
-from megalatent.nn.moe import MoELayer, balance_and_z_losses, grouped_mm
+from megalatent.nn.moe import MoELayer, balance_and_z_losses, grouped_mm, grouped_mm_loop
 
 torch.manual_seed(0)
 
@@ -137,10 +137,18 @@ def test_expert_bias_changes_selection_not_weights_and_moves_toward_balance():
     torch.testing.assert_close(layer.router.expert_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
 
 
-def test_grouped_mm_fallback():
-    x, w = torch.randn(9, 4), torch.randn(3, 4, 5)
+@pytest.mark.parametrize("d_out", [8, 5])  # 5: rows not 16-byte aligned -> the loop
+def test_grouped_mm_equals_per_expert_matmuls(d_out):
+    x, w = torch.randn(9, 4, requires_grad=True), torch.randn(3, 4, d_out, requires_grad=True)
     counts = torch.tensor([2, 0, 7])
-    torch.testing.assert_close(grouped_mm(x, w, counts), torch.cat([x[:2] @ w[0], x[2:] @ w[2]]))
+    grouped_mm(x, w, counts).square().sum().backward()
+    got = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    expected = torch.cat([x[:2] @ w[0], x[2:] @ w[2]])
+    expected.square().sum().backward()
+    torch.testing.assert_close(grouped_mm(x, w, counts), expected)
+    torch.testing.assert_close(grouped_mm_loop(x, w, counts), expected)
+    torch.testing.assert_close(got, (x.grad, w.grad))
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -206,7 +214,8 @@ def check_moe(tmp_path, moe_reference, nproc, cases, name):
 def test_moe_two_ranks(tmp_path, moe_reference):
     check_moe(tmp_path, moe_reference, 2, [
         (moe_layout(2, **{"expert-model-parallel-size": 2}), (4,)),  # dp 2 = ep 2
-        (moe_layout(2, **{"tensor-model-parallel-size": 2, "sequence-parallel": True}), (2,)),
+        (moe_layout(2, **{"tensor-model-parallel-size": 2, "sequence-parallel": True}), (2,)),  # tokens split over tp
+        (moe_layout(2, **{"tensor-model-parallel-size": 2}), (2,)),
         (moe_layout(2, **{"context-parallel-size": 2, "expert-model-parallel-size": 2}), (2,)),  # ep over cp
     ], "moe2")
 
@@ -216,6 +225,7 @@ def test_moe_four_ranks(tmp_path, moe_reference):
         (moe_layout(2, **{"expert-model-parallel-size": 4}), (8,)),  # dp 4 = ep 4
         (moe_layout(2, **{"expert-model-parallel-size": 2}), (8,)),  # dp 4 = edp 2 x ep 2
         (moe_layout(2, **{"expert-model-parallel-size": 2, "tensor-model-parallel-size": 2}), (4,)),  # + TP, dp 2
+        (moe_layout(2, **{"tensor-model-parallel-size": 2, "sequence-parallel": True}), (4,)),  # TP x dp 2, no EP
         (moe_layout(2, **{"expert-model-parallel-size": 2, "pipeline-model-parallel-size": 2}, **UNTIED), (4, True)),
     ], "moe4")
 

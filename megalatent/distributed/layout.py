@@ -7,7 +7,7 @@ so tensor-parallel peers are adjacent ranks (inside one node).
 Expert parallelism is carved out of dp x cp (Megatron's "parallel folding"): the dp x cp ranks of one
 (pp, tp) coordinate, in mesh order, are regrouped as edp x ep with ep innermost, so an `ep` group is
 ep consecutive data/context-parallel ranks and `edp` (expert data parallel) the ranks holding the same
-experts. That regrouping is a second mesh over the same ranks, `expert_mesh` ("pp", "edp", "ep", "tp").
+experts. That regrouping is a second mesh over the same ranks, `expert_mesh` ("pp", "edp", "tp", "ep").
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ class ParallelLayout:
     mesh: Optional[DeviceMesh] = field(default=None, repr=False)
     expert_mesh: Optional[DeviceMesh] = field(default=None, repr=False)
     _fsdp_mesh: Optional[DeviceMesh] = field(default=None, repr=False)
+    _token_mesh: Optional[DeviceMesh] = field(default=None, repr=False)
+    _expert_fsdp_mesh: Optional[DeviceMesh] = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, cfg, world_size: int, rank: int = 0) -> "ParallelLayout":
@@ -71,9 +73,25 @@ class ParallelLayout:
     def edp(self) -> int:
         return self.dp * self.cp // self.ep
 
+    def token_mesh(self) -> DeviceMesh:
+        """The ranks of one pipeline stage that hold different tokens inside an MoE layer: dp x cp, and the
+        tp ranks too, which split an MoE layer's tokens between them (see tensor_parallel.py)."""
+        if self._token_mesh is None:
+            dims = tuple(d for d in ("dp", "cp", "tp") if getattr(self, d) > 1) or ("dp",)
+            self._token_mesh = self.mesh[dims]._flatten("_".join(dims)) if len(dims) > 1 else self.mesh[dims[0]]
+        return self._token_mesh
+
     def token_group(self):
-        """The ranks that hold different tokens of a step (dp x cp); None when there is only one."""
-        return self.fsdp_mesh().get_group() if self.dp * self.cp > 1 else None
+        """The process group of `token_mesh`; None when one rank holds all the tokens."""
+        return self.token_mesh().get_group() if self.dp * self.cp * self.tp > 1 else None
+
+    def expert_fsdp_mesh(self) -> DeviceMesh:
+        """The ranks holding the same experts but different tokens: edp (x tp), where expert gradients are
+        summed and FSDP shards the expert weights."""
+        if self._expert_fsdp_mesh is None:
+            self._expert_fsdp_mesh = (self.expert_mesh["edp"] if self.tp == 1
+                                      else self.expert_mesh["edp", "tp"]._flatten("edp_tp"))
+        return self._expert_fsdp_mesh
 
     def group(self, dim: str):
         return self.mesh[dim].get_group()
@@ -84,8 +102,10 @@ class ParallelLayout:
             self.mesh = init_device_mesh(device.type, (self.pp, self.dp, self.cp, self.tp),
                                          mesh_dim_names=("pp", "dp", "cp", "tp"))
             if self.ep > 1:
-                self.expert_mesh = init_device_mesh(device.type, (self.pp, self.edp, self.ep, self.tp),
-                                                    mesh_dim_names=("pp", "edp", "ep", "tp"))
+                # The same ranks regrouped; ep goes last (a permuted view, not a different assignment) so that
+                # FSDP's mesh (edp x tp, flattened) and the experts' ep mesh form an ordered 2-D mesh.
+                ranks = torch.arange(self.world_size).view(self.pp, self.edp, self.ep, self.tp).permute(0, 1, 3, 2)
+                self.expert_mesh = DeviceMesh(device.type, ranks, mesh_dim_names=("pp", "edp", "tp", "ep"))
 
     def describe(self) -> str:
         text = f"world {self.world_size} = pp {self.pp} x dp {self.dp} x cp {self.cp} x tp {self.tp}"

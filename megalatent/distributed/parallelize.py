@@ -67,7 +67,7 @@ def parallelize(model: nn.Module, layout: ParallelLayout, cfg: ParallelConfig,
         apply_expert_parallel(model, layout.expert_mesh["ep"])
     if cfg.recompute_granularity is not None:
         apply_recompute(model, cfg.recompute_granularity)
-    if layout.dp * layout.cp > 1:
+    if layout.dp * layout.cp > 1 or (layout.tp > 1 and moe_layers(model)):
         apply_fsdp(model, layout, cfg.data_parallel_sharding_strategy, param_dtype)
     return model
 
@@ -86,22 +86,33 @@ def apply_fsdp(model: nn.Module, layout: ParallelLayout, strategy: str, param_dt
     In every case the optimizer state is sharded. Gradients are reduced in fp32.
     (The gradient-sync half of the mapping lives in the trainer: see Trainer._sync_grads_on.)
 
-    With expert parallelism the experts are their own unit over the expert-data-parallel ranks (`edp`),
-    which hold the same experts. Their gradient already sums the tokens of all dp x cp ranks (the
-    all-to-all brought them), so it is divided by dp x cp, not by edp, to be the same mean as every
-    other gradient.
+    MoE layers are units of their own when their ranks differ from the layer's. Their tokens are split
+    over the tp ranks too, so the router's and MH-MoE projections' gradients are summed over dp x cp x tp
+    (`token_mesh`); with expert parallelism the experts are a unit over the ranks that hold the same
+    experts (edp x tp). Those gradients each sum the tokens of all dp x cp (x tp) ranks (the all-to-all
+    brought them), so they are divided by dp x cp, the same mean as every other gradient.
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     reshard = strategy == "optim_grads_params"
+
+    def shard(module: nn.Module, mesh, divide_by: float | None = None) -> None:
+        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        if divide_by is not None:
+            module.set_gradient_divide_factor(divide_by)
+            # gloo lacks the PREMUL_SUM a custom factor becomes: sum, then divide. Not on one rank: FSDP2
+            # (torch 2.13) skips the collective there but would then divide twice.
+            if torch.distributed.get_backend() == "gloo" and mesh.size() > 1:
+                module.set_force_sum_reduction_for_comms(True)
+
+    mean_over = float(layout.dp * layout.cp)  # the ranks every gradient is averaged over
+    for _, moe in moe_layers(model):
+        if layout.ep > 1:
+            shard(moe.experts, layout.expert_fsdp_mesh(), mean_over)
+        if layout.tp > 1:
+            shard(moe, layout.token_mesh(), mean_over)
+    if layout.dp * layout.cp == 1:
+        return  # tensor parallelism alone: only the MoE layers needed sharding (their gradients sum over tp)
     dp_mesh = layout.fsdp_mesh()
-    if layout.ep > 1:
-        for _, moe in moe_layers(model):
-            fully_shard(moe.experts, mesh=layout.expert_mesh["edp"], mp_policy=mp, reshard_after_forward=reshard)
-            moe.experts.set_gradient_divide_factor(float(layout.dp * layout.cp))
-            # gloo lacks the PREMUL_SUM a custom factor becomes; sum-then-divide instead. Not with one expert-data-
-            # parallel rank: FSDP2 (torch 2.13) skips the collective but would then divide twice.
-            if torch.distributed.get_backend() == "gloo" and layout.edp > 1:
-                moe.experts.set_force_sum_reduction_for_comms(True)
     for layer in model.layers.values():
-        fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+        shard(layer, dp_mesh)
+    shard(model, dp_mesh)

@@ -50,6 +50,14 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
                 p + "mlp.up_proj": ColwiseParallel(),
                 p + "mlp.down_proj": RowwiseParallel(output_layouts=stream),
             })
+        if moe:
+            # An MoE layer's weights are not split over the TP ranks (expert tensor parallelism 1); its tokens
+            # are: each TP rank routes and computes its 1/tp of the sequence. Under sequence parallelism that is
+            # the shard it already holds (no communication); otherwise it takes its slice and the outputs are
+            # all-gathered. The MoE weights' gradients are then summed over tp (parallelize.apply_fsdp).
+            plan[p + "mlp"] = PrepareModuleInputOutput(
+                input_layouts=(stream,), desired_input_layouts=(Shard(1),), use_local_input=True,
+                output_layouts=(Shard(1),), desired_output_layouts=(stream,), use_local_output=True)
         if sequence_parallel:
             plan.update({
                 p + "attention_norm": SequenceParallel(),
@@ -57,12 +65,9 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
                                                     desired_input_layouts=(Replicate(), None), use_local_output=True),
                 p + "mlp_norm": SequenceParallel(),
             })
-            # An MoE layer is not split over the TP ranks (expert tensor parallelism 1): it runs on the
-            # whole sequence on every TP rank, and its replicated output is cut back to this rank's shard.
-            plan[p + "mlp"] = (PrepareModuleInputOutput(
-                input_layouts=(stream,), desired_input_layouts=(Replicate(),), use_local_input=True,
-                output_layouts=(Replicate(),), desired_output_layouts=(stream,), use_local_output=True) if moe else
-                PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),), use_local_output=True))
+            if not moe:
+                plan[p + "mlp"] = PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),),
+                                                     use_local_output=True)
     return plan
 
 

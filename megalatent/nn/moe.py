@@ -95,13 +95,18 @@ class Router(nn.Module):
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [T, d_in] sorted by expert, counts [E] rows per expert, weight [E, d_in, d_out] -> [T, d_out].
 
-    On Hopper-class GPUs in bf16 this is one `torch._grouped_mm` launch; elsewhere a loop over the
-    experts' blocks (the same arithmetic, and the reference the fast path is checked against).
+    One `torch._grouped_mm` call (CUTLASS grouped GEMM on Hopper, a per-group fallback on CPU) when
+    this torch has it and the rows are 16-byte aligned as it requires; else a loop over the experts'
+    blocks (`grouped_mm_loop`, also the reference the tests hold it to).
     """
-    if (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and torch.cuda.get_device_capability(x.device)[0] >= 9):
-        offsets = counts.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x, weight, offs=offsets)
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    aligned = all(n * torch.finfo(dtype).bits // 8 % 16 == 0 for n in (x.shape[-1], weight.shape[-1]))
+    if hasattr(torch, "_grouped_mm") and aligned:
+        return torch._grouped_mm(x.to(dtype), weight.to(dtype), offs=counts.cumsum(0).to(torch.int32))
+    return grouped_mm_loop(x, weight, counts)
+
+
+def grouped_mm_loop(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     blocks = x.split(counts.tolist())
     return torch.cat([block @ weight[e] for e, block in enumerate(blocks)]) if blocks else x.new_zeros(0, weight.shape[-1])
 
