@@ -55,6 +55,11 @@ class ModelConfig:
         None, "LongNet: segment length w_i of each dilated-attention pattern, increasing", nargs="+")
     dilated_ratios: Optional[list[int]] = _opt(
         None, "LongNet: dilation r_i of each pattern (same count as --segment-lengths), non-decreasing", nargs="+")
+    img_h: int = _opt(224, "LongViT: image height in pixels the position embeddings are learned for")
+    img_w: int = _opt(224, "LongViT: image width in pixels the position embeddings are learned for")
+    patch_dim: int = _opt(16, "LongViT: patch size in pixels")
+    num_channels: int = _opt(3, "LongViT: image channels")
+    num_classes: int = _opt(1000, "LongViT: classes of the classification head")
     num_experts: Optional[int] = _opt(None, "MoE: experts per MoE layer (unset: dense MLPs)")
     moe_layer_freq: int = _opt(1, "MoE: layers 0, k, 2k, ... are MoE layers (as Megatron); 1 = every layer")
     moe_ffn_hidden_size: Optional[int] = _opt(None, "MoE: width of each expert's SwiGLU; default the dense MLP's "

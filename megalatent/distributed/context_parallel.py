@@ -79,6 +79,8 @@ def apply_context_parallel(model: nn.Module, cp_group, local_length: int) -> Non
             replaced[id(core)] = (core.distributed(cp_group, local_length) if hasattr(core, "distributed")
                                   else ContextParallelAttention(cp_group))
         layer.attention.core_attention = replaced[id(core)]
+    if hasattr(model, "cp_group"):  # a model with sequence-wide steps of its own (LongViT's pooling)
+        model.cp_group = cp_group
     for core in replaced.values():
         if hasattr(core, "expected_rows") and torch.distributed.get_rank() == 0:
             print(f"[context parallel] dilated attention: each rank receives {core.expected_rows} K/V rows per "

@@ -16,27 +16,30 @@ from megalatent.nn.dilated import DistributedDilatedAttention, dilated_attention
 
 
 class DilatedCore:
-    """The attention core of a LongNet layer: causal dilated attention over the configured patterns.
-    `first_head` is the global index of the first head this rank holds (non-zero under TP)."""
+    """The attention core of a LongNet layer: dilated attention over the configured patterns, causal for
+    the language model, non-causal for an encoder (LongViT). `first_head` is the global index of the first
+    head this rank holds (non-zero under TP)."""
 
-    def __init__(self, segment_lengths: list[int], dilated_ratios: list[int], first_head: int = 0):
+    def __init__(self, segment_lengths: list[int], dilated_ratios: list[int], first_head: int = 0,
+                 causal: bool = True):
         self.segment_lengths, self.dilated_ratios = list(segment_lengths), list(dilated_ratios)
-        self.first_head = first_head
+        self.first_head, self.causal = first_head, causal
 
     def __call__(self, q, k, v, positions):
-        return dilated_attention(q, k, v, self.segment_lengths, self.dilated_ratios, True, self.first_head)
+        return dilated_attention(q, k, v, self.segment_lengths, self.dilated_ratios, self.causal, self.first_head)
 
     def tensor_parallel(self, first_head: int) -> "DilatedCore":
         """The core for a rank holding the heads from `first_head` on: dilation offsets follow global heads."""
-        return DilatedCore(self.segment_lengths, self.dilated_ratios, first_head)
+        return DilatedCore(self.segment_lengths, self.dilated_ratios, first_head, self.causal)
 
     def distributed(self, cp_group, local_length: int) -> DistributedDilatedAttention:
         """The same attention for a sequence split contiguously over `cp_group` (LongNet §3.1)."""
         return DistributedDilatedAttention(self.segment_lengths, self.dilated_ratios, cp_group, local_length,
-                                           causal=True, first_head=self.first_head)
+                                           causal=self.causal, first_head=self.first_head)
 
     def __repr__(self) -> str:
-        return f"DilatedCore(w={self.segment_lengths}, r={self.dilated_ratios})"
+        kind = "" if self.causal else ", non-causal"
+        return f"DilatedCore(w={self.segment_lengths}, r={self.dilated_ratios}{kind})"
 
 
 def build(cfg: ModelConfig) -> Decoder:
@@ -57,10 +60,11 @@ def flops_per_token(cfg: ModelConfig) -> float:
 
 
 def validate(cfg: Config) -> list[str]:
+    """The dilated patterns' rules, for any family built on dilated attention (LongNet, LongViT)."""
     m, p = cfg.model, cfg.parallel
     w, r = m.segment_lengths, m.dilated_ratios
     if not w or not r:
-        return ["--model-family longnet needs --segment-lengths and --dilated-ratios "
+        return [f"--model-family {m.model_family} needs --segment-lengths and --dilated-ratios "
                 "(e.g. --segment-lengths 2048 4096 8192 --dilated-ratios 1 2 4)"]
     e = []
     if len(w) != len(r):

@@ -1,0 +1,54 @@
+"""LongViT (models.md §6): the non-causal dilated-attention ViT; context parallelism over 2 and 4 ranks
+equals one device (logits and gradients); positions interpolate to other image sizes; patches are
+embedded band by band exactly as all at once."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from megalatent.config import ConfigError, parse_args, validate
+from megalatent.models.longvit import PatchEmbedding, interpolate_positions
+from megalatent.models.registry import build_model
+
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from longvit_worker import FLAGS  # noqa: E402
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_context_parallel_equals_one_device(tmp_path, nproc):
+    out = str(tmp_path / "errors.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           os.path.join(REPO, "tests", "longvit_worker.py"), out]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    errors = json.load(open(out))
+    assert errors["logits"] < 1e-5
+    assert errors["grads"] and max(errors["grads"].values()) < 1e-4, errors["grads"]
+
+
+def test_patch_embedding_by_bands_equals_whole_image():
+    embed = PatchEmbedding(3, 4, 16, band_rows=3)
+    images = torch.randn(2, 3, 32, 48)
+    whole = embed.proj(images).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(embed(images, 0, 96), whole)
+    torch.testing.assert_close(embed(images, 17, 61), whole[:, 17:61])  # ranges not on row boundaries
+
+
+def test_positions_interpolate_to_larger_images():
+    model = build_model(parse_args(FLAGS).model)
+    table = model.positions.detach()
+    assert interpolate_positions(table, (8, 12), (8, 12)) is table
+    assert interpolate_positions(table, (8, 12), (16, 24)).shape == (16 * 24, 32)
+    assert model(torch.randn(1, 3, 64, 96)).shape == (1, 5)  # 4x the patches of the training size
+
+
+def test_longvit_config_errors():
+    with pytest.raises(ConfigError, match="--seq-length 96"):
+        validate(parse_args(FLAGS[:FLAGS.index("--seq-length")] + ["--seq-length", "100"] +
+                            FLAGS[FLAGS.index("--seq-length") + 2:]))
+    validate(parse_args(FLAGS))
