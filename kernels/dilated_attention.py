@@ -13,10 +13,11 @@ which has the same order as the position since queries and keys share the stride
 
 Programs: forward and dq run over (segment * query blocks, batch * head); dk/dv over (segment * key
 blocks, batch * kv-head * offset class). Segments and blocks share grid axis 0 (2^31 programs) because a
-million-token sequence of short segments would overflow axis 1 or 2 (65535). Under grouped-query attention the query heads of a group that share a
-K/V head have offsets (first_head + j) mod r: heads with equal offsets use the same key rows (their dk/dv
-add up), heads with different offsets use disjoint rows. So one dk/dv program per (kv head, offset class)
-loops over the query heads of its class and owns its key rows: no atomics, each row written once.
+million-token sequence of short segments would overflow axis 1 or 2 (65535). Under grouped-query
+attention the query heads of a group that share a K/V head have offsets (first_head + j) mod r: heads
+with equal offsets use the same key rows (their dk/dv add up), heads with different offsets use disjoint
+rows. So one dk/dv program per (kv head, offset class) loops over the query heads of its class and owns
+its key rows: no atomics, each row written once.
 
 Rows this pattern does not keep get output 0 and LSE = NOT_COVERED (and zero gradients), as in the
 reference. Scores use exp2 with the scale folded in (log2 e / sqrt(d)); accumulation is fp32 for bf16,
@@ -102,7 +103,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     out = acc / l_safe[:, None]
     tl.store(O + batch * stride_ob + head * stride_oh + q_pos[:, None] * stride_on + dims[None, :],
              out.to(O.dtype.element_ty), mask=q_ok[:, None] & dim_ok[None, :])
-    lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634  # back to natural log
+    lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634  # log2 -> natural log (LOG2E; no globals in jit)
     tl.store(LSE + bh.to(tl.int64) * n + q_pos, lse, mask=q_ok)
 
 

@@ -121,12 +121,42 @@ def test_mixture_through_dispatch_equals_reference(causal):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+def test_tiny_longnet_gradients_with_kernels_equal_reference(monkeypatch):
+    """The LongNet family's attention layers (projections, RoPE, GQA, the dispatch) with the kernels forced
+    on by MEGALATENT_DILATED_KERNEL=1 give the reference's loss and parameter gradients."""
+    import megalatent.models  # noqa: F401  (registers the families)
+    from megalatent.config import parse_args
+    from megalatent.models.registry import build_model
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples/tiny/longnet.yaml")
+    cfg = parse_args(["--config", config, "--num-layers", "1", "--hidden-size", "64",
+                      "--seq-length", "80", "--vocab-size", "128"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg).to(DEVICE)
+    tokens = torch.randint(0, 128, (1, 81), device=DEVICE)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MEGALATENT_DILATED_KERNEL", flag)
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (loss, got), (ref_loss, want) = results
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 def test_dispatch_rules(monkeypatch):
     q, k, v = tensors(1, 2, 2, 16, 16)
     assert use_kernel(q, k, v, kernel=False) is False
     assert use_kernel(q, k, v, kernel=None) is (DEVICE == "cuda")  # the reference stays the CPU path
     monkeypatch.setenv("MEGALATENT_DILATED_KERNEL", "0")
     assert use_kernel(q, k, v, kernel=None) is False
+    assert use_kernel(q, k, v, kernel=True) is True  # the argument wins over the environment
+    monkeypatch.setenv("MEGALATENT_DILATED_KERNEL", "1")
+    assert use_kernel(q, k, v, kernel=None) is True
+    assert use_kernel(q, k, v, kernel=False) is False
+    monkeypatch.delenv("MEGALATENT_DILATED_KERNEL")
     wide = torch.zeros(1, 2, 16, 256, device=DEVICE)
     assert use_kernel(wide, wide, wide, kernel=None) is False  # head dim > 128: the reference, silently
     with pytest.raises(ValueError, match="head dim 256"):

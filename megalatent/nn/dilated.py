@@ -18,7 +18,7 @@ output and finite gradients instead of NaN.
 
 On CUDA the same computation runs as fused Triton kernels (kernels/dilated_attention.py: the sparse rows
 are read by strided loads, never gathered; kernels/lse_merge.py), tested against the functions here;
-`use_kernel` decides, and MEGALATENT_DILATED_KERNEL=0 keeps the reference.
+`use_kernel` decides (MEGALATENT_DILATED_KERNEL=0 keeps the reference).
 """
 from __future__ import annotations
 
@@ -113,14 +113,16 @@ KERNEL_ENV = "MEGALATENT_DILATED_KERNEL"
 
 def use_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: bool | None = None) -> bool:
     """Whether to run the Triton kernels. `kernel=True` forces them (on CPU they need TRITON_INTERPRET=1 set
-    before they are imported) and fails on tensors they cannot take; False forces the reference. By default
-    they run on CUDA tensors when Triton is installed, the kernel takes the shapes and dtypes (head dim
-    <= 128; fp16, bf16, fp32) and MEGALATENT_DILATED_KERNEL is not 0."""
+    before Triton is imported) and fails on tensors they cannot take; False forces the reference. By
+    default they run on CUDA tensors when Triton is installed and the kernel takes the shapes and dtypes
+    (head dim <= 128; fp16, bf16, fp32); MEGALATENT_DILATED_KERNEL=0 or 1 forces either way instead."""
+    if kernel is None and os.environ.get(KERNEL_ENV) in ("0", "1"):
+        kernel = os.environ[KERNEL_ENV] == "1"
     if kernel is False:
         return False
     if kernel is None:
         from megalatent.kernels import available
-        if not q.is_cuda or os.environ.get(KERNEL_ENV, "1") == "0" or not available():
+        if not q.is_cuda or not available():
             return False
     from megalatent.kernels.dilated_attention import check_inputs
     problem = check_inputs(q, k, v)
