@@ -34,21 +34,24 @@ def grads(outputs, cotangents, inputs):
     return torch.autograd.grad(loss, inputs)
 
 
-# (h, kv_heads, n, w, r, causal, first_head, blocks): GQA groups whose heads share or split offsets,
-# n not a multiple of w or r, w > n (clamped), several query/key blocks per segment (blocks=(16, 16)).
+# (h, kv_heads, n, d, w, r, causal, first_head, blocks): GQA groups whose heads share or split offsets,
+# n not a multiple of w or r, w > n (clamped), several query/key blocks per segment (blocks=(16, 16), or
+# the default blocks, which differ between the backward's two kernels, at 64 rows), a head dim that is not
+# a power of two.
 PATTERNS = [
-    (2, 2, 32, 16, 1, True, 0, None),
-    (4, 2, 40, 16, 2, True, 1, None),
-    (4, 1, 50, 32, 4, False, 3, None),
-    (4, 2, 64, 64, 1, True, 0, (16, 16)),
-    (3, 3, 61, 64, 2, False, 0, (16, 16)),
-    (4, 4, 45, 128, 3, True, 2, None),
+    (2, 2, 32, 16, 16, 1, True, 0, None),
+    (4, 2, 40, 16, 16, 2, True, 1, None),
+    (4, 1, 50, 16, 32, 4, False, 3, None),
+    (4, 2, 64, 16, 64, 1, True, 0, (16, 16)),
+    (3, 3, 61, 16, 64, 2, False, 0, (16, 16)),
+    (4, 4, 45, 16, 128, 3, True, 2, None),
+    (2, 1, 100, 24, 64, 1, True, 1, None),
 ]
 
 
-@pytest.mark.parametrize("h, kv_heads, n, w, r, causal, first_head, blocks", PATTERNS)
-def test_pattern_kernel_equals_reference(h, kv_heads, n, w, r, causal, first_head, blocks):
-    q, k, v = tensors(1, h, kv_heads, n, 16, seed=n + w + r)
+@pytest.mark.parametrize("h, kv_heads, n, d, w, r, causal, first_head, blocks", PATTERNS)
+def test_pattern_kernel_equals_reference(h, kv_heads, n, d, w, r, causal, first_head, blocks):
+    q, k, v = tensors(1, h, kv_heads, n, d, seed=n + w + r)
     out, lse = pattern_kernel.dilated_pattern(q, k, v, w, r, causal, first_head, blocks)
     ref_out, ref_lse = pattern_kernel.reference(q, k, v, w, r, causal, first_head)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
