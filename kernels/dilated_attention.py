@@ -22,7 +22,7 @@ its key rows: no atomics, each row written once.
 Rows this pattern does not keep get output 0 and LSE = NOT_COVERED (and zero gradients), as in the
 reference. Scores use exp2 with the scale folded in (log2 e / sqrt(d)); accumulation is fp32 for bf16,
 fp16 and fp32 inputs (fp32 matmuls in IEEE precision unless torch allows TF32 matmuls, as torch does).
-Block sizes are powers of two, at least 16 (tl.dot's minimum) and at most 64; d <= 128.
+Block sizes are powers of two, at least 16 (tl.dot's minimum) and at most 64 (`TILES`); d <= 128.
 """
 from __future__ import annotations
 
@@ -230,6 +230,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     tl.store(DQ + (row[:, None] * HEAD_DIM + dims[None, :]), (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
+# (query rows, key rows, warps) per program for each kernel, for head dims up to 64 and up to 128: the
+# largest tiles whose sm_90 cubins (bf16) use no spill stack (cuobjdump -res-usage: 164-236 registers).
+# Not timed yet: tune on a GPU.
+TILES = {"fwd": {64: (64, 64, 8), 128: (32, 64, 8)},
+         "dkdv": {64: (32, 64, 8), 128: (32, 32, 8)},
+         "dq": {64: (64, 32, 8), 128: (32, 32, 8)}}
+
+
 def _block(rows: int, cap: int) -> int:
     """A power of two covering the kept rows of a segment, between tl.dot's minimum (16) and `cap`."""
     return max(16, min(cap, triton.next_power_of_2(rows)))
@@ -271,8 +279,12 @@ class _Launch:
                            PRECISION=_precision(q))
         self.qk_scale = LOG2E / math.sqrt(self.d)
 
-    def sizes(self, cap_m: int, cap_n: int) -> tuple[int, int]:
-        return self.blocks or (_block(self.rows, cap_m), _block(self.rows, cap_n))
+    def tiles(self, kernel: str) -> dict:
+        """BLOCK_M, BLOCK_N (no larger than the kept rows need) and num_warps of one kernel's launch."""
+        block_m, block_n, warps = TILES[kernel][64 if self.d <= 64 else 128]
+        if self.blocks:
+            block_m, block_n = self.blocks
+        return dict(BLOCK_M=_block(self.rows, block_m), BLOCK_N=_block(self.rows, block_n), num_warps=warps)
 
 
 def _strides(*tensors: torch.Tensor) -> list[int]:
@@ -282,12 +294,11 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
 def _forward(q, k, v, p: _Launch):
     o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # rows this pattern does not keep stay 0
     lse = torch.full((p.b, p.h, p.n), NOT_COVERED, dtype=torch.float32, device=q.device)
-    block_m, block_n = p.sizes(64, 64)
-    blocks = triton.cdiv(p.rows, block_m)
+    tiles = p.tiles("fwd")
+    blocks = triton.cdiv(p.rows, tiles["BLOCK_M"])
     _fwd_kernel[(p.segments * blocks, p.b * p.h)](
         q, k, v, o, lse, *_strides(q, k, v, o),
-        p.n, p.h, p.h // p.kv_heads, p.w, p.r, p.rows, blocks, p.first_head, p.qk_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, **p.common)
+        p.n, p.h, p.h // p.kv_heads, p.w, p.r, p.rows, blocks, p.first_head, p.qk_scale, **tiles, **p.common)
     return o, lse
 
 
@@ -304,18 +315,17 @@ def _backward(q, k, v, o, lse, do, dlse, p: _Launch):
     dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
     group = p.h // p.kv_heads
     classes = min(p.r, group)  # distinct offsets among a group's query heads
-    block_m, block_n = p.sizes(32, 64)
-    blocks = triton.cdiv(p.rows, block_n)
+    tiles = p.tiles("dkdv")
+    blocks = triton.cdiv(p.rows, tiles["BLOCK_N"])
     _bwd_dkdv_kernel[(p.segments * blocks, p.b * p.kv_heads * classes)](
         q, k, v, do, lse, delta, dk, dv, *_strides(q, k, v, do),
         p.n, p.h, p.kv_heads, group, classes, p.w, p.r, p.rows, blocks, p.first_head, p.qk_scale, sm_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, **p.common)
-    block_m, block_n = p.sizes(64, 32)
-    blocks = triton.cdiv(p.rows, block_m)
+        **tiles, **p.common)
+    tiles = p.tiles("dq")
+    blocks = triton.cdiv(p.rows, tiles["BLOCK_M"])
     _bwd_dq_kernel[(p.segments * blocks, p.b * p.h)](
         q, k, v, do, lse, delta, dq, *_strides(q, k, v, do),
-        p.n, p.h, group, p.w, p.r, p.rows, blocks, p.first_head, p.qk_scale, sm_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, **p.common)
+        p.n, p.h, group, p.w, p.r, p.rows, blocks, p.first_head, p.qk_scale, sm_scale, **tiles, **p.common)
     return dq, dk, dv
 
 

@@ -176,21 +176,22 @@ def test_kernels_compile_for_h100():
         from triton.compiler import ASTSource
         from megalatent.kernels import dilated_attention as a, lse_merge as m
         common = dict(HEAD_DIM=128, CAUSAL=True, PRECISION="tf32", BLOCK_D=128)
-        jobs = [(a._fwd_kernel, dict(common, BLOCK_M=64, BLOCK_N=64)),
-                (a._bwd_dkdv_kernel, dict(common, BLOCK_M=32, BLOCK_N=64)),
-                (a._bwd_dq_kernel, dict(common, BLOCK_M=64, BLOCK_N=32)),
-                (a._bwd_delta_kernel, dict(HAS_DLSE=True, HEAD_DIM=128, BLOCK=64, BLOCK_D=128)),
-                (m._merge_fwd_kernel, dict(HEAD_DIM=128, BLOCK_R=32, BLOCK_D=128)),
-                (m._merge_bwd_kernel, dict(HEAD_DIM=128, BLOCK_R=32, BLOCK_D=128))]
+        def tiles(kernel):  # the launch's tiles for d = 128
+            block_m, block_n, warps = a.TILES[kernel][128]
+            return dict(common, BLOCK_M=block_m, BLOCK_N=block_n), warps
+        jobs = [(a._fwd_kernel, *tiles("fwd")), (a._bwd_dkdv_kernel, *tiles("dkdv")), (a._bwd_dq_kernel, *tiles("dq")),
+                (a._bwd_delta_kernel, dict(HAS_DLSE=True, HEAD_DIM=128, BLOCK=64, BLOCK_D=128), 4),
+                (m._merge_fwd_kernel, dict(HEAD_DIM=128, BLOCK_R=32, BLOCK_D=128), 4),
+                (m._merge_bwd_kernel, dict(HEAD_DIM=128, BLOCK_R=32, BLOCK_D=128), 4)]
         fp32_pointers = {"LSE", "DELTA", "DLSE", "OUT_LSE"}
         bf16_pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "OUT", "DOUT"}
-        for fn, constants in jobs:
+        for fn, constants, warps in jobs:
             signature = {name: "constexpr" if name in constants else "*fp32" if name in fp32_pointers else
                          "*bf16" if name in bf16_pointers else "fp32" if name.endswith("scale") else "i32"
                          for name in fn.arg_names}
             source = ASTSource(fn=fn, signature=signature,
                                constexprs={(fn.arg_names.index(c),): x for c, x in constants.items()})
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
             assert compiled.asm["cubin"], fn
             print("compiled", fn.__name__)
     """)
