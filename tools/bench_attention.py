@@ -10,7 +10,8 @@ Peak memory is recorded on GPU only (torch.cuda.max_memory_allocated above what 
 a CPU process's peak RSS never goes down, so it cannot attribute a peak to one call.
 The goal the numbers are read against: dilated time grows linearly with L (x2 length -> <= x2.2 time) while
 dense grows quadratically. On a GPU the dilated runs use the Triton kernels (megalatent/nn/dilated.py
-dispatches; MEGALATENT_DILATED_KERNEL=0 gives the reference), on CPU the plain-PyTorch reference.
+dispatches, and the reference is timed beside them as "dilated-reference"), on CPU the plain-PyTorch
+reference.
 
 --max-trainable-length: instead, the largest sequence length for which ONE training step (forward, backward,
 clipping, AdamW) of the tiny LongNet (examples/tiny/longnet.yaml: its layers, widths, heads and patterns;
@@ -46,7 +47,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)  # this checkout's megalatent, also when it is not installed
 
-from megalatent.nn.dilated import dilated_attention  # noqa: E402
+from megalatent.nn.dilated import dilated_attention, use_kernel  # noqa: E402
 
 TINY_LONGNET = os.path.join(REPO, "examples", "tiny", "longnet.yaml")
 
@@ -250,21 +251,23 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     records = []
-    print(f"{'length':>8} {'kind':>8} {'ms fwd+bwd':>11} {'peak GiB':>9}  patterns")
+    print(f"{'length':>8} {'kind':>17} {'ms fwd+bwd':>11} {'peak GiB':>9}  patterns")
     for length in args.lengths:
         w, r = (args.segment_lengths, args.dilated_ratios) if args.segment_lengths else patterns(length, args.min_segment)
         shape = (args.batch, args.heads, length, args.head_dim)
         q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         runs = [("dilated", lambda q, k, v: dilated_attention(q, k, v, w, r, causal=True))]
+        if device.type == "cuda" and use_kernel(q, k, v):  # "dilated" ran the Triton kernels: time the reference too
+            runs.append(("dilated-reference", lambda q, k, v: dilated_attention(q, k, v, w, r, causal=True, kernel=False)))
         if length <= args.dense_max_length:
             runs.append(("dense", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
         for kind, fn in runs:
             seconds, peak = measure(fn, q, k, v, args.repeats, device)
             records.append({"length": length, "kind": kind, "ms": 1000 * seconds, "peak_gib": peak,
-                            "segment_lengths": w if kind == "dilated" else None,
-                            "dilated_ratios": r if kind == "dilated" else None})
+                            "segment_lengths": w if kind != "dense" else None,
+                            "dilated_ratios": r if kind != "dense" else None})
             memory = f"{peak:>9.3f}" if peak is not None else f"{'-':>9}"
-            print(f"{length:>8} {kind:>8} {1000 * seconds:>11.1f} {memory}  {(w, r) if kind == 'dilated' else ''}",
+            print(f"{length:>8} {kind:>17} {1000 * seconds:>11.1f} {memory}  {(w, r) if kind != 'dense' else ''}",
                   flush=True)
     if args.output:
         with open(args.output, "w") as f:
