@@ -5,8 +5,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter (tests/test_kernels.py). Triton reads this
+    # when it is imported (its own tl.* library included), so it is set before any test can import it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,8 @@
 """Worker for tests/test_dilated.py: LongNet's distributed dilated attention on every rank of a gloo job
-against the single-process module, causal and not, values and gradients; writes per-rank errors."""
+against the single-process module, causal and not, values and gradients; writes per-rank errors.
+With Triton's interpreter on (tests/conftest.py sets it without a GPU) the first causal case on 2 ranks also runs
+with the Triton kernels for the local patterns and the merge."""
+import importlib.util
 import json
 import os
 import sys
@@ -17,6 +20,7 @@ def main():
     n, heads, d = 96, 6, 8
     cases = [([12, 24, 48, 96], [1, 2, 3, 6]), ([8, 24, 200], [1, 4, 5]), ([24, 48], [2, 3])]
     errors = []
+    kernel = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
     for segments, ratios in cases:
         for causal in (True, False):
             g = torch.Generator().manual_seed(len(errors))
@@ -36,6 +40,15 @@ def main():
                            "out": (out - ref[:, :, mine]).abs().max().item(),
                            "grads": [(a - b[:, :, mine]).abs().max().item() for a, b in zip(grads, ref_grads)],
                            "gathered_rows": core.gathered_rows})
+            if kernel and cp == 2 and segments == cases[0][0] and causal:
+                # The first sequence only: the interpreter is slow.
+                q1, k1, v1 = (x.detach()[:1].clone().requires_grad_() for x in (ql, kl, vl))
+                core = DistributedDilatedAttention(segments, ratios, dist.group.WORLD, local, causal, kernel=True)
+                out = core(q1, k1, v1, None)
+                grads = torch.autograd.grad((out * weight[:1, :, mine]).sum(), (q1, k1, v1))
+                errors.append({**errors[-1], "case": errors[-1]["case"] + " kernel",
+                               "out": (out - ref[:1, :, mine]).abs().max().item(),
+                               "grads": [(a - b[:1, :, mine]).abs().max().item() for a, b in zip(grads, ref_grads)]})
     gathered = [None] * cp
     dist.all_gather_object(gathered, errors)
     if rank == 0:

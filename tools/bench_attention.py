@@ -9,23 +9,47 @@ from below at --min-segment, r = {1, 2, 4, 8}, or fixed with --segment-lengths/-
 Peak memory is recorded on GPU only (torch.cuda.max_memory_allocated above what was allocated before);
 a CPU process's peak RSS never goes down, so it cannot attribute a peak to one call.
 The goal the numbers are read against: dilated time grows linearly with L (x2 length -> <= x2.2 time) while
-dense grows quadratically.
+dense grows quadratically. On a GPU the dilated runs use the Triton kernels (megalatent/nn/dilated.py
+dispatches, and the reference is timed beside them as "dilated-reference"), on CPU the plain-PyTorch
+reference.
+
+--max-trainable-length: instead, the largest sequence length for which ONE training step (forward, backward,
+clipping, AdamW) of the tiny LongNet (examples/tiny/longnet.yaml: its layers, widths, heads and patterns;
+one sequence per step) completes on this device, and the same for that model with dense causal attention
+(the gpt family). Lengths double from --start-length until a step fails, then the gap to the failure is
+bisected --bisect-steps times. Each step runs in a fresh process, so its memory is its own:
+
+    python tools/bench_attention.py --max-trainable-length --memory-limit-gb 4 --time-limit 60 \
+        --output benchmarks/results/max-length-cpu.json
+
+A step fails when it runs out of memory (GPU: torch.cuda.OutOfMemoryError, within --memory-limit-gb via
+torch.cuda.set_per_process_memory_fraction if given; CPU: the process's resident memory, polled, passes
+--memory-limit-gb) or when the process (start-up included) takes longer than --time-limit seconds.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-from megalatent.nn.dilated import dilated_attention
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # this checkout's megalatent, also when it is not installed
+
+from megalatent.nn.dilated import dilated_attention, use_kernel  # noqa: E402
+
+TINY_LONGNET = os.path.join(REPO, "examples", "tiny", "longnet.yaml")
 
 
 def patterns(length: int, min_segment: int) -> tuple[list[int], list[int]]:
@@ -53,7 +77,151 @@ def measure(fn, q, k, v, repeats: int, device: torch.device) -> tuple[float, flo
     return statistics.median(times[1:]), peak
 
 
+def tiny_config(length: int, kind: str, vocab_size: int):
+    """The tiny LongNet's config at `length` tokens, one sequence per step; kind "dense" swaps in the same
+    decoder with dense causal attention."""
+    from megalatent.config import parse_args, validate
+    argv = ["--config", TINY_LONGNET, "--seq-length", str(length), "--vocab-size", str(vocab_size),
+            "--micro-batch-size", "1", "--global-batch-size", "1"]
+    if kind == "dense":
+        argv += ["--model-family", "gpt"]
+    cfg = parse_args(argv)
+    if kind == "dense":
+        cfg.model.segment_lengths = cfg.model.dilated_ratios = None
+    validate(cfg)
+    return cfg
+
+
+def train_one_step(length: int, kind: str, vocab_size: int, memory_limit_gb: float | None) -> dict:
+    """One training step at `length` tokens in this process (the child of `trial`); its measurements."""
+    import megalatent.models  # noqa: F401  (registers the families)
+    from megalatent.models.registry import build_model
+    from megalatent.training.optim import build_optimizer, clip_grad_norm
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and memory_limit_gb:
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, memory_limit_gb * 2**30 / torch.cuda.get_device_properties(device).total_memory))
+    cfg = tiny_config(length, kind, vocab_size)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.training)
+    tokens = torch.randint(0, vocab_size, (1, length + 1), device=device)
+    base_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    t0 = time.perf_counter()
+    try:
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):  # as the trainer on GPU
+            logits = model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        clip_grad_norm([model], cfg.training.clip_grad)
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    except torch.cuda.OutOfMemoryError:
+        return {"status": "out of memory", "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    return {"status": "ok", "step_s": time.perf_counter() - t0, "loss": loss.item(), "peak_gib": peak,
+            "base_gib": None if device.type == "cuda" else base_gib}
+
+
+def _rss_gib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 2**20
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def trial(length: int, kind: str, args) -> dict:
+    """`train_one_step` in a fresh process, killed past the time limit or (CPU) the memory limit."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--trial-step", str(length), kind,
+           "--vocab-size", str(args.vocab_size)]
+    if args.memory_limit_gb:
+        cmd += ["--memory-limit-gb", str(args.memory_limit_gb)]
+    cap = args.memory_limit_gb if not torch.cuda.is_available() else None
+    record = {"length": length, "kind": kind}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=REPO)
+        start, rss = time.perf_counter(), 0.0
+        while child.poll() is None:
+            rss = max(rss, _rss_gib(child.pid))
+            if cap and rss > cap:
+                record["status"] = f"over --memory-limit-gb {cap}"
+            elif time.perf_counter() - start > args.time_limit:
+                record["status"] = f"over --time-limit {args.time_limit} s"
+            if "status" in record:
+                child.kill()
+                child.wait()
+                break
+            time.sleep(0.05)
+        record["wall_s"] = time.perf_counter() - start
+        if "status" in record:
+            record["peak_gib"] = rss
+            return record
+        out.seek(0)
+        lines = out.read().strip().splitlines()
+        if child.returncode != 0 or not lines:
+            err.seek(0)
+            tail = err.read()[-2000:]
+            oom = "out of memory" in tail.lower() or child.returncode == -9
+            return {**record, "status": "out of memory" if oom else f"failed ({child.returncode})", "error": tail}
+        return {**record, **json.loads(lines[-1])}
+
+
+def max_trainable_length(kind: str, args) -> tuple[int | None, list[dict]]:
+    """Double from --start-length until a step fails, then bisect the gap --bisect-steps times."""
+    records, best, length = [], None, args.start_length
+    failed = None
+    while length <= args.max_length:
+        records.append(trial(length, kind, args))
+        _print_trial(records[-1])
+        if records[-1]["status"] != "ok":
+            failed = length
+            break
+        best, length = length, length * 2
+    if best is not None and failed is not None:
+        step = best // 2
+        for _ in range(args.bisect_steps):
+            if step < 256 or best + step >= failed:
+                break
+            records.append(trial(best + step, kind, args))
+            _print_trial(records[-1])
+            if records[-1]["status"] == "ok":
+                best += step
+            else:
+                failed = best + step
+            step //= 2
+    return best, records
+
+
+def _print_trial(r: dict) -> None:
+    extra = f"{r['step_s']:.2f} s/step, loss {r['loss']:.3f}" if r["status"] == "ok" else r["status"]
+    print(f"{r['kind']:>8} {r['length']:>9} tokens  peak {r.get('peak_gib') or 0:6.2f} GiB  "
+          f"wall {r['wall_s']:6.1f} s  {extra}", flush=True)
+
+
+def environment(dtype) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip()
+    cuda = torch.cuda.is_available()
+    return {"torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda
+            else platform.processor() or platform.machine(), "dtype": str(dtype),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "command": " ".join(sys.argv), "threads": torch.get_num_threads(),
+            "dilated_kernel": cuda and os.environ.get("MEGALATENT_DILATED_KERNEL", "1") != "0"}
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--trial-step":  # the child of `trial`
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--trial-step", nargs=2)
+        parser.add_argument("--vocab-size", type=int)
+        parser.add_argument("--memory-limit-gb", type=float)
+        a = parser.parse_args()
+        print(json.dumps(train_one_step(int(a.trial_step[0]), a.trial_step[1], a.vocab_size, a.memory_limit_gb)))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--heads", type=int, default=4)
@@ -65,35 +233,68 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dense-max-length", type=int, default=16384, help="skip dense attention above this")
     parser.add_argument("--output", help="write the records as JSON here")
+    search = parser.add_argument_group("--max-trainable-length (one training step of the tiny LongNet)")
+    search.add_argument("--max-trainable-length", action="store_true",
+                        help="search the longest sequence one training step fits, dilated and dense")
+    search.add_argument("--kinds", nargs="+", default=["dilated", "dense"], choices=["dilated", "dense"])
+    search.add_argument("--start-length", type=int, default=1024)
+    search.add_argument("--max-length", type=int, default=2**24, help="stop doubling here")
+    search.add_argument("--bisect-steps", type=int, default=2, help="halvings of the gap after the first failure")
+    search.add_argument("--memory-limit-gb", type=float,
+                        help="CPU: cap on the step process's resident memory (needed there); GPU: optional cap")
+    search.add_argument("--time-limit", type=float, default=300.0, help="seconds per step process, start-up included")
+    search.add_argument("--vocab-size", type=int, default=8192, help="the tiny configs' tokenizer size")
     args = parser.parse_args()
+    if args.max_trainable_length:
+        return search_main(args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     records = []
-    print(f"{'length':>8} {'kind':>8} {'ms fwd+bwd':>11} {'peak GiB':>9}  patterns")
+    print(f"{'length':>8} {'kind':>17} {'ms fwd+bwd':>11} {'peak GiB':>9}  patterns")
     for length in args.lengths:
         w, r = (args.segment_lengths, args.dilated_ratios) if args.segment_lengths else patterns(length, args.min_segment)
         shape = (args.batch, args.heads, length, args.head_dim)
         q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         runs = [("dilated", lambda q, k, v: dilated_attention(q, k, v, w, r, causal=True))]
+        if device.type == "cuda" and use_kernel(q, k, v):  # "dilated" ran the Triton kernels: time the reference too
+            runs.append(("dilated-reference", lambda q, k, v: dilated_attention(q, k, v, w, r, causal=True, kernel=False)))
         if length <= args.dense_max_length:
             runs.append(("dense", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
         for kind, fn in runs:
             seconds, peak = measure(fn, q, k, v, args.repeats, device)
             records.append({"length": length, "kind": kind, "ms": 1000 * seconds, "peak_gib": peak,
-                            "segment_lengths": w if kind == "dilated" else None,
-                            "dilated_ratios": r if kind == "dilated" else None})
+                            "segment_lengths": w if kind != "dense" else None,
+                            "dilated_ratios": r if kind != "dense" else None})
             memory = f"{peak:>9.3f}" if peak is not None else f"{'-':>9}"
-            print(f"{length:>8} {kind:>8} {1000 * seconds:>11.1f} {memory}  {(w, r) if kind == 'dilated' else ''}",
+            print(f"{length:>8} {kind:>17} {1000 * seconds:>11.1f} {memory}  {(w, r) if kind != 'dense' else ''}",
                   flush=True)
     if args.output:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda"
-               else platform.processor() or platform.machine(), "dtype": str(dtype),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "commit": commit, "command": " ".join(sys.argv), "threads": torch.get_num_threads()}
         with open(args.output, "w") as f:
-            json.dump({"environment": env, "records": records}, f, indent=1)
+            json.dump({"environment": environment(dtype), "records": records}, f, indent=1)
+
+
+def search_main(args) -> None:
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.memory_limit_gb:
+        raise SystemExit("--max-trainable-length on CPU needs --memory-limit-gb (the machine would swap first)")
+    cfg = tiny_config(args.start_length, "dilated", args.vocab_size).model
+    print(f"tiny LongNet: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads "
+          f"({cfg.kv_heads} K/V), w={cfg.segment_lengths} r={cfg.dilated_ratios}, vocab {args.vocab_size}; "
+          f"limits: {args.memory_limit_gb or 'device'} GiB, {args.time_limit:.0f} s", flush=True)
+    result, records = {}, []
+    for kind in args.kinds:
+        result[kind], trials = max_trainable_length(kind, args)
+        records += trials
+        print(f"{kind}: longest sequence that trains one step: {result[kind]}", flush=True)
+    if args.output:
+        limits = {"memory_limit_gb": args.memory_limit_gb, "time_limit_s": args.time_limit,
+                  "start_length": args.start_length, "max_length": args.max_length, "bisect_steps": args.bisect_steps}
+        model = {k: getattr(cfg, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                                               "segment_lengths", "dilated_ratios", "vocab_size")}
+        with open(args.output, "w") as f:
+            json.dump({"environment": environment(torch.bfloat16 if cuda else torch.float32), "model": model,
+                       "limits": limits, "max_trainable_length": result, "trials": records}, f, indent=1)
 
 
 if __name__ == "__main__":

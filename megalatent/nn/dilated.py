@@ -15,10 +15,15 @@ Padding: the sequence is padded to a multiple of w (a w longer than the sequence
 each segment to a multiple of r; padded rows are never attended to and their outputs are dropped.
 "Minus infinity" is a large finite negative (NOT_COVERED) so that rows no pattern covers give a zero
 output and finite gradients instead of NaN.
+
+On CUDA the same computation runs as fused Triton kernels (kernels/dilated_attention.py: the sparse rows
+are read by strided loads, never gathered; kernels/lse_merge.py), tested against the functions here;
+`use_kernel` decides (MEGALATENT_DILATED_KERNEL=0 keeps the reference).
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -103,12 +108,49 @@ def merge_by_lse(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch
     return (weights * torch.stack([o.float() for o in outputs])).sum(0).to(outputs[0].dtype)
 
 
+KERNEL_ENV = "MEGALATENT_DILATED_KERNEL"
+
+
+def use_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: bool | None = None) -> bool:
+    """Whether to run the Triton kernels. `kernel=True` forces them (on CPU they need TRITON_INTERPRET=1 set
+    before Triton is imported) and fails on tensors they cannot take; False forces the reference. By
+    default they run on CUDA tensors when Triton is installed and the kernel takes the shapes and dtypes
+    (head dim <= 128; fp16, bf16, fp32); MEGALATENT_DILATED_KERNEL=0 or 1 forces either way instead."""
+    if kernel is None and os.environ.get(KERNEL_ENV) in ("0", "1"):
+        kernel = os.environ[KERNEL_ENV] == "1"
+    if kernel is False:
+        return False
+    if kernel is None:
+        from megalatent.kernels import available
+        if not q.is_cuda or not available():
+            return False
+    from megalatent.kernels.dilated_attention import check_inputs
+    problem = check_inputs(q, k, v)
+    if problem and kernel:
+        raise ValueError(f"dilated attention: the Triton kernel was asked for but cannot run: {problem}")
+    return problem is None
+
+
+def _pattern_and_merge(kernel: bool):
+    """One pattern's attention and the merge: the Triton kernels, or the reference above."""
+    if kernel:
+        from megalatent.kernels.dilated_attention import dilated_pattern
+        from megalatent.kernels.lse_merge import lse_merge
+        return dilated_pattern, lse_merge
+    return attention_pattern, merge_by_lse
+
+
 def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: list[int],
-                      dilated_ratios: list[int], causal: bool = True, first_head: int = 0) -> torch.Tensor:
-    """The mixture of (w_i, r_i) patterns on [b, h, n, d]; K/V may have fewer heads (GQA)."""
-    k, v = _expand_kv(q, k, v)
-    parts = [attention_pattern(q, k, v, w, r, causal, first_head) for w, r in zip(segment_lengths, dilated_ratios)]
-    return merge_by_lse([o for o, _ in parts], [lse for _, lse in parts])
+                      dilated_ratios: list[int], causal: bool = True, first_head: int = 0,
+                      kernel: bool | None = None) -> torch.Tensor:
+    """The mixture of (w_i, r_i) patterns on [b, h, n, d]; K/V may have fewer heads (GQA).
+    `kernel`: True/False forces the Triton kernels / the reference; None chooses (`use_kernel`)."""
+    kernel = use_kernel(q, k, v, kernel)
+    pattern, merge = _pattern_and_merge(kernel)
+    if not kernel:  # the kernel reads each group's K/V head in place
+        k, v = _expand_kv(q, k, v)
+    parts = [pattern(q, k, v, w, r, causal, first_head) for w, r in zip(segment_lengths, dilated_ratios)]
+    return merge([o for o, _ in parts], [lse for _, lse in parts])
 
 
 def received_rows(segment_lengths: list[int], dilated_ratios: list[int], local: int, cp: int) -> int:
@@ -148,10 +190,11 @@ class DistributedDilatedAttention:
     """
 
     def __init__(self, segment_lengths: list[int], dilated_ratios: list[int], cp_group, local_length: int,
-                 causal: bool = True, first_head: int = 0):
+                 causal: bool = True, first_head: int = 0, kernel: bool | None = None):
         import torch.distributed as dist
         self.segment_lengths, self.dilated_ratios, self.causal = segment_lengths, dilated_ratios, causal
         self.first_head = first_head
+        self.kernel = kernel  # the local patterns and the merge: as in dilated_attention
         self.local = local_length
         self.cp = dist.get_world_size(cp_group)
         self.cp_rank = dist.get_rank(cp_group)
@@ -178,14 +221,15 @@ class DistributedDilatedAttention:
         local = q.shape[2]
         assert local == self.local, f"expected {self.local} tokens per context-parallel rank, got {local}"
         self.gathered_rows = 0
+        pattern, merge = _pattern_and_merge(use_kernel(q, k, v, self.kernel))
         parts = []
         for w, r in zip(self.segment_lengths, self.dilated_ratios):
             g = self._ranks_per_segment(w)
             if g == 1:
-                parts.append(attention_pattern(q, k, v, w, r, self.causal, self.first_head))
+                parts.append(pattern(q, k, v, w, r, self.causal, self.first_head))
             else:
                 parts.append(self._spanning_pattern(q, k, v, min(w, local * self.cp), r, g))
-        return merge_by_lse([o for o, _ in parts], [lse for _, lse in parts])
+        return merge([o for o, _ in parts], [lse for _, lse in parts])
 
     def _spanning_pattern(self, q, k, v, w: int, r: int, g: int):
         from megalatent.distributed.context_parallel import all_gather_sequence
