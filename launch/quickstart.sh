@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The quick start: install, (start a local SLURM cluster,) train the tiny GPT as a SLURM job, report.
+# The quick start: install, (start a local SLURM cluster,) train a tiny LongNet as a SLURM job, report.
 #
-#   bash launch/quickstart.sh [--keep-cluster] [trainer args, e.g. --train-iters 100]
+#   bash launch/quickstart.sh [--keep-cluster] [--family F] [trainer args, e.g. --train-iters 100]
 #
 # 1. Installs megalatent into the active environment (venv or conda), or into a new .venv with the
 #    CPU build of torch when none is active (launch/python_env.sh).
 # 2. If no SLURM cluster answers (no `sbatch`, or `sinfo` fails) it starts the single-machine one
 #    (launch/local_cluster.sh up; needs root) and stops it at the end unless --keep-cluster.
-# 3. Submits launch/pretrain_gpt.sh (examples/tiny/gpt.yaml) with `sbatch --parsable`, waits for it
+# 3. Submits launch/pretrain_longnet.sh (examples/tiny/longnet.yaml), or launch/pretrain_F.sh with
+#    --family F (gpt, longnet, mhmoe, ...), with `sbatch --parsable`, waits for it
 #    (at most QUICKSTART_TIMEOUT seconds, default 1800), then prints the log, tensorboard and
 #    checkpoint paths and the first and last training `lm loss`. Exits non-zero if the job failed.
 set -euo pipefail
@@ -17,14 +18,23 @@ cd "$ROOT"
 TIMEOUT=${QUICKSTART_TIMEOUT:-1800}
 
 KEEP_CLUSTER=0
+FAMILY=longnet
 TRAINER_ARGS=()
-for arg in "$@"; do
-    case $arg in
+while (( $# )); do
+    case $1 in
         --keep-cluster) KEEP_CLUSTER=1 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-        *) TRAINER_ARGS+=("$arg") ;;
+        --family) FAMILY=${2:?--family needs a name}; shift ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        *) TRAINER_ARGS+=("$1") ;;
     esac
+    shift
 done
+SCRIPT=launch/pretrain_$FAMILY.sh
+if [[ ! -f $SCRIPT ]]; then
+    echo "[quickstart] --family $FAMILY: there is no $SCRIPT; choose one of:" \
+        $(ls launch/pretrain_*.sh | sed 's#launch/pretrain_\(.*\)\.sh#\1#') >&2
+    exit 2
+fi
 
 say() { echo "[quickstart] $*"; }
 
@@ -53,9 +63,9 @@ fi
 
 # ---------------------------------------------------------------- 3. job
 mkdir -p runs/logs
-JOB=$(sbatch --parsable launch/pretrain_gpt.sh "${TRAINER_ARGS[@]}")
+JOB=$(sbatch --parsable "$SCRIPT" "${TRAINER_ARGS[@]}")
 JOB=${JOB%%;*}
-say "submitted job $JOB (sbatch launch/pretrain_gpt.sh ${TRAINER_ARGS[*]})"
+say "submitted job $JOB (sbatch $SCRIPT ${TRAINER_ARGS[*]})"
 
 field() { sed -n "s/.*[[:space:]]$1=\([^[:space:]]*\).*/\1/p" <<<"$2" | head -n1; }
 LOG=$(field StdOut "$(scontrol show job "$JOB")")
