@@ -20,7 +20,8 @@ setup(
     ],
     extras_require={
         # triton: CUDA torch brings it; the CPU tests run the kernels in its interpreter (TRITON_INTERPRET=1)
-        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "triton"],
+        # scikit-learn: its bundled digits are the embedded image data (LongViT, the σ-VAE, LatentLM demos)
+        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "triton", "scikit-learn"],
         "mpi": ["mpi4py", "mpich"],
         "vision": ["nvidia-dali-cuda130"],
     },

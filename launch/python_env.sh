@@ -26,7 +26,7 @@ fi
 _megalatent_extras=${1:-}
 # What must import, by extra (module names, not package names).
 _megalatent_modules="'yaml', 'sentencepiece', 'megatron', 'numpy', 'tensorboard', 'tqdm'"
-[[ "$_megalatent_extras" == *dev* ]] && _megalatent_modules="$_megalatent_modules, 'pytest', 'pytest_timeout', 'transformers', 'safetensors', 'triton'"
+[[ "$_megalatent_extras" == *dev* ]] && _megalatent_modules="$_megalatent_modules, 'pytest', 'pytest_timeout', 'transformers', 'safetensors', 'triton', 'sklearn'"
 [[ "$_megalatent_extras" == *mpi* ]] && _megalatent_modules="$_megalatent_modules, 'mpi4py'"
 # Installed (from this checkout, e.g. not a second clone) with every dependency? Checked from / so that
 # the checkout itself, being the current directory, does not pass for an installed package.

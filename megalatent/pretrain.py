@@ -74,6 +74,8 @@ def setup(argv: Optional[list[str]] = None) -> tuple[Config, DistEnv, ParallelLa
     cfg = parse_args(argv)
     validate(cfg, world_size=env.world_size)
     layout = ParallelLayout.from_config(cfg, env.world_size, env.rank)
+    if MODEL_FAMILIES[cfg.model.model_family].build_data is not None:
+        return cfg, env, layout, None, None, None  # a family with data of its own (images), no tokenizer
     tokenizer, prefixes, weights = resolve_data(cfg)
     cfg.data.tokenizer_model = tokenizer.model_path  # recorded in checkpoints (HF export finds it there)
     if cfg.model.vocab_size is None:
@@ -138,8 +140,11 @@ def run(argv: Optional[list[str]] = None) -> None:
     if layout.world_size > 1:
         print(f"[layout] {layout.coordinates()}", flush=True)
 
-    train_loader, valid_loader = build_data(cfg, layout, tokenizer, prefixes, weights)
     family = MODEL_FAMILIES[cfg.model.model_family]
+    if family.build_data is not None:
+        train_loader, valid_loader = family.build_data(cfg, layout)
+    else:
+        train_loader, valid_loader = build_data(cfg, layout, tokenizer, prefixes, weights)
     parts, pipeline = build_model_parts(cfg, layout, device)
     trainer = Trainer(cfg, layout, device, parts, train_loader, valid_loader, family.flops_per_token(cfg.model),
                       stop, pipeline)

@@ -191,7 +191,7 @@ class MicroBatchLoader:
     state is ``consumed_samples``, saved by :meth:`state_dict`.
     """
 
-    _KEYS = {
+    LM_KEYS = {
         "tokens": torch.int64,
         "labels": torch.int64,
         "loss_mask": torch.float32,
@@ -206,6 +206,7 @@ class MicroBatchLoader:
         dp_rank: int,
         dp_size: int,
         consumed_samples: int = 0,
+        keys: dict[str, torch.dtype] | None = None,
     ) -> None:
         if len(dataset) == 0:
             raise ValueError("the dataset is empty")
@@ -225,6 +226,7 @@ class MicroBatchLoader:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.consumed_samples = consumed_samples
+        self.keys = keys if keys is not None else self.LM_KEYS  # what a sample holds (a family's objective)
 
     @property
     def num_micro_batches(self) -> int:
@@ -238,7 +240,7 @@ class MicroBatchLoader:
         ]
         return {
             key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]).to(dtype)
-            for key, dtype in self._KEYS.items()
+            for key, dtype in self.keys.items()
         }
 
     def next_global_batch(self) -> list[dict[str, torch.Tensor]]:

@@ -19,11 +19,13 @@ from torch import nn
 from torch.distributed.nn.functional import all_reduce
 
 from megalatent.config import Config, ModelConfig
+from megalatent.data.image_classification import build_digits_loaders, digits_errors
 from megalatent.models.decoder import BASELINE_SPEC, DecoderLayer, LayerSpec, default_attention, default_norm
 from megalatent.models.longnet import DilatedCore
 from megalatent.models.longnet import validate as validate_dilated_patterns
 from megalatent.models.registry import ModelFamily, register
 from megalatent.nn.rotary import Positions
+from megalatent.training.objectives import IMAGE_CLASSIFICATION
 
 
 class PatchEmbedding(nn.Module):
@@ -135,8 +137,13 @@ def validate(cfg: Config) -> list[str]:
                  f"(= {m.img_h}/{m.patch_dim} x {m.img_w}/{m.patch_dim}), got {m.seq_length}")
     if m.position_embedding_type != "none":
         e.append("LongViT uses learned 2-D position embeddings: add --position-embedding-type none")
-    return e + validate_dilated_patterns(cfg)
+    if cfg.parallel.pipeline_model_parallel_size > 1:
+        e.append("LongViT does not support pipeline parallelism yet; use context/tensor/data parallelism")
+    if cfg.data.data_path is not None:
+        e.append("LongViT trains on the embedded digits for now; image datasets (--data-path) are not read yet")
+    return e + validate_dilated_patterns(cfg) + digits_errors(cfg)
 
 
 register(ModelFamily(name="longvit", build=LongViT, flops_per_token=flops_per_token, validate=validate,
-                     context_parallel_split="contiguous"))
+                     context_parallel_split="contiguous", objective=IMAGE_CLASSIFICATION,
+                     build_data=build_digits_loaders))

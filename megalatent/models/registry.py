@@ -6,11 +6,12 @@ config validation and the FLOP accounting look families up here and nowhere else
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
 from megalatent.config import Config, ModelConfig
+from megalatent.training.objectives import LANGUAGE_MODELING, Objective
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class ModelFamily:
     # How context parallelism splits a sequence: "zigzag" (chunks r and 2C-1-r, balanced causal work for
     # dense attention) or "contiguous" (LongNet: segments stay on consecutive ranks).
     context_parallel_split: str = "zigzag"
+    # What the family trains on (the batch's keys, the loss); see training/objectives.py.
+    objective: Objective = LANGUAGE_MODELING
+    # (cfg, layout) -> (train loader, valid loader or None); None: the Megatron language-modelling data.
+    build_data: Optional[Callable] = None
 
 
 MODEL_FAMILIES: dict[str, ModelFamily] = {}

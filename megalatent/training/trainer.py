@@ -15,34 +15,20 @@ from dataclasses import asdict
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from megalatent.config import Config
 from megalatent.distributed import checkpoint as ckpt
-from megalatent.distributed.context_parallel import shard_sequence
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.pipeline import Pipeline, unpack_targets
 from megalatent.models.registry import MODEL_FAMILIES
 from megalatent.training.metrics import MetricsWriter, device_peak_tflops, iteration_line, log, peak_memory_gb
 from megalatent.training.moe_stats import MoEStepStats
+from megalatent.training.objectives import lm_loss_sum
 from megalatent.training.optim import build_optimizer, clip_grad_norm
 from megalatent.training.schedules import LRSchedule
-
-
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies where loss_mask is 1 (fp32 for a stable log-softmax).
-
-    Under tensor parallelism the logits are a DTensor sharded over the vocabulary and this runs
-    inside `loss_parallel()` (see Trainer.loss_context), which computes the log-softmax on the shards.
-    """
-    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    if isinstance(ce, DTensor):
-        ce = ce.to_local()  # replicated per-token losses
-    return (ce * loss_mask.flatten()).sum()
 
 
 def uses_bf16(cfg: Config, device: torch.device) -> bool:
@@ -99,7 +85,8 @@ class Trainer:
         self.stop = stop if stop is not None else StopRequest()
         # Forward and backward of a vocab-sharded loss must both run inside loss_parallel().
         self.loss_context = loss_parallel if layout.tp > 1 else contextlib.nullcontext
-        self.cp_split = MODEL_FAMILIES[cfg.model.model_family].context_parallel_split
+        family = MODEL_FAMILIES[cfg.model.model_family]
+        self.cp_split, self.objective = family.context_parallel_split, family.objective
         self.moe = MoEStepStats(self.parts, layout, cfg.model.num_layers, cfg.model.num_experts,
                                 cfg.model.moe_router_bias_update_rate)
         self.moe_stats: Optional[dict] = None  # the last step's, for logs
@@ -168,12 +155,11 @@ class Trainer:
         for i, mb in enumerate(micro_batches):
             if train:
                 self._sync_grads_on(i == len(micro_batches) - 1)
-            tokens, labels, mask, pos = (mb[k].to(self.device, non_blocking=True)
-                                         for k in ("tokens", "labels", "loss_mask", "position_ids"))
+            mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             with self.loss_context():
                 with self.autocast():
-                    logits = self.model(tokens, pos)
-                micro_loss = lm_loss_sum(logits, labels, mask)
+                    output = self.objective.forward(self.model, mb)
+                micro_loss = self.objective.loss_sum(output, mb)
                 if train:
                     (micro_loss * scale).backward()
             loss_sum += micro_loss.detach()
@@ -183,12 +169,14 @@ class Trainer:
         """This rank's share of each micro-batch: its sequence chunks under context parallelism."""
         if self.layout.cp == 1:
             return micro_batches
-        return [{k: shard_sequence(v, self.layout.cp_rank, self.layout.cp, self.cp_split) for k, v in mb.items()}
-                for mb in micro_batches]
+        return [self.objective.shard(mb, self.layout.cp_rank, self.layout.cp, self.cp_split) for mb in micro_batches]
+
+    def _count(self, micro_batches) -> torch.Tensor:
+        """This rank's loss-bearing items (tokens, images) in these micro-batches."""
+        return sum(self.objective.count(mb) for mb in micro_batches).to(self.device, torch.float32)
 
     def _global_tokens(self, micro_batches) -> torch.Tensor:
-        local = sum(mb["loss_mask"].sum() for mb in micro_batches).to(self.device, torch.float32)
-        return self.layout.all_reduce_sum(local.reshape(1), ("dp", "cp"))[0]
+        return self.layout.all_reduce_sum(self._count(micro_batches).reshape(1), ("dp", "cp"))[0]
 
     def train_step(self, micro_batches) -> tuple[float, float]:
         for part in self.parts:
@@ -233,7 +221,7 @@ class Trainer:
         for _ in range(self.cfg.training.eval_iters):
             micro_batches = self._local_tokens(self.valid_loader.next_global_batch())
             loss_sum += self._forward_backward(micro_batches, scale=None)
-            tokens += sum(mb["loss_mask"].sum() for mb in micro_batches).to(self.device)
+            tokens += self._count(micro_batches)
         loss_sum = self.layout.all_reduce_sum(loss_sum.reshape(1), ("pp",))
         both = self.layout.all_reduce_sum(torch.cat([loss_sum, tokens.reshape(1)]), ("dp", "cp"))
         return (both[0] / both[1]).item()

@@ -1,0 +1,66 @@
+"""What a model family trains on: how a micro-batch feeds the model, the summed loss it gives, over how
+many items that sum runs, and how context parallelism splits a micro-batch between the cp ranks.
+
+The trainer's loss of a step is (sum of every rank's summed losses) / (sum of every rank's counts), and
+each rank's backward is scaled by dp x cp / that global count (see Trainer.train_step), so the same
+objective object serves one process and any layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from megalatent.distributed.context_parallel import shard_sequence
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Objective:
+    batch_keys: dict[str, torch.dtype]  # what a sample holds, and the dtype of each key
+    forward: Callable[[nn.Module, Batch], torch.Tensor]
+    loss_sum: Callable[[torch.Tensor, Batch], torch.Tensor]
+    count: Callable[[Batch], torch.Tensor]  # the number of items `loss_sum` sums over
+    shard: Callable[[Batch, int, int, str], Batch]  # (micro-batch, cp rank, cp, split) -> this rank's part
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies where loss_mask is 1 (fp32 for a stable log-softmax).
+
+    Under tensor parallelism the logits are a DTensor sharded over the vocabulary and this runs
+    inside `loss_parallel()` (see Trainer.loss_context), which computes the log-softmax on the shards.
+    """
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    if isinstance(ce, DTensor):
+        ce = ce.to_local()  # replicated per-token losses
+    return (ce * loss_mask.flatten()).sum()
+
+
+def _shard_tokens(batch: Batch, cp_rank: int, cp: int, split: str) -> Batch:
+    return {k: shard_sequence(v, cp_rank, cp, split) for k, v in batch.items()}
+
+
+LANGUAGE_MODELING = Objective(
+    batch_keys={"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
+                "position_ids": torch.int64},
+    forward=lambda model, b: model(b["tokens"], b["position_ids"]),
+    loss_sum=lambda logits, b: lm_loss_sum(logits, b["labels"], b["loss_mask"]),
+    count=lambda b: b["loss_mask"].sum(),
+    shard=_shard_tokens,
+)
+
+# One label per image. Under context parallelism every cp rank gets the whole micro-batch: the model
+# embeds only its own share of the patches (LongViT) and computes the (same) loss; counting the labels on
+# every cp rank makes the dp x cp gradient average come out as the single-device gradient.
+IMAGE_CLASSIFICATION = Objective(
+    batch_keys={"images": torch.float32, "labels": torch.int64},
+    forward=lambda model, b: model(b["images"]),
+    loss_sum=lambda logits, b: F.cross_entropy(logits.float(), b["labels"], reduction="sum"),
+    count=lambda b: torch.tensor(float(b["labels"].numel())),
+    shard=lambda b, cp_rank, cp, split: b,
+)
