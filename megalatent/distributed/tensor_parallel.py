@@ -8,6 +8,10 @@ each all-reduce into a reduce-scatter + all-gather pair of the same volume and d
 activations' memory by the TP size. The embedding is vocab-parallel, and the output projection
 leaves the logits sharded over the vocabulary: the loss is computed on the shards (`loss_parallel`)
 without ever gathering [batch, seq, vocab] logits.
+
+BitLinear layers (BitNet b1.58) take the same column/row split; their input-norm weight is replicated
+in column-parallel layers (the input is whole) and sharded with the input features in row-parallel
+ones, and their scales reduce over the whole tensors (see megalatent/nn/bitlinear.py).
 """
 from __future__ import annotations
 
@@ -17,6 +21,40 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
+
+from megalatent.nn.bitlinear import BitLinear
+
+
+class BitLinearColwiseParallel(ColwiseParallel):
+    """ColwiseParallel for a BitLinear: the weight's rows are sharded, its input-norm weight replicated."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        module.weight = nn.Parameter(distribute_tensor(module.weight, device_mesh, [Shard(0)]))
+        module.norm_weight = nn.Parameter(distribute_tensor(module.norm_weight, device_mesh, [Replicate()]))
+
+
+class BitLinearRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel for a BitLinear: the weight's columns and the input-norm weight follow the
+    sharded input features."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        module.weight = nn.Parameter(distribute_tensor(module.weight, device_mesh, [Shard(1)]))
+        module.norm_weight = nn.Parameter(distribute_tensor(module.norm_weight, device_mesh, [Shard(0)]))
+
+
+def _is_bitlinear(model: nn.Module, path: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(path), BitLinear)
+    except AttributeError:  # not in this model (the GELU MLP has no gate_proj): the plan entry matches nothing
+        return False
+
+
+def _colwise(model: nn.Module, path: str):
+    return BitLinearColwiseParallel() if _is_bitlinear(model, path) else ColwiseParallel()
+
+
+def _rowwise(model: nn.Module, path: str, **kwargs):
+    return (BitLinearRowwiseParallel if _is_bitlinear(model, path) else RowwiseParallel)(**kwargs)
 
 
 def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
@@ -35,15 +73,10 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
             plan["norm"] = SequenceParallel()
     for name in model.layers:
         p = f"layers.{name}."
-        plan.update({
-            p + "attention.q_proj": ColwiseParallel(),
-            p + "attention.k_proj": ColwiseParallel(),
-            p + "attention.v_proj": ColwiseParallel(),
-            p + "attention.o_proj": RowwiseParallel(output_layouts=stream),
-            p + "mlp.gate_proj": ColwiseParallel(),
-            p + "mlp.up_proj": ColwiseParallel(),
-            p + "mlp.down_proj": RowwiseParallel(output_layouts=stream),
-        })
+        plan.update({p + path: _colwise(model, p + path) for path in
+                     ("attention.q_proj", "attention.k_proj", "attention.v_proj", "mlp.gate_proj", "mlp.up_proj")})
+        plan.update({p + path: _rowwise(model, p + path, output_layouts=stream)
+                     for path in ("attention.o_proj", "mlp.down_proj")})
         if sequence_parallel:
             plan.update({
                 p + "attention_norm": SequenceParallel(),

@@ -28,17 +28,18 @@ from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.pipeline import Pipeline, unpack_targets
 from megalatent.models.registry import MODEL_FAMILIES
 from megalatent.training.metrics import MetricsWriter, device_peak_tflops, iteration_line, log, peak_memory_gb
-from megalatent.training.optim import build_optimizer, clip_grad_norm
+from megalatent.training.optim import build_optimizer, clip_grad_norm, set_step_hyperparameters
 from megalatent.training.schedules import LRSchedule
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies where loss_mask is 1 (fp32 for a stable log-softmax).
+    """Sum of token cross-entropies where loss_mask is 1 (fp32 or wider for a stable log-softmax).
 
     Under tensor parallelism the logits are a DTensor sharded over the vocabulary and this runs
     inside `loss_parallel()` (see Trainer.loss_context), which computes the log-softmax on the shards.
     """
-    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1), labels.flatten(),
+                         reduction="none")
     if isinstance(ce, DTensor):
         ce = ce.to_local()  # replicated per-token losses
     return (ce * loss_mask.flatten()).sum()
@@ -206,10 +207,9 @@ class Trainer:
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
             return loss, grad_norm
-        lr = self.schedule(self.iteration)
+        lr, weight_decay = self.schedule(self.iteration), self.schedule.weight_decay(self.iteration)
         for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr
+            set_step_hyperparameters(opt, lr, weight_decay)
             opt.step()
         return loss, grad_norm
 
