@@ -18,19 +18,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 
 from megalatent.nn.bitlinear import BitLinear
 
 
+def _shard_bitlinear(module: BitLinear, mesh: DeviceMesh, weight: Placement, norm_weight: Placement,
+                     src_data_rank) -> None:
+    module.weight = nn.Parameter(distribute_tensor(module.weight, mesh, [weight], src_data_rank=src_data_rank))
+    module.norm_weight = nn.Parameter(distribute_tensor(module.norm_weight, mesh, [norm_weight],
+                                                        src_data_rank=src_data_rank))
+
+
 class BitLinearColwiseParallel(ColwiseParallel):
     """ColwiseParallel for a BitLinear: the weight's rows are sharded, its input-norm weight replicated."""
 
     def _partition_linear_fn(self, name, module, device_mesh):
-        module.weight = nn.Parameter(distribute_tensor(module.weight, device_mesh, [Shard(0)]))
-        module.norm_weight = nn.Parameter(distribute_tensor(module.norm_weight, device_mesh, [Replicate()]))
+        _shard_bitlinear(module, device_mesh, Shard(0), Replicate(), self.src_data_rank)
 
 
 class BitLinearRowwiseParallel(RowwiseParallel):
@@ -38,8 +44,7 @@ class BitLinearRowwiseParallel(RowwiseParallel):
     sharded input features."""
 
     def _partition_linear_fn(self, name, module, device_mesh):
-        module.weight = nn.Parameter(distribute_tensor(module.weight, device_mesh, [Shard(1)]))
-        module.norm_weight = nn.Parameter(distribute_tensor(module.norm_weight, device_mesh, [Shard(0)]))
+        _shard_bitlinear(module, device_mesh, Shard(1), Shard(0), self.src_data_rank)
 
 
 def _is_bitlinear(model: nn.Module, path: str) -> bool:

@@ -49,6 +49,15 @@ class PackedBitLinear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(()))
         self.register_buffer("norm_weight", torch.ones(in_features))
 
+    @classmethod
+    def from_bitlinear(cls, layer: BitLinear) -> "PackedBitLinear":
+        """Quantise a trained layer's weights once, with the training quantiser, and pack them."""
+        packed = cls(layer.in_features, layer.out_features, layer.eps)
+        w_int, gamma = quantize_weights(layer.weight.detach())
+        packed.packed_weight, packed.weight_scale = pack_ternary(w_int), gamma
+        packed.norm_weight = layer.norm_weight.detach().clone()
+        return packed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_int, s_x = rmsnorm_act_quant(x, self.norm_weight, self.eps)
         return w2a8_matmul(x_int, self.packed_weight, self.weight_scale / s_x).to(x.dtype)
@@ -59,6 +68,17 @@ class PackedBitLinear(nn.Module):
 
 def bitlinear_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, BitLinear)]
+
+
+def pack_model(model: nn.Module, layers: Optional[list[str]] = None,
+               make: Callable[[BitLinear], nn.Module] = PackedBitLinear.from_bitlinear) -> list[str]:
+    """Replace the BitLinear layers of `model` (all, or those named) in place by `make(layer)`: by default
+    their packed form. Returns the names replaced."""
+    layers = bitlinear_names(model) if layers is None else layers
+    for name in layers:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, make(model.get_submodule(name)))
+    return layers
 
 
 def _build(cfg) -> nn.Module:
@@ -104,16 +124,13 @@ def export_packed(load: str, output: str, iteration: Optional[int] = None, dtype
     tokenizer_model = convert._resolve_tokenizer(cfg, tokenizer_model, None, train_state, log)
 
     log(f"reading the weights of {path}")
-    state = convert.read_state(path, keys=["model"])["model"]
-    with torch.device("meta"):
-        layers = bitlinear_names(_build(cfg))
-    out: dict[str, torch.Tensor] = {}
-    for name in layers:
-        w_int, gamma = quantize_weights(state.pop(f"{name}.weight"))
-        out[f"{name}.packed_weight"] = pack_ternary(w_int)
-        out[f"{name}.weight_scale"] = gamma
-        out[f"{name}.norm_weight"] = state.pop(f"{name}.norm_weight").to(DTYPES[dtype])
-    out.update({k: v.to(DTYPES[dtype]) for k, v in state.items()})
+    model = _build(cfg)
+    model.load_state_dict(convert.read_state(path, keys=["model"])["model"], strict=True)
+    layers = pack_model(model)
+    # The full-precision parts in `dtype`; the 2-bit codes as they are and γ in fp32.
+    out = {k: v if k.endswith((".packed_weight", ".weight_scale")) else v.to(DTYPES[dtype])
+           for k, v in model.state_dict().items()}
+    del model
 
     partial = output.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -159,10 +176,7 @@ def load_packed_model(path: str, device: torch.device | str = "cpu") -> nn.Modul
     meta = read_packed_config(path)
     cfg = convert.model_config(meta)
     model = _build(cfg)
-    for name in meta["packed_layers"]:
-        parent_name, _, child = name.rpartition(".")
-        old = model.get_submodule(name)
-        setattr(model.get_submodule(parent_name), child, PackedBitLinear(old.in_features, old.out_features, old.eps))
+    pack_model(model, meta["packed_layers"], lambda old: PackedBitLinear(old.in_features, old.out_features, old.eps))
     weights = torch.load(os.path.join(path, "weights.pt"), weights_only=True)
     model.load_state_dict(weights, strict=True, assign=True)  # assign: keep the file's dtypes
     return model.to(device).eval()
