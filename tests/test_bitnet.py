@@ -207,6 +207,15 @@ def test_pack_unpack_is_lossless():
         kernels.pack_ternary(torch.zeros(2, 6))
 
 
+def test_int8_matmul_is_exact():
+    torch.manual_seed(5)
+    x = torch.randint(-128, 128, (3, 1000), dtype=torch.int8)
+    w = torch.randint(-1, 2, (20, 1000), dtype=torch.int8)
+    w[:, :500] = 1
+    x[0] = 127  # sums near the largest a 1000-wide layer can reach
+    assert torch.equal(kernels.int8_matmul(x, w), x.long().matmul(w.long().t()).int())
+
+
 _interpreted = type(getattr(kernels, "_w2a8_kernel", None)).__name__ == "InterpretedFunction"
 needs_triton = pytest.mark.skipif(kernels.triton is None or not (torch.cuda.is_available() or _interpreted),
                                   reason="needs triton, and a GPU or TRITON_INTERPRET=1 when kernels are defined")

@@ -2,7 +2,7 @@
 activations) against the LLaMA-style baseline of the same shape in bf16 and fp32; JSON to benchmarks/results/.
 
     python tools/bench_bitnet.py                                   # CPU: memory of the paper's shapes,
-                                                                   #      latency of a 180M shape
+                                                                   #      latency of a 220M shape
     python tools/bench_bitnet.py --device cuda --latency-shapes 700m 1.3b 3b   # GPU: Triton W2A8 kernels
 
 What is measured, honestly:
@@ -17,15 +17,16 @@ What is measured, honestly:
   kernels (kernels/bitnet.py). The baseline runs nn.Linear (oneDNN / cuBLAS).
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_parallel import environment  # noqa: E402  (machine, date, git commit, command, load average)
 
 from megalatent.config import ModelConfig
 from megalatent.models.bitnet_packed import PackedBitLinear, pack_model
@@ -35,7 +36,7 @@ import megalatent.models  # noqa: F401  (registers the families)
 VOCAB = 32000  # LLaMA's tokenizer, as in the paper
 # hidden, GLU width, heads, layers; 700M/1.3B/3B are arXiv 2402.17764 Tab. 1.
 SHAPES = {
-    "180m": (1024, 2816, 16, 12),
+    "220m": (1024, 2816, 16, 12),
     "700m": (1536, 4096, 24, 24),
     "1.3b": (2048, 5460, 32, 24),
     "3b": (3200, 8640, 32, 26),
@@ -78,36 +79,39 @@ def weight_memory(shape: str) -> dict:
     return out
 
 
+def _timed_forward_ms(model, token: torch.Tensor) -> float:
+    if token.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model(token)
+    if token.is_cuda:
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0)
+
+
 @torch.no_grad()
-def decode_latency_ms(model, device: torch.device, repeats: int, warmup: int = 3) -> float:
-    token = torch.tensor([[1]], device=device)
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model(token)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
-def latency(shape: str, device: torch.device, repeats: int) -> dict:
+def latency(shape: str, device: torch.device, repeats: int, warmup: int = 2) -> dict:
+    """Median time of a 1-token forward of each model. The models take turns, one forward each per
+    round, so that a change in the machine's load (a shared CPU) hits all of them alike."""
     torch.manual_seed(0)
-    out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        model = build_model(shape_config(shape, "gpt")).to(device=device, dtype=dtype).eval()
-        out[f"{name}_ms"] = decode_latency_ms(model, device, repeats)
-        del model
-    model = build_model(shape_config(shape, "bitnet")).eval()
-    pack_model(model)  # quantise and pack on the host; only the packed model goes to the device
-    model = model.to(device)
+    models = {name: build_model(shape_config(shape, "gpt")).to(device=device, dtype=dtype).eval()
+              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    packed = build_model(shape_config(shape, "bitnet")).eval()
+    pack_model(packed)  # quantise and pack on the host; only the packed model goes to the device
+    packed = packed.to(device)
     if device.type == "cuda":  # the full-precision parts in bf16 like the baseline's; γ stays fp32
-        for part in (model.embed_tokens, model.norm, model.output):
+        for part in (packed.embed_tokens, packed.norm, packed.output):
             part.to(torch.bfloat16)
-    out["packed_ms"] = decode_latency_ms(model, device, repeats)
+    models["packed"] = packed
+    token = torch.tensor([[1]], device=device)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(warmup + repeats):
+        for name, model in models.items():
+            ms = _timed_forward_ms(model, token)
+            if i >= warmup:
+                times[name].append(ms)
+    out = {f"{name}_ms": statistics.median(t) for name, t in times.items()}
+    out["all_ms"] = times
     out["packed_path"] = ("Triton fused RMSNorm+int8 quant and W2A8 kernels" if device.type == "cuda"
                           else "plain-PyTorch reference: unpack to int8 + fp32 matmul of integers at every call")
     out["bf16_over_packed"] = out["bf16_ms"] / out["packed_ms"]
@@ -118,16 +122,14 @@ def latency(shape: str, device: torch.device, repeats: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--memory-shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--latency-shapes", nargs="*", default=["180m"], choices=list(SHAPES))
+    p.add_argument("--latency-shapes", nargs="*", default=["220m"], choices=list(SHAPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=10, help="timed forwards per model (median reported)")
     p.add_argument("--output", default=None, help="JSON path; default benchmarks/results/bitnet-<device>-<date>.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    name = (torch.cuda.get_device_name() if device.type == "cuda"
-            else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    result = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "command": "python tools/bench_bitnet.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {**environment(sys.argv if argv is None else [sys.argv[0]] + list(argv)), "threads": torch.get_num_threads(),
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "vocab": VOCAB, "memory": {}, "latency": {}, "paper": PAPER}
     for shape in args.memory_shapes:
         m = result["memory"][shape] = weight_memory(shape)
@@ -142,8 +144,9 @@ def main(argv=None) -> int:
               + (f"; paper {PAPER[shape]['latency_ms'][0] / PAPER[shape]['latency_ms'][1]:.2f}x" if shape in PAPER else "")
               + ")", flush=True)
     path = args.output or os.path.join("benchmarks", "results",
-                                       f"bitnet-{device.type}-{result['date']}.json")
+                                       f"bitnet-{device.type}-{result['date'][:10]}.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}")
