@@ -128,9 +128,10 @@ def rmsnorm_act_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float):
     rows = x.reshape(-1, k).contiguous()
     q = torch.empty(rows.shape, dtype=torch.int8, device=x.device)
     s = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(k)  # one program per row holds the whole row: one read of x
     _rmsnorm_act_quant_kernel[(rows.shape[0],)](rows, weight.contiguous(), q, s, k, rows.stride(0), eps,
-                                                QMAX=ACTIVATION_MAX, FLOOR=SCALE_FLOOR,
-                                                BLOCK_K=triton.next_power_of_2(k))
+                                                QMAX=ACTIVATION_MAX, FLOOR=SCALE_FLOOR, BLOCK_K=block,
+                                                num_warps=min(max(block // 512, 1), 16))
     return q.view(x.shape), s.view(*x.shape[:-1], 1)
 
 
