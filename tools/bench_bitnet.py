@@ -12,9 +12,10 @@ What is measured, honestly:
   The paper's memory figures (FasterTransformer) are measured GPU memory, weights plus runtime buffers.
 - Decode latency is one forward of one token at batch 1 (a decoding step without attention context):
   the weight-bound matmuls that dominate decoding and that the paper's 2-bit kernel speeds up. On CPU
-  the packed model runs the plain-PyTorch reference (unpack to int8, fp32 matmul of integers at every
-  call: a correctness path, not a fast one); on CUDA it runs the Triton fused RMSNorm+quant and W2A8
-  kernels (kernels/bitnet.py). The baseline runs nn.Linear (oneDNN / cuBLAS).
+  the packed model runs the plain-PyTorch reference (unpack the 2-bit codes to int8 at every call, then
+  oneDNN's int8 GEMM: a correctness path, not a fast one); on CUDA it runs the Triton fused
+  RMSNorm+quant and W2A8 kernels (kernels/bitnet.py). The baseline runs nn.Linear (oneDNN / cuBLAS).
+  On a shared CPU run it with OMP_NUM_THREADS=1: with more threads than free cores, time goes to waiting.
 """
 import argparse
 import json
@@ -113,7 +114,7 @@ def latency(shape: str, device: torch.device, repeats: int, warmup: int = 2) -> 
     out = {f"{name}_ms": statistics.median(t) for name, t in times.items()}
     out["all_ms"] = times
     out["packed_path"] = ("Triton fused RMSNorm+int8 quant and W2A8 kernels" if device.type == "cuda"
-                          else "plain-PyTorch reference: unpack to int8 + fp32 matmul of integers at every call")
+                          else "plain-PyTorch reference: unpack to int8 at every call, then torch._int_mm (int8 x int8 -> int32)")
     out["bf16_over_packed"] = out["bf16_ms"] / out["packed_ms"]
     out["fp32_over_packed"] = out["fp32_ms"] / out["packed_ms"]
     return out
