@@ -263,6 +263,7 @@ def greedy(model, prompt, steps):
     return tokens, torch.stack(logits)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the trainer's save, single process
 def test_export_packs_and_packed_generation_equals_the_fake_quantised_model(tmp_path):
     import sys
     sys.path.insert(0, os.path.join(REPO, "tools"))
