@@ -51,6 +51,10 @@ class ModelConfig:
     rotary_base: float = _opt(10000.0, "RoPE base (theta)")
     untie_embeddings_and_output_weights: bool = _opt(False, "separate input embedding and output head weights")
     init_method_std: float = _opt(0.02, "standard deviation of the normal weight initialisation")
+    linear_impl: Optional[str] = _opt(
+        None, "linear layers of the attention and MLP blocks: nn.Linear, or BitNet b1.58's BitLinear (ternary "
+        "weights, 8-bit activations, its own input RMSNorm, so the blocks' pre-norms are dropped); default: "
+        "bitlinear for --model-family bitnet, linear for the others", choices=["linear", "bitlinear"])
     segment_lengths: Optional[list[int]] = _opt(
         None, "LongNet: segment length w_i of each dilated-attention pattern, increasing", nargs="+")
     dilated_ratios: Optional[list[int]] = _opt(
@@ -132,13 +136,22 @@ class TrainingConfig:
     lr: float = _opt(3e-4, "peak learning rate")
     min_lr: float = _opt(3e-5, "learning rate at the end of the decay")
     lr_decay_style: str = _opt("cosine", "learning-rate schedule after warmup",
-                               choices=["constant", "linear", "cosine", "WSD", "inverse-square-root"])
+                               choices=["constant", "linear", "cosine", "WSD", "inverse-square-root", "two-stage"])
     lr_warmup_iters: int = _opt(0, "linear warmup steps")
     lr_warmup_fraction: Optional[float] = _opt(None, "warmup as a fraction of --lr-decay-iters (overrides iters)")
     lr_decay_iters: Optional[int] = _opt(None, "steps over which the lr decays; default --train-iters")
     lr_wsd_decay_iters: Optional[int] = _opt(None, "WSD: length of the final decay phase; default 10%% of decay")
     lr_wsd_decay_style: str = _opt("linear", "WSD: shape of the final decay", choices=["linear", "cosine", "exponential"])
+    lr_two_stage_boundary_iter: Optional[int] = _opt(
+        None, "two-stage (BitNet b1.58): the first step of the second stage; default: halfway from the end of "
+        "the warmup to --lr-decay-iters")
+    lr_second_stage: Optional[float] = _opt(
+        None, "two-stage: the lr at the start of the second stage, from which it decays linearly to --min-lr "
+        "at --lr-decay-iters (the first stage decays linearly from --lr on the line to --min-lr)")
     weight_decay: float = _opt(0.1, "AdamW weight decay (not applied to norms and biases)")
+    weight_decay_second_stage: Optional[float] = _opt(
+        None, "two-stage: the weight decay from the second stage on; default 0 (BitNet b1.58: decay on the "
+        "latent weights keeps flipping ternary values late in training)")
     adam_beta1: float = _opt(0.9, "AdamW beta1")
     adam_beta2: float = _opt(0.95, "AdamW beta2")
     adam_eps: float = _opt(1e-8, "AdamW epsilon")
@@ -423,6 +436,27 @@ def _moe_errors(m: ModelConfig) -> list[str]:
     return e
 
 
+def _two_stage_errors(t: TrainingConfig, warmup: int, decay: int) -> list[str]:
+    """The two-stage schedule's flags: given only with it, the lr and the boundary inside their ranges."""
+    flags = {"lr_two_stage_boundary_iter": t.lr_two_stage_boundary_iter, "lr_second_stage": t.lr_second_stage,
+             "weight_decay_second_stage": t.weight_decay_second_stage}
+    if t.lr_decay_style != "two-stage":
+        return [f"--{k.replace('_', '-')} needs --lr-decay-style two-stage" for k, v in flags.items() if v is not None]
+    e = []
+    if t.lr_second_stage is None:
+        e.append("--lr-decay-style two-stage needs --lr-second-stage, the lr the second stage starts from "
+                 "(BitNet b1.58 700M: --lr 1.5e-3 --lr-second-stage 1e-3)")
+    elif not t.min_lr <= t.lr_second_stage <= t.lr:
+        e.append(f"--lr-second-stage {t.lr_second_stage} must be between --min-lr {t.min_lr} and --lr {t.lr}")
+    boundary = t.lr_two_stage_boundary_iter
+    if boundary is not None and not warmup <= boundary < decay:
+        e.append(f"--lr-two-stage-boundary-iter {boundary} must be at or after the warmup ({warmup} steps) and "
+                 f"before the end of the decay (--lr-decay-iters {decay})")
+    if t.weight_decay_second_stage is not None and t.weight_decay_second_stage < 0:
+        e.append(f"--weight-decay-second-stage must be >= 0, got {t.weight_decay_second_stage}")
+    return e
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Every rule a run must satisfy before anything is allocated; raises ConfigError listing all."""
     m, d, t, p, c, log = cfg.model, cfg.data, cfg.training, cfg.parallel, cfg.checkpoint, cfg.logging
@@ -452,6 +486,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                      f"--num-query-groups {m.num_query_groups}")
     elif m.num_query_groups is not None:
         e.append("--num-query-groups is set but --group-query-attention is not; add --group-query-attention")
+    if m.linear_impl == "bitlinear" and m.model_family != "bitnet":  # (bitnet's own rules include this one)
+        from megalatent.models.bitnet import packable_width_errors
+        e += packable_width_errors(m)
     if m.ffn_hidden_size is not None and m.ffn_hidden_size < 1:
         e.append(f"--ffn-hidden-size must be >= 1, got {m.ffn_hidden_size}")
     if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
@@ -508,6 +545,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.lr_wsd_decay_iters is not None and not 0 < t.lr_wsd_decay_iters <= decay - warmup:
         e.append(f"--lr-wsd-decay-iters {t.lr_wsd_decay_iters} must be in (0, {decay - warmup}] "
                  "(the steps after warmup)")
+    e += _two_stage_errors(t, warmup, decay)
     if not 0 <= t.adam_beta1 < 1 or not 0 <= t.adam_beta2 < 1:
         e.append(f"--adam-beta1/--adam-beta2 must be in [0, 1), got {t.adam_beta1}, {t.adam_beta2}")
     if t.adam_eps <= 0:

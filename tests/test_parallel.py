@@ -14,13 +14,13 @@ WORKER = os.path.join(REPO, "tests", "parallel_worker.py")
 UNTIED = {"untie-embeddings-and-output-weights": True}  # pipeline parallelism needs an untied head
 
 
-def run_worker(tmp_path, nproc, layouts, name):
+def run_worker(tmp_path, nproc, layouts, name, worker=WORKER):
     out = str(tmp_path / f"{name}.pt")
     args = [out] + [json.dumps(layout) for layout in layouts]
     if nproc == 1:
-        cmd = [sys.executable, WORKER] + args
+        cmd = [sys.executable, worker] + args
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", WORKER] + args
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", worker] + args
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -262,7 +262,7 @@ _HF_UNDERSTOOD = {
     "model_family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
     "num_query_groups", "seq_length", "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by",
     "normalization", "norm_epsilon", "swiglu", "position_embedding_type", "rotary_base",
-    "untie_embeddings_and_output_weights", "init_method_std",
+    "untie_embeddings_and_output_weights", "init_method_std", "linear_impl",
 }
 
 
@@ -276,6 +276,9 @@ def hf_export_problems(cfg: ModelConfig) -> list[str]:
         problems.append(f"the model uses --normalization {cfg.normalization}; LlamaForCausalLM has RMSNorm only")
     if not cfg.swiglu:
         problems.append("the model has a GELU MLP (--no-swiglu); LlamaForCausalLM's MLP is SwiGLU only")
+    if cfg.linear_impl == "bitlinear":
+        problems.append("the model has BitLinear layers (--linear-impl bitlinear); LlamaForCausalLM has none: "
+                        "export it with tools/export_bitnet.py")
     if cfg.position_embedding_type != "rope":
         problems.append(f"the model uses --position-embedding-type {cfg.position_embedding_type}; "
                         "LlamaForCausalLM always applies RoPE")

@@ -8,17 +8,60 @@ each all-reduce into a reduce-scatter + all-gather pair of the same volume and d
 activations' memory by the TP size. The embedding is vocab-parallel, and the output projection
 leaves the logits sharded over the vocabulary: the loss is computed on the shards (`loss_parallel`)
 without ever gathering [batch, seq, vocab] logits.
+
+BitLinear layers (BitNet b1.58) take the same column/row split; their input-norm weight is replicated
+in column-parallel layers (the input is whole) and sharded with the input features in row-parallel
+ones, and their scales reduce over the whole tensors (see megalatent/nn/bitlinear.py).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
 from megalatent.nn.moe import MoELayer
+
+from megalatent.nn.bitlinear import BitLinear
+
+
+def _shard_bitlinear(module: BitLinear, mesh: DeviceMesh, weight: Placement, norm_weight: Placement,
+                     src_data_rank) -> None:
+    module.weight = nn.Parameter(distribute_tensor(module.weight, mesh, [weight], src_data_rank=src_data_rank))
+    module.norm_weight = nn.Parameter(distribute_tensor(module.norm_weight, mesh, [norm_weight],
+                                                        src_data_rank=src_data_rank))
+
+
+class BitLinearColwiseParallel(ColwiseParallel):
+    """ColwiseParallel for a BitLinear: the weight's rows are sharded, its input-norm weight replicated."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        _shard_bitlinear(module, device_mesh, Shard(0), Replicate(), self.src_data_rank)
+
+
+class BitLinearRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel for a BitLinear: the weight's columns and the input-norm weight follow the
+    sharded input features."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        _shard_bitlinear(module, device_mesh, Shard(1), Shard(0), self.src_data_rank)
+
+
+def _is_bitlinear(model: nn.Module, path: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(path), BitLinear)
+    except AttributeError:  # not in this model (the GELU MLP has no gate_proj): the plan entry matches nothing
+        return False
+
+
+def _colwise(model: nn.Module, path: str):
+    return BitLinearColwiseParallel() if _is_bitlinear(model, path) else ColwiseParallel()
+
+
+def _rowwise(model: nn.Module, path: str, **kwargs):
+    return (BitLinearRowwiseParallel if _is_bitlinear(model, path) else RowwiseParallel)(**kwargs)
 
 
 def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
@@ -37,19 +80,10 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
             plan["norm"] = SequenceParallel()
     for name, layer in model.layers.items():
         p = f"layers.{name}."
-        plan.update({
-            p + "attention.q_proj": ColwiseParallel(),
-            p + "attention.k_proj": ColwiseParallel(),
-            p + "attention.v_proj": ColwiseParallel(),
-            p + "attention.o_proj": RowwiseParallel(output_layouts=stream),
-        })
+        plan.update({p + path: _colwise(model, p + path) for path in
+                     ("attention.q_proj", "attention.k_proj", "attention.v_proj")})
+        plan[p + "attention.o_proj"] = _rowwise(model, p + "attention.o_proj", output_layouts=stream)
         moe = isinstance(layer.mlp, MoELayer)
-        if not moe:
-            plan.update({
-                p + "mlp.gate_proj": ColwiseParallel(),
-                p + "mlp.up_proj": ColwiseParallel(),
-                p + "mlp.down_proj": RowwiseParallel(output_layouts=stream),
-            })
         if moe:
             # An MoE layer's weights are not split over the TP ranks (expert tensor parallelism 1); its tokens
             # are: each TP rank routes and computes its 1/tp of the sequence. Under sequence parallelism that is
@@ -58,6 +92,9 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
             plan[p + "mlp"] = PrepareModuleInputOutput(
                 input_layouts=(stream,), desired_input_layouts=(Shard(1),), use_local_input=True,
                 output_layouts=(Shard(1),), desired_output_layouts=(stream,), use_local_output=True)
+        else:
+            plan.update({p + path: _colwise(model, p + path) for path in ("mlp.gate_proj", "mlp.up_proj")})
+            plan[p + "mlp.down_proj"] = _rowwise(model, p + "mlp.down_proj", output_layouts=stream)
         if sequence_parallel:
             plan.update({
                 p + "attention_norm": SequenceParallel(),

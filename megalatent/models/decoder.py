@@ -5,11 +5,15 @@
     logits = head(norm(x))
 
 A family changes what a layer is made of through a `LayerSpec` (LongNet swaps the attention,
-MH-MoE the MLP, BitNet the linear layers) instead of copying this file.
+MH-MoE the MLP) instead of copying this file. `--linear-impl bitlinear` swaps the linear layers of
+the attention and MLP blocks of any family built on these hooks for BitNet b1.58's BitLinear; as
+each BitLinear normalises its own input, the layer's two pre-norms are then dropped (the final norm
+before the full-precision head stays).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -19,6 +23,7 @@ from torch import nn
 from megalatent.config import ModelConfig
 from megalatent.models.registry import ModelFamily, register
 from megalatent.nn.attention import SelfAttention
+from megalatent.nn.bitlinear import BitLinear
 from megalatent.nn.mlp import GeluMLP, SwiGLU
 from megalatent.nn.moe import MoELayer
 from megalatent.nn.norms import build_norm
@@ -33,11 +38,20 @@ class LayerSpec:
     norm: Callable[[ModelConfig], nn.Module]
 
 
-def default_attention(cfg: ModelConfig, layer: int, linear=nn.Linear) -> nn.Module:
-    return SelfAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, linear=linear)
+def uses_bitlinear(cfg: ModelConfig) -> bool:
+    return cfg.linear_impl == "bitlinear"
 
 
-def default_mlp(cfg: ModelConfig, layer: int, linear=nn.Linear) -> nn.Module:
+def block_linear(cfg: ModelConfig) -> Callable[..., nn.Module]:
+    """The linear layer of the attention and MLP blocks, chosen by --linear-impl."""
+    return partial(BitLinear, eps=cfg.norm_epsilon) if uses_bitlinear(cfg) else nn.Linear
+
+
+def default_attention(cfg: ModelConfig, layer: int, linear=None) -> nn.Module:
+    return SelfAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, linear=linear or block_linear(cfg))
+
+
+def default_mlp(cfg: ModelConfig, layer: int, linear=None) -> nn.Module:
     """The dense MLP, or with --num-experts on the layers --moe-layer-freq picks, the (MH-)MoE layer."""
     if cfg.is_moe_layer(layer):
         return MoELayer(cfg.hidden_size, cfg.expert_width, cfg.num_experts, cfg.moe_router_topk,
@@ -45,9 +59,9 @@ def default_mlp(cfg: ModelConfig, layer: int, linear=nn.Linear) -> nn.Module:
                         expert_bias=cfg.moe_router_enable_expert_bias,
                         capacity_factor=cfg.moe_expert_capacity_factor, drop_policy=cfg.moe_token_drop_policy,
                         aux_loss_coeff=cfg.moe_aux_loss_coeff, z_loss_coeff=cfg.moe_z_loss_coeff or 0.0,
-                        linear=linear)
+                        linear=linear or block_linear(cfg))
     mlp = SwiGLU if cfg.swiglu else GeluMLP
-    return mlp(cfg.hidden_size, cfg.mlp_width, linear=linear)
+    return mlp(cfg.hidden_size, cfg.mlp_width, linear=linear or block_linear(cfg))
 
 
 def default_norm(cfg: ModelConfig) -> nn.Module:
@@ -60,9 +74,11 @@ BASELINE_SPEC = LayerSpec(attention=default_attention, mlp=default_mlp, norm=def
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, spec: LayerSpec):
         super().__init__()
-        self.attention_norm = spec.norm(cfg)
+        # BitLinear normalises its own input: a pre-norm in front of it would normalise twice.
+        pre_norm = (lambda cfg: nn.Identity()) if uses_bitlinear(cfg) else spec.norm
+        self.attention_norm = pre_norm(cfg)
         self.attention = spec.attention(cfg, layer)
-        self.mlp_norm = spec.norm(cfg)
+        self.mlp_norm = pre_norm(cfg)
         self.mlp = spec.mlp(cfg, layer)
 
     def forward(self, x: torch.Tensor, positions: Positions) -> torch.Tensor:

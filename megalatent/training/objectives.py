@@ -30,12 +30,13 @@ class Objective:
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies where loss_mask is 1 (fp32 for a stable log-softmax).
+    """Sum of token cross-entropies where loss_mask is 1 (fp32 or wider for a stable log-softmax).
 
     Under tensor parallelism the logits are a DTensor sharded over the vocabulary and this runs
     inside `loss_parallel()` (see Trainer.loss_context), which computes the log-softmax on the shards.
     """
-    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1), labels.flatten(),
+                         reduction="none")
     if isinstance(ce, DTensor):
         ce = ce.to_local()  # replicated per-token losses
     return (ce * loss_mask.flatten()).sum()

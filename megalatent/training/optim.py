@@ -8,17 +8,29 @@ from torch.distributed.tensor import DTensor
 from megalatent.config import TrainingConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
+def is_decayed(p: torch.Tensor) -> bool:
     """Weight decay on matrices only: norms, biases and other vectors are not decayed (as in Megatron)."""
+    return p.dim() >= 2
+
+
+def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if is_decayed(p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     on_gpu = any(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                              fused=on_gpu or None)  # the fused kernel is CUDA-only; foreach on CPU
+
+
+def set_step_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """This step's lr for every group and weight decay for the decayed ones (the schedule's values: set
+    every step rather than kept, so that a resumed run follows the schedule of its step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = weight_decay if group["params"] and is_decayed(group["params"][0]) else 0.0
 
 
 def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group=None) -> float:

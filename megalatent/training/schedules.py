@@ -1,7 +1,14 @@
-"""Learning-rate schedules with Megatron's names: constant, linear, cosine, WSD, inverse-square-root.
+"""Learning-rate schedules with Megatron's names: constant, linear, cosine, WSD, inverse-square-root,
+and BitNet b1.58's two-stage schedule.
 
 All start with a linear warmup from 0 to --lr over the warmup steps, then follow the decay style down
 to --min-lr at --lr-decay-iters and stay at --min-lr after that.
+
+two-stage (BitNet b1.58 FAQ): the first stage decays linearly from --lr on the line that would reach
+--min-lr at --lr-decay-iters; at --lr-two-stage-boundary-iter the lr drops to --lr-second-stage and
+decays linearly from there to --min-lr at --lr-decay-iters. The weight decay switches at the same
+step, from --weight-decay to --weight-decay-second-stage (default 0). Both are functions of the step
+alone, so a resumed run picks up the right stage without any state of its own.
 """
 from __future__ import annotations
 
@@ -19,6 +26,17 @@ class LRSchedule:
         self.wsd_decay_iters = (cfg.lr_wsd_decay_iters if cfg.lr_wsd_decay_iters is not None
                                 else max(1, round(0.1 * (self.decay_iters - self.warmup_iters))))
         self.wsd_style = cfg.lr_wsd_decay_style
+        self.second_stage_start = (cfg.lr_two_stage_boundary_iter if cfg.lr_two_stage_boundary_iter is not None
+                                   else (self.warmup_iters + self.decay_iters) // 2)
+        self.second_stage_lr = cfg.lr_second_stage
+        self.weight_decays = (cfg.weight_decay, cfg.weight_decay_second_stage or 0.0)
+
+    def in_second_stage(self, step: int) -> bool:
+        return self.style == "two-stage" and step >= self.second_stage_start
+
+    def weight_decay(self, step: int) -> float:
+        """The weight decay for optimizer step `step`: --weight-decay, or the second stage's."""
+        return self.weight_decays[self.in_second_stage(step)]
 
     def __call__(self, step: int) -> float:
         """The learning rate for optimizer step `step` (0-based)."""
@@ -33,6 +51,9 @@ class LRSchedule:
         if step >= self.decay_iters:
             return self.min_lr
         span = self.max_lr - self.min_lr
+        if self.in_second_stage(step):
+            progress = (step - self.second_stage_start) / (self.decay_iters - self.second_stage_start)
+            return self.min_lr + (self.second_stage_lr - self.min_lr) * _decay("linear", progress)
         if self.style == "WSD":
             anneal_start = self.decay_iters - self.wsd_decay_iters
             if step < anneal_start:
@@ -44,7 +65,7 @@ class LRSchedule:
 
 def _decay(style: str, progress: float) -> float:
     """Fraction of the (max - min) span left at `progress` in [0, 1]."""
-    if style == "linear":
+    if style in ("linear", "two-stage"):
         return 1.0 - progress
     if style == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -27,7 +27,7 @@ from megalatent.models.registry import MODEL_FAMILIES
 from megalatent.training.metrics import MetricsWriter, device_peak_tflops, iteration_line, log, peak_memory_gb
 from megalatent.training.moe_stats import MoEStepStats
 from megalatent.training.objectives import lm_loss_sum
-from megalatent.training.optim import build_optimizer, clip_grad_norm
+from megalatent.training.optim import build_optimizer, clip_grad_norm, set_step_hyperparameters
 from megalatent.training.schedules import LRSchedule
 
 
@@ -200,10 +200,9 @@ class Trainer:
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
             return loss, grad_norm
-        lr = self.schedule(self.iteration)
+        lr, weight_decay = self.schedule(self.iteration), self.schedule.weight_decay(self.iteration)
         for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr
+            set_step_hyperparameters(opt, lr, weight_decay)
             opt.step()
         self.moe.after_step()
         return loss, grad_norm

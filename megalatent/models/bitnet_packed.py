@@ -1,0 +1,182 @@
+"""The packed BitNet b1.58 model: export a trained checkpoint to 2-bit weights, and run it.
+
+    export_packed(load, output)   checkpoint (any layout) -> packed directory   (tools/export_bitnet.py)
+    load_packed_model(output)     packed directory -> a model whose forward(tokens) gives logits
+
+A packed directory holds
+
+    config.json       the format, the model config, the names of the packed layers, the source checkpoint
+    weights.pt        per BitLinear `L`: L.packed_weight (uint8 [out, in/4], kernels/bitnet.py's layout),
+                      L.weight_scale (γ, 0-d fp32), L.norm_weight (its input RMSNorm's gain);
+                      the embedding, final norm and head as they were trained (or in --dtype)
+    tokenizer.model   the sentencepiece model, when the checkpoint names one
+
+Every BitLinear of the trained model becomes a `PackedBitLinear`: its weights are quantised once,
+offline, with the training quantiser; at run time the fused RMSNorm + int8 kernel and the W2A8 kernel
+(Triton on a GPU, their references on CPU) compute exactly what the training layer's forward computes,
+so greedy decoding from the packed model gives the fake-quantised model's tokens (tests/test_bitnet.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from megalatent.distributed import checkpoint as ckpt
+from megalatent.distributed import convert
+from megalatent.kernels.bitnet import CODES_PER_BYTE, pack_ternary, rmsnorm_act_quant, w2a8_matmul
+from megalatent.nn.bitlinear import BitLinear, quantize_weights
+
+FORMAT = "megalatent-bitnet-packed"
+VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class PackedBitLinear(nn.Module):
+    """The inference form of BitLinear: y = (x_int8 · W_ternaryᵀ) * γ / s_x with W read 2-bit packed."""
+
+    def __init__(self, in_features: int, out_features: int, eps: float):
+        super().__init__()
+        if in_features % CODES_PER_BYTE:
+            raise ValueError(f"a packed layer needs an input width divisible by {CODES_PER_BYTE}, got {in_features}")
+        self.in_features, self.out_features, self.eps = in_features, out_features, eps
+        self.register_buffer("packed_weight", torch.zeros(out_features, in_features // CODES_PER_BYTE,
+                                                          dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(()))
+        self.register_buffer("norm_weight", torch.ones(in_features))
+
+    @classmethod
+    def from_bitlinear(cls, layer: BitLinear) -> "PackedBitLinear":
+        """Quantise a trained layer's weights once, with the training quantiser, and pack them."""
+        packed = cls(layer.in_features, layer.out_features, layer.eps)
+        w_int, gamma = quantize_weights(layer.weight.detach())
+        packed.packed_weight, packed.weight_scale = pack_ternary(w_int), gamma
+        packed.norm_weight = layer.norm_weight.detach().clone()
+        return packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_int, s_x = rmsnorm_act_quant(x, self.norm_weight, self.eps)
+        return w2a8_matmul(x_int, self.packed_weight, self.weight_scale / s_x).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, 2-bit weights, int8 activations"
+
+
+def bitlinear_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, BitLinear)]
+
+
+def pack_model(model: nn.Module, layers: Optional[list[str]] = None,
+               make: Callable[[BitLinear], nn.Module] = PackedBitLinear.from_bitlinear) -> list[str]:
+    """Replace the BitLinear layers of `model` (all, or those named) in place by `make(layer)`: by default
+    their packed form. Returns the names replaced."""
+    layers = bitlinear_names(model) if layers is None else layers
+    for name in layers:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, make(model.get_submodule(name)))
+    return layers
+
+
+def _build(cfg) -> nn.Module:
+    from megalatent.models.registry import build_model
+    import megalatent.models  # noqa: F401  (registers the families)
+
+    return build_model(cfg)
+
+
+def export_problems(cfg) -> list[str]:
+    """Why the model of `cfg` cannot be packed (empty when it can); checked on the meta device."""
+    with torch.device("meta"):
+        model = _build(cfg)
+    names = bitlinear_names(model)
+    if not names:
+        return [f"the model (family {cfg.model_family!r}, --linear-impl {cfg.linear_impl}) has no BitLinear layers: "
+                "train it with --model-family bitnet or --linear-impl bitlinear"]
+    narrow = sorted({m.in_features for m in model.modules() if isinstance(m, BitLinear)
+                     and m.in_features % CODES_PER_BYTE})
+    if narrow:
+        return [f"input widths {narrow} are not divisible by {CODES_PER_BYTE} (4 codes per byte): "
+                "choose --hidden-size/--ffn-hidden-size divisible by 4"]
+    return []
+
+
+def export_packed(load: str, output: str, iteration: Optional[int] = None, dtype: str = "float32",
+                  tokenizer_model: Optional[str] = None, force: bool = False,
+                  log: Callable[[str], None] = print) -> str:
+    """Pack checkpoint (`load`, `iteration`) into the directory `output`; returns the checkpoint read.
+
+    `dtype` is that of the full-precision parts (embedding, norms, head). Written to `output.partial/`
+    and renamed at the end, so a crash leaves no half-written directory under the real name.
+    """
+    if dtype not in DTYPES:
+        raise convert.ConvertError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    path = convert.resolve_checkpoint(load, iteration)
+    convert._check_output(output, force, "--output")
+    train_state = ckpt.read_train_state(path)
+    cfg = convert.model_config(train_state)
+    problems = export_problems(cfg)
+    if problems:
+        raise convert.ConvertError(f"checkpoint {path} cannot be packed: " + "; ".join(problems))
+    tokenizer_model = convert._resolve_tokenizer(cfg, tokenizer_model, None, train_state, log)
+
+    log(f"reading the weights of {path}")
+    model = _build(cfg)
+    model.load_state_dict(convert.read_state(path, keys=["model"])["model"], strict=True)
+    layers = pack_model(model)
+    # The full-precision parts in `dtype`; the 2-bit codes as they are and γ in fp32.
+    out = {k: v if k.endswith((".packed_weight", ".weight_scale")) else v.to(DTYPES[dtype])
+           for k, v in model.state_dict().items()}
+    del model
+
+    partial = output.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    packed_bytes = sum(t.numel() * t.element_size() for k, t in out.items() if k.endswith(".packed_weight"))
+    log(f"writing {output}: {len(layers)} packed layers ({packed_bytes / 2**20:.1f} MiB of 2-bit weights), "
+        f"the rest in {dtype}")
+    torch.save(out, os.path.join(partial, "weights.pt"))
+    meta = {"format": FORMAT, "version": VERSION, "model_config": train_state["model_config"],
+            "packed_layers": layers, "dtype": dtype, "source": os.path.abspath(path),
+            "iteration": train_state["iteration"], "tokenizer": None}
+    if tokenizer_model is not None:
+        shutil.copyfile(tokenizer_model, os.path.join(partial, "tokenizer.model"))
+        meta["tokenizer"] = "tokenizer.model"
+    with open(os.path.join(partial, "config.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    if os.path.exists(output):
+        shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
+    os.replace(partial, output)
+    return path
+
+
+def read_packed_config(path: str) -> dict:
+    meta_path = os.path.join(path, "config.json")
+    if not os.path.isfile(meta_path):
+        raise convert.ConvertError(f"{path} is not a packed BitNet directory (no config.json); write one with "
+                                   "tools/export_bitnet.py")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise convert.ConvertError(f"{meta_path} is format {meta.get('format')!r} version {meta.get('version')}; "
+                                   f"this megalatent reads {FORMAT!r} version {VERSION}")
+    return meta
+
+
+def load_packed_model(path: str, device: torch.device | str = "cpu") -> nn.Module:
+    """The model of a packed directory, in eval mode on `device`: forward(tokens [b, s]) -> logits.
+
+    The model is built by its family (so any decoder family with BitLinear layers loads), then each
+    BitLinear is replaced by a PackedBitLinear. The build allocates the full-precision latent weights
+    once, on the host, before they are dropped; only the packed model goes to `device`.
+    """
+    meta = read_packed_config(path)
+    cfg = convert.model_config(meta)
+    model = _build(cfg)
+    pack_model(model, meta["packed_layers"], lambda old: PackedBitLinear(old.in_features, old.out_features, old.eps))
+    weights = torch.load(os.path.join(path, "weights.pt"), weights_only=True)
+    model.load_state_dict(weights, strict=True, assign=True)  # assign: keep the file's dtypes
+    return model.to(device).eval()
