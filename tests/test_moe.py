@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from megalatent.config import ConfigError, parse_args, validate
 from megalatent.nn.moe import MoELayer, balance_and_z_losses, grouped_mm, grouped_mm_loop
 
-torch.manual_seed(0)
-
 
 def make_layer(**kw) -> MoELayer:
+    torch.manual_seed(0)  # each test's weights and inputs do not depend on which tests ran before
     args = dict(dim=16, ffn=12, num_experts=4, topk=2)
     args.update(kw)
     layer = MoELayer(**args)
@@ -73,8 +72,8 @@ def test_dispatch_equals_loop_over_tokens(kw):
     ref = loop_reference(layer, x2.reshape(-1, 16)).view_as(x2)
     ref.square().sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    for g, r in zip(got, grads(layer, x2)):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    for g, r in zip(got, grads(layer, x2)):  # float32 sums in another order: relative to each tensor's scale
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * r.abs().max().item())
 
 
 def test_capacity_drops_lowest_weights_first():
