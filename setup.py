@@ -22,7 +22,8 @@ setup(
         # triton: CUDA torch brings it; the CPU tests run the kernels in its interpreter (TRITON_INTERPRET=1)
         "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "triton"],
         "mpi": ["mpi4py", "mpich"],
-        "vision": ["nvidia-dali-cuda130"],
+        # scikit-learn: its wheel carries the digits images, the σ-VAE tokenizer's default data (no download)
+        "vision": ["nvidia-dali-cuda130", "scikit-learn"],
     },
     entry_points={"console_scripts": ["megalatent-pretrain=megalatent.pretrain:main"]},
 )
