@@ -132,11 +132,16 @@ class DiffusionHead(nn.Module):
 
     ``hidden`` defaults to ``cond_dim``. ``ffn_ratio`` sizes the SwiGLU (reference LatentLM: 4·2/3;
     VibeVoice: 3). ``depth``: reference LatentLM-B/L/H 6/8/12 blocks, VibeVoice 4.
-    ``prediction``: "epsilon" (LatentLM) or "v" (VibeVoice) — what the head outputs and is trained on.
+    ``prediction``: what the head outputs and is trained on, "v" (VibeVoice; our default) or "epsilon"
+    (the LatentLM image code). The sampler needs the data prediction x0; from v it is α x_t - σ v, so an
+    error in v stays the same size at every noise level, while from ε it is (x_t - σ ε)/α, which
+    multiplies an error by 1/α (160x where sampling starts). Measured on a toy (2-D, 4 classes, this
+    head with hidden 64, 300 Adam steps, 20 DPM-Solver++ steps): v lands within 0.2 of the class means;
+    ε misses by 3 and only 1,500 steps plus starting sampling at λ = -3 bring it to 0.14.
     """
 
     def __init__(self, latent_dim: int, cond_dim: int, hidden: Optional[int] = None, depth: int = 3,
-                 ffn_ratio: float = 8 / 3, prediction: str = "epsilon", num_train_steps: int = 1000,
+                 ffn_ratio: float = 8 / 3, prediction: str = "v", num_train_steps: int = 1000,
                  norm_eps: float = 1e-6):
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"prediction={prediction!r}: choose one of {', '.join(PREDICTION_TYPES)}")
@@ -251,17 +256,39 @@ def _predict_x0(head, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, c_uncon
     return alpha * x - sigma * out
 
 
+# Sampling starts at the last step whose log-SNR λ = log(α/σ) is at least this (diffusers' `lambda_min_clipped`,
+# "critical for the cosine schedule"). The cosine schedule's final ᾱ is ~2e-9 (its last β is clipped to 0.999),
+# so from t = T-1 an ε-prediction's error is amplified by α_next/α_{T-1} (~1,700x at 20 steps) into the data
+# prediction; from λ = -5.1 (t = 995 of 1000, α ≈ 0.006, so the noise is still pure to 0.6%) it is ~13x.
+LAMBDA_MIN_CLIPPED = -5.1
+
+
+def sampling_timesteps(schedule: CosineSchedule, steps: int,
+                       lambda_min_clipped: float = LAMBDA_MIN_CLIPPED) -> torch.Tensor:
+    """``steps`` integer timesteps, evenly spaced from the first step with λ >= lambda_min_clipped down
+    to about T/steps (diffusers' "linspace" spacing); the solver's last update goes from the last of them
+    to σ = 0."""
+    alpha_bar = schedule.alphas_cumprod
+    lambdas = 0.5 * (alpha_bar.log() - (1 - alpha_bar).log())
+    start = int((lambdas >= lambda_min_clipped).sum().item()) - 1  # λ falls with t
+    if not 1 <= steps <= start:
+        raise ValueError(f"steps={steps} must be in [1, {start}]: more would repeat timesteps of the "
+                         f"{schedule.num_steps}-step schedule (sampling starts at t={start})")
+    return torch.linspace(start, 0, steps + 1, dtype=torch.float64).round().long()[:-1]
+
+
 @torch.no_grad()
 def sample(head, condition: torch.Tensor, steps: int = 20, cfg_scale: float = 1.0,
            uncond_condition: Optional[torch.Tensor] = None, *, solver: str = "dpm-solver++",
-           noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+           noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+           lambda_min_clipped: float = LAMBDA_MIN_CLIPPED) -> torch.Tensor:
     """Draw one latent per condition row: [N, cond_dim] -> [N, latent_dim].
 
-    Solves the probability-flow ODE from pure noise at t = T-1 to clean data with DPM-Solver++
-    (Lu et al. 2022, data prediction, multistep 2nd order: "2M") or DDIM (its 1st-order special case).
-    The evaluation steps are ``steps`` integer timesteps evenly spaced from T-1 down to about T/steps;
-    the last update goes to σ = 0 and is first order, i.e. it returns the data prediction there (as
-    diffusers' ``final_sigmas_type="zero"``, ``lower_order_final``).
+    Solves the probability-flow ODE from pure noise to clean data with DPM-Solver++ (Lu et al. 2022,
+    data prediction, multistep 2nd order: "2M") or DDIM (its 1st-order special case), evaluating the
+    head at `sampling_timesteps`; the last update goes to σ = 0 and is first order, i.e. it returns the
+    data prediction there (diffusers' ``final_sigmas_type="zero"``, ``lower_order_final``).
+    Pass ``lambda_min_clipped=-math.inf`` to start at t = T-1 as the reference sampler does.
 
     With ``uncond_condition`` ([N, cond_dim], or [cond_dim] for all rows: the hidden state after the
     "null" class or an empty prompt), every step runs conditional and unconditional rows together and
@@ -270,9 +297,7 @@ def sample(head, condition: torch.Tensor, steps: int = 20, cfg_scale: float = 1.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}: choose one of {', '.join(SOLVERS)}")
-    num_train = head.schedule.num_steps
-    if not 1 <= steps <= num_train:
-        raise ValueError(f"steps={steps} must be in [1, {num_train}] (the training schedule's steps)")
+    timesteps = sampling_timesteps(head.schedule, steps, lambda_min_clipped)
     if uncond_condition is None and cfg_scale != 1.0:
         raise ValueError(f"cfg_scale={cfg_scale} needs uncond_condition (the null-class hidden state)")
     n = condition.shape[0]
@@ -286,7 +311,6 @@ def sample(head, condition: torch.Tensor, steps: int = 20, cfg_scale: float = 1.
         noise = torch.randn(n, head.latent_dim, device=condition.device, dtype=dtype, generator=generator)
     x = noise.to(dtype)
 
-    timesteps = torch.linspace(num_train - 1, 0, steps + 1, dtype=torch.float64).round().long()[:-1]
     alpha_bar = head.schedule.alphas_cumprod[timesteps]
     lambdas = 0.5 * (alpha_bar.log() - (1 - alpha_bar).log())  # λ = log(α/σ), increasing as noise falls
     second_order = solver == "dpm-solver++"
