@@ -263,6 +263,23 @@ def test_dummy_loss_touches_every_head_parameter():
     assert condition.grad is not None and condition.grad.shape == (0, 8)
 
 
+def test_data_parallel_step_with_a_rank_without_continuous_tokens(tmp_path):
+    """FSDP2 and DDP on 2 gloo ranks, one rank with latents and one without (its loss is the dummy):
+    the step completes and the averaged gradients equal the single-process ones (tests/latent_worker.py)."""
+    out = str(tmp_path / "dp.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.join(REPO, "tests", "latent_worker.py"), out]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    with open(out) as f:
+        result = json.load(f)
+    assert result.pop("every expected gradient nonzero") is True
+    assert sorted(result) == ["ddp step 0", "ddp step 1", "fsdp2 step 0", "fsdp2 step 1"]
+    for label, diff in result.items():
+        assert diff < 1e-6, (label, diff)
+
+
 class GaussianOracle:
     """The exact denoiser for data x0 ~ N(m, s²I) where each row's mean m is its condition:
     E[x0 | x_t] = m + α s² / (α² s² + σ²) · (x_t - α m). With s = 0 the data is the point m."""

@@ -174,9 +174,6 @@ class DiffusionHead(nn.Module):
             x = block(x, c)
         return self.final_layer(x, c)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.denoise(x_t, t, self.condition(hidden_states))
-
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the head should output for x_t = α x0 + σ ε: ε, or v = α ε - σ x0."""
         if self.prediction == "epsilon":
@@ -187,6 +184,13 @@ class DiffusionHead(nn.Module):
     def loss(self, condition: torch.Tensor, target_latents: torch.Tensor, batch_mul: int = 4, *,
              t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The training loss; see `forward`. Goes through ``self(...)``, so that the hooks of a
+        data-parallel wrapper (FSDP2's unshard and reduce-scatter, DDP's) run as for any forward."""
+        return self(condition, target_latents, batch_mul, t=t, noise=noise, generator=generator)
+
+    def forward(self, condition: torch.Tensor, target_latents: torch.Tensor, batch_mul: int = 4, *,
+                t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """DDPM loss: mean squared error of the prediction over N·batch_mul draws and latent_dim.
 
         Each latent is repeated ``batch_mul`` times with its own t ~ U{0..T-1} and ε ~ N(0, I) (the
@@ -227,11 +231,12 @@ class DiffusionHead(nn.Module):
         which reductions to run and hang. Running the head on one zero row and multiplying by 0 gives
         every head parameter a zero gradient through the same hooks; ``condition`` (empty) joins the
         graph too, so the Transformer's side of the graph is the same as with continuous tokens.
+        Called by `forward` (under the wrapper's hooks) when N = 0.
         """
         like = dict(device=condition.device, dtype=condition.dtype)
-        out = self(torch.zeros(1, self.latent_dim, **like),
-                   torch.zeros(1, dtype=torch.long, device=condition.device),
-                   torch.zeros(1, self.cond_dim, **like))
+        out = self.denoise(torch.zeros(1, self.latent_dim, **like),
+                           torch.zeros(1, dtype=torch.long, device=condition.device),
+                           self.condition(torch.zeros(1, self.cond_dim, **like)))
         return (out.float().sum() + condition.float().sum()) * 0.0
 
 
@@ -293,7 +298,8 @@ def sample(head, condition: torch.Tensor, steps: int = 20, cfg_scale: float = 1.
     With ``uncond_condition`` ([N, cond_dim], or [cond_dim] for all rows: the hidden state after the
     "null" class or an empty prompt), every step runs conditional and unconditional rows together and
     guides with ``cfg_scale``. ``head`` is a DiffusionHead, or anything with its ``condition``,
-    ``denoise``, ``schedule``, ``prediction`` and ``latent_dim``.
+    ``denoise``, ``schedule``, ``prediction`` and ``latent_dim``. The sampler calls ``condition`` and
+    ``denoise`` directly (not ``forward``): under FSDP2, gather the head's parameters first (``unshard()``).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}: choose one of {', '.join(SOLVERS)}")
