@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from megalatent.data.images import DigitsDataset
 from megalatent.models.sigma_vae import (
-    SigmaVAE, SigmaVAEConfig, save_tokenizer, untrained_reconstruction_floor,
+    SigmaVAE, SigmaVAEConfig, mean_image_mse, save_tokenizer,
 )
 
 
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     loader = DataLoader(train_set, batch_size=args.micro_batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
     initial_valid = reconstruction_mse(model, valid_images)
-    baseline = untrained_reconstruction_floor(valid_images)
+    baseline = mean_image_mse(valid_images)
 
     iteration, start = 0, time.perf_counter()
     window_loss = window_recon = 0.0

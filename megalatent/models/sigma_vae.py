@@ -336,7 +336,8 @@ def load_tokenizer(directory: str, map_location="cpu") -> SigmaVAE:
     return model.to(map_location).eval()
 
 
-def untrained_reconstruction_floor(images: torch.Tensor) -> float:
-    """MSE of predicting the data mean image for every image: what a useless tokenizer can reach."""
+def mean_image_mse(images: torch.Tensor) -> float:
+    """MSE of predicting the mean image for every image: the baseline a tokenizer that ignores its
+    input can reach, against which reconstruction errors are read."""
     return F.mse_loss(images, images.mean(0, keepdim=True).expand_as(images)).item()
 
