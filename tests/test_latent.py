@@ -18,7 +18,7 @@ from megalatent.models.sigma_vae import (
 from megalatent.nn.diffusion_head import CosineSchedule, DiffusionHead, sample, sampling_timesteps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_VAE = SigmaVAEConfig(image_size=16, patch_size=4, latent_dim=8, hidden_size=32, num_layers=1, num_heads=2)
+TINY_VAE = SigmaVAEConfig(image_size=16, patch_size=4, latent_dim=8, hidden_size=32, num_layers=1, num_attention_heads=2)
 
 
 # --- σ-VAE ------------------------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ def test_sigma_vae_shapes_and_patch_order():
     with pytest.raises(ValueError, match=r"expects images \[batch, 1, 16, 16\]"):
         vae.encode(torch.randn(3, 1, 8, 8))
     with pytest.raises(ValueError, match="image_size=18 must be a multiple of patch_size=4.*hidden_size=30"):
-        SigmaVAE(SigmaVAEConfig(image_size=18, hidden_size=30, num_heads=4))
+        SigmaVAE(SigmaVAEConfig(image_size=18, hidden_size=30, num_attention_heads=4))
 
 
 def test_sigma_is_drawn_per_example_from_a_half_normal():

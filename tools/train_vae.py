@@ -13,13 +13,14 @@ Example::
 """
 
 import argparse
+import dataclasses
 import math
 import time
 
 import torch
 from torch.utils.data import DataLoader
 
-from megalatent.data.images import DigitsDataset
+from megalatent.data.images import DIGITS_SIZE, DigitsDataset
 from megalatent.models.sigma_vae import (
     SigmaVAE, SigmaVAEConfig, mean_image_mse, save_tokenizer,
 )
@@ -37,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
     model.add_argument("--num-layers", type=int, default=defaults.num_layers,
                        help="Transformer layers in the encoder and again in the decoder")
-    model.add_argument("--num-attention-heads", type=int, default=defaults.num_heads)
+    model.add_argument("--num-attention-heads", type=int, default=defaults.num_attention_heads)
     model.add_argument("--noise-std", type=float, default=defaults.noise_std,
                        help="σ per example = |N(0,1)|·noise-std/0.8 (reference default 0.75)")
     model.add_argument("--reg-weight", type=float, default=defaults.reg_weight, help="weight of mean(μ²)")
@@ -55,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.lr <= 0:
         parser.error("--lr must be > 0")
+    if args.image_size < DIGITS_SIZE or args.image_size % DIGITS_SIZE:
+        parser.error(f"--image-size {args.image_size}: the digits are {DIGITS_SIZE}x{DIGITS_SIZE}; "
+                     f"choose a multiple of {DIGITS_SIZE}")
     return args
 
 
@@ -73,14 +77,14 @@ def reconstruction_mse(model: SigmaVAE, images: torch.Tensor) -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = SigmaVAEConfig(
-        image_size=args.image_size, patch_size=args.patch_size, latent_dim=args.latent_dim,
-        hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_attention_heads,
-        noise_std=args.noise_std, reg_weight=args.reg_weight,
-    )
-    problems = cfg.problems()
+    # The tokenizer flags are the config's fields spelled as flags (in_channels is 1: the digits are grey).
+    cfg = SigmaVAEConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SigmaVAEConfig)
+                            if f.name != "in_channels"})
+    problems = "; ".join(cfg.problems())
     if problems:
-        raise SystemExit("train_vae.py: " + "; ".join(problems))
+        for field in dataclasses.fields(SigmaVAEConfig):
+            problems = problems.replace(f"{field.name}=", f"--{field.name.replace('_', '-')} ")
+        raise SystemExit(f"train_vae.py: {problems}")
     torch.manual_seed(args.seed)
     train_set = DigitsDataset("train", image_size=args.image_size)
     valid_images = DigitsDataset("valid", image_size=args.image_size).images

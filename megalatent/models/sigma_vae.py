@@ -57,7 +57,7 @@ class SigmaVAEConfig:
     latent_dim: int = 8
     hidden_size: int = 64
     num_layers: int = 2  # Transformer layers in the encoder, and again in the decoder
-    num_heads: int = 4
+    num_attention_heads: int = 4
     noise_std: float = 0.75  # σ_b = |N(0, 1)| · noise_std / 0.8 (see the module docstring)
     reg_weight: float = 1e-2  # weight of mean(μ²)
 
@@ -65,13 +65,13 @@ class SigmaVAEConfig:
         """Every rule this config breaks, as messages naming the field (empty when valid)."""
         errors = []
         for name in ("image_size", "in_channels", "patch_size", "latent_dim", "hidden_size",
-                     "num_layers", "num_heads"):
+                     "num_layers", "num_attention_heads"):
             if getattr(self, name) < 1:
                 errors.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.patch_size >= 1 and self.image_size % self.patch_size:
             errors.append(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
-        if self.num_heads >= 1 and self.hidden_size % self.num_heads:
-            errors.append(f"hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}")
+        if self.num_attention_heads >= 1 and self.hidden_size % self.num_attention_heads:
+            errors.append(f"hidden_size={self.hidden_size} must be a multiple of num_attention_heads={self.num_attention_heads}")
         if self.noise_std < 0:
             errors.append(f"noise_std={self.noise_std} must be >= 0")
         if self.reg_weight < 0:
@@ -118,7 +118,7 @@ class _TokenTransformer(nn.Module):
         self.positions = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.hidden_size))
         nn.init.trunc_normal_(self.positions, std=0.02)
         layer = nn.TransformerEncoderLayer(
-            cfg.hidden_size, cfg.num_heads, 4 * cfg.hidden_size, dropout=0.0, activation="gelu",
+            cfg.hidden_size, cfg.num_attention_heads, 4 * cfg.hidden_size, dropout=0.0, activation="gelu",
             batch_first=True, norm_first=True,
         )
         self.layers = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
