@@ -23,7 +23,8 @@ setup(
         # scikit-learn: its bundled digits are the embedded image data (LongViT, the σ-VAE, LatentLM demos)
         "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "triton", "scikit-learn"],
         "mpi": ["mpi4py", "mpich"],
-        "vision": ["nvidia-dali-cuda130"],
+        # scikit-learn: its wheel carries the digits images, the σ-VAE tokenizer's default data (no download)
+        "vision": ["nvidia-dali-cuda130", "scikit-learn"],
     },
     entry_points={"console_scripts": ["megalatent-pretrain=megalatent.pretrain:main"]},
 )
