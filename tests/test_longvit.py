@@ -54,3 +54,17 @@ def test_longvit_config_errors():
     message = str(err.value)
     assert "--seq-length 96" in message  # the patch count the image gives
     assert "equal multiples of 8" in message and "--num-classes must be >= 10" in message  # the digits' shape
+
+
+def test_training_on_digits_with_context_parallelism_equals_one_process(corpus_cache):
+    """The trainer's LongViT path (embedded digits, classification objective): CP=2 gives the losses of one
+    process, and the loss falls."""
+    from conftest import losses, run_trainer
+    args = ["--config", "examples/tiny/longvit.yaml", "--train-iters", "20", "--log-interval", "1",
+            "--eval-interval", "0", "--lr-warmup-iters", "2"]
+    single = losses(run_trainer(args, corpus_cache).stdout)
+    split = losses(run_trainer(args + ["--context-parallel-size", "2"], corpus_cache, nproc=2).stdout)
+    assert sorted(single) == list(range(1, 21))
+    for it, loss in single.items():
+        assert float(split[it]) == pytest.approx(float(loss), rel=1e-5), it
+    assert float(single[20]) < float(single[1]) - 0.02
