@@ -64,6 +64,10 @@ class ModelConfig:
     patch_dim: int = _opt(16, "LongViT: patch size in pixels")
     num_channels: int = _opt(3, "LongViT: image channels")
     num_classes: int = _opt(1000, "LongViT: classes of the classification head")
+    latent_dim: int = _opt(8, "LatentLM: width of a continuous (latent) token; must equal the σ-VAE tokenizer's")
+    diffusion_head_layers: int = _opt(3, "LatentLM: adaLN blocks of the diffusion head")
+    diffusion_batch_mul: int = _opt(4, "LatentLM: noise draws per latent per step (only the head reruns)")
+    diffusion_loss_weight: float = _opt(1.0, "LatentLM: weight of the diffusion loss against the cross-entropy")
     num_experts: Optional[int] = _opt(None, "MoE: experts per MoE layer (unset: dense MLPs)")
     moe_layer_freq: int = _opt(1, "MoE: layers 0, k, 2k, ... are MoE layers (as Megatron); 1 = every layer")
     moe_ffn_hidden_size: Optional[int] = _opt(None, "MoE: width of each expert's SwiGLU; default the dense MLP's "
@@ -125,6 +129,9 @@ class DataConfig:
     data_cache_path: Optional[str] = _opt(
         None, "where index caches and the default corpus live; default ~/.cache/megalatent")
     default_corpus_vocab_size: int = _opt(8192, "vocabulary of the tokenizer trained on the default corpus")
+    latent_tokenizer: Optional[str] = _opt(None, "LatentLM: σ-VAE tokenizer directory (tools/train_vae.py --save)")
+    class_dropout: float = _opt(0.1, "LatentLM: fraction of images whose class is replaced by the null class "
+                                     "(classifier-free guidance)")
 
 
 @dataclass

@@ -74,8 +74,11 @@ def setup(argv: Optional[list[str]] = None) -> tuple[Config, DistEnv, ParallelLa
     cfg = parse_args(argv)
     validate(cfg, world_size=env.world_size)
     layout = ParallelLayout.from_config(cfg, env.world_size, env.rank)
-    if MODEL_FAMILIES[cfg.model.model_family].build_data is not None:
-        return cfg, env, layout, None, None, None  # a family with data of its own (images), no tokenizer
+    family = MODEL_FAMILIES[cfg.model.model_family]
+    if family.build_data is not None:  # a family with data of its own (images), no text tokenizer
+        if cfg.model.vocab_size is None and family.vocab_size is not None:
+            cfg.model.vocab_size = family.vocab_size(cfg.model)
+        return cfg, env, layout, None, None, None
     tokenizer, prefixes, weights = resolve_data(cfg)
     cfg.data.tokenizer_model = tokenizer.model_path  # recorded in checkpoints (HF export finds it there)
     if cfg.model.vocab_size is None:
@@ -146,6 +149,9 @@ def run(argv: Optional[list[str]] = None) -> None:
     else:
         train_loader, valid_loader = build_data(cfg, layout, tokenizer, prefixes, weights)
     parts, pipeline = build_model_parts(cfg, layout, device)
+    # Every rank built the same weights from one seed; from here on (noise draws, e.g. LatentLM's diffusion
+    # loss) data-parallel ranks draw independently, model-parallel peers of one dp rank alike.
+    torch.manual_seed(cfg.training.seed + 100_003 * layout.dp_rank)
     trainer = Trainer(cfg, layout, device, parts, train_loader, valid_loader, family.flops_per_token(cfg.model),
                       stop, pipeline)
     if resume_path is not None:

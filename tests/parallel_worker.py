@@ -17,6 +17,7 @@ from megalatent.config import parse_args, validate
 from megalatent.data.gpt_data import MicroBatchLoader
 from megalatent.distributed.env import discover, init_process_group
 from megalatent.distributed.layout import ParallelLayout
+from megalatent.models.registry import MODEL_FAMILIES
 from megalatent.pretrain import build_model_parts
 from megalatent.training.trainer import Trainer
 
@@ -36,6 +37,14 @@ def samples(n, seed):
         out.append({"tokens": t[:-1], "labels": t[1:], "loss_mask": (torch.rand(16, generator=g) > 0.25).float(),
                     "position_ids": torch.arange(16)})
     return out
+
+
+def latent_samples(cfg, n):
+    """LatentLM sequences (class, <boi>, latents, <eoi>) over random latents and classes."""
+    from megalatent.data.latent_data import ClassConditionalLatents
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(n, cfg.model.seq_length - 3, cfg.model.latent_dim, generator=g)
+    return ClassConditionalLatents(latents, torch.randint(0, 10, (n,), generator=g), 10, 0.25, seed=0)
 
 
 def flags(layout: dict) -> list[str]:
@@ -66,8 +75,11 @@ def run_layout(layout_flags: dict, env, device) -> dict:
     torch.manual_seed(0)
     parts, pipeline = build_model_parts(cfg, layout, device)
     t = cfg.training
-    loader = MicroBatchLoader(samples(STEPS * t.global_batch_size, seed=1), t.micro_batch_size, t.global_batch_size,
-                              layout.dp_rank, layout.dp)
+    objective = MODEL_FAMILIES[cfg.model.model_family].objective
+    data = (latent_samples(cfg, STEPS * t.global_batch_size) if cfg.model.model_family == "latentlm"
+            else samples(STEPS * t.global_batch_size, seed=1))
+    loader = MicroBatchLoader(data, t.micro_batch_size, t.global_batch_size, layout.dp_rank, layout.dp,
+                              keys=objective.batch_keys)
     trainer = Trainer(cfg, layout, device, parts, loader, None, 1.0, pipeline=pipeline)
     result = {"loss": [], "grad_norm": [], "moe": []}
     for _ in range(STEPS):

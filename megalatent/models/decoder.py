@@ -138,12 +138,21 @@ class Decoder(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[:2]).contiguous()
         x = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        x = self.trunk(x, position_ids)
+        if self.output is None:
+            return x, position_ids
+        return self.logits(self.norm(x))
+
+    def trunk(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The layers this module holds, on embeddings (or a previous stage's hidden states)."""
         positions = Positions(position_ids, self.rotary(position_ids) if self.rotary is not None else None)
         for layer in self.layers.values():
             x = layer(x, positions)
-        if self.output is None:
-            return x, position_ids
-        return self.output(self.norm(x), None if self.output.weight is not None else self.embed_tokens.weight)
+        return x
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.output(normed, None if self.output.weight is not None else self.embed_tokens.weight)
+
 
 def decoder_flops_per_token(cfg: ModelConfig, keys_per_query: float) -> float:
     """Training FLOPs per token of a decoder (forward + backward = 3 x forward) whose attention lets a

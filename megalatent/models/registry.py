@@ -29,6 +29,8 @@ class ModelFamily:
     objective: Objective = LANGUAGE_MODELING
     # (cfg, layout) -> (train loader, valid loader or None); None: the Megatron language-modelling data.
     build_data: Optional[Callable] = None
+    # With build_data: the vocabulary that data needs, used when --vocab-size is not given.
+    vocab_size: Optional[Callable[[ModelConfig], int]] = None
 
 
 MODEL_FAMILIES: dict[str, ModelFamily] = {}

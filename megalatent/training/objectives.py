@@ -65,3 +65,16 @@ IMAGE_CLASSIFICATION = Objective(
     count=lambda b: torch.tensor(float(b["labels"].numel())),
     shard=lambda b, cp_rank, cp, split: b,
 )
+
+# LatentLM: cross-entropy on discrete positions plus the (weighted) diffusion loss on continuous ones;
+# the model returns (logits, summed diffusion loss), and the mean is over both kinds of predictions.
+LATENT_LM = Objective(
+    batch_keys={"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
+                "position_ids": torch.int64, "latents": torch.float32, "latent_mask": torch.bool,
+                "target_latents": torch.float32, "diffusion_mask": torch.float32},
+    forward=lambda model, b: model(b["tokens"], b["position_ids"], b["latents"], b["latent_mask"],
+                                   b["target_latents"], b["diffusion_mask"]),
+    loss_sum=lambda out, b: lm_loss_sum(out[0], b["labels"], b["loss_mask"]) + out[1],
+    count=lambda b: b["loss_mask"].sum() + b["diffusion_mask"].sum(),
+    shard=_shard_tokens,
+)

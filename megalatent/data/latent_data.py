@@ -1,0 +1,94 @@
+"""Class-conditional image sequences for LatentLM: each image becomes
+
+    position:  0        1      2 .. T       T+1     T+2
+    input:     class    <boi>  z_1..z_{T-1} z_T     <eoi>
+    predicts:  <boi>    z_1    z_2..z_T     <eoi>   -
+               (CE)     (diffusion ...................) (CE)
+
+with z the image's σ-VAE latents (normalised, raster order) entered through the model's latent
+projection, discrete tokens through the embedding. A fixed `class_dropout` share of the images carry
+the null class instead of theirs (chosen per image from the seed), which trains the unconditional
+model classifier-free guidance needs. Token ids: classes 0..C-1, then null, <boi>, <eoi> and the id a
+latent position carries in `tokens` (never embedded: the latent replaces it).
+"""
+from __future__ import annotations
+
+import torch
+
+from megalatent.config import Config
+
+
+def special_tokens(num_classes: int) -> dict[str, int]:
+    return {"null": num_classes, "boi": num_classes + 1, "eoi": num_classes + 2, "latent": num_classes + 3}
+
+
+def vocab_size(num_classes: int) -> int:
+    return num_classes + 4
+
+
+def sequence_length(num_latents: int) -> int:
+    return num_latents + 3
+
+
+class ClassConditionalLatents:
+    """Samples (dicts of tensors, the LATENT_LM objective's keys) from images' latents and labels."""
+
+    def __init__(self, latents: torch.Tensor, labels: torch.Tensor, num_classes: int, class_dropout: float,
+                 seed: int):
+        self.latents, self.labels = latents, labels  # [N, T, k], [N]
+        self.ids = special_tokens(num_classes)
+        drop = torch.rand(len(labels), generator=torch.Generator().manual_seed(seed)) < class_dropout
+        self.classes = torch.where(drop, torch.full_like(labels, self.ids["null"]), labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        z = self.latents[index]
+        t, k = z.shape
+        s = sequence_length(t)
+        tokens = torch.full((s,), self.ids["latent"], dtype=torch.int64)
+        tokens[0], tokens[1], tokens[t + 2] = self.classes[index], self.ids["boi"], self.ids["eoi"]
+        latents = torch.zeros(s, k)
+        latents[2:t + 2] = z
+        target_latents = torch.zeros(s, k)
+        target_latents[1:t + 1] = z
+        labels = torch.zeros(s, dtype=torch.int64)
+        labels[0], labels[t + 1] = self.ids["boi"], self.ids["eoi"]
+        loss_mask = torch.zeros(s)
+        loss_mask[0] = loss_mask[t + 1] = 1.0
+        diffusion_mask = torch.zeros(s)
+        diffusion_mask[1:t + 1] = 1.0
+        return {"tokens": tokens, "position_ids": torch.arange(s), "latents": latents,
+                "latent_mask": tokens == self.ids["latent"], "labels": labels, "loss_mask": loss_mask,
+                "target_latents": target_latents, "diffusion_mask": diffusion_mask}
+
+
+@torch.no_grad()
+def tokenize_digits(tokenizer_dir: str, split: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedded digits of `split` through the σ-VAE: (normalised latents [N, T, k], labels [N]); the
+    tokenizer's noise is drawn once from `seed` (sampled latents, as LatentLM trains on)."""
+    from megalatent.data.images import DigitsDataset
+    from megalatent.models.sigma_vae import load_tokenizer
+
+    vae = load_tokenizer(tokenizer_dir).eval()
+    data = DigitsDataset(split, image_size=vae.cfg.image_size)
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.cat([vae.tokenize(data.images[i:i + 256], sample=True, generator=generator)
+                         for i in range(0, len(data.images), 256)])
+    return latents, data.labels
+
+
+def build_latent_loaders(cfg: Config, layout):
+    from megalatent.data.gpt_data import MicroBatchLoader
+    from megalatent.training.objectives import LATENT_LM
+
+    t, d = cfg.training, cfg.data
+
+    def loader(split: str):
+        latents, labels = tokenize_digits(d.latent_tokenizer, split, t.seed)
+        dataset = ClassConditionalLatents(latents, labels, cfg.model.num_classes, d.class_dropout, t.seed)
+        return MicroBatchLoader(dataset, t.micro_batch_size, t.global_batch_size, layout.dp_rank, layout.dp,
+                                keys=LATENT_LM.batch_keys)
+
+    return loader("train"), (loader("valid") if t.eval_interval else None)
