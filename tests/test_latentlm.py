@@ -66,15 +66,21 @@ def test_config_errors(tokenizer_dir):
         validate(parse_args(["--model-family", "latentlm"]))
 
 
-def test_tp2_steps_equal_one_process(tmp_path, tokenizer_dir):
-    """Three optimizer steps (the diffusion noise draws are the same: both runs have one data-parallel rank)."""
+def test_tp2_and_pp2_steps_equal_one_process(tmp_path, tokenizer_dir):
+    """Three optimizer steps at TP=2 and at PP=2 (1F1B: the latent projection on the first stage, the
+    diffusion head on the last) against one process. The diffusion noise draws are the same: every run has
+    one data-parallel rank, and the loss's draws happen in micro-batch order on the rank holding the head."""
     from test_parallel import run_worker
     flags = latent_flags(tokenizer_dir)
-    reference = run_worker(tmp_path, 1, [flags], "latent_ref")[0]
-    result = run_worker(tmp_path, 2, [{**flags, "tensor-model-parallel-size": 2}], "latent_tp2")[0]
-    assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5)
-    assert result["grads"].keys() == reference["grads"].keys()
-    for name, g in reference["grads"].items():  # float32 sums in another order: relative to each tensor's scale
-        torch.testing.assert_close(result["grads"][name], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(), msg=name)
-    for name, w in reference["weights"].items():
-        torch.testing.assert_close(result["weights"][name], w, rtol=1e-4, atol=1e-5, msg=name)
+    untied = {**flags, "untie-embeddings-and-output-weights": True}
+    references = run_worker(tmp_path, 1, [flags, untied], "latent_ref")
+    results = run_worker(tmp_path, 2, [{**flags, "tensor-model-parallel-size": 2},
+                                       {**untied, "pipeline-model-parallel-size": 2}], "latent_two")
+    for label, result, reference in zip(("TP=2", "PP=2"), results, references):
+        assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5), label
+        assert result["grads"].keys() == reference["grads"].keys(), label
+        for name, g in reference["grads"].items():  # float32 sums in another order: relative to the tensor's scale
+            torch.testing.assert_close(result["grads"][name], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(),
+                                       msg=f"{label} {name}")
+        for name, w in reference["weights"].items():
+            torch.testing.assert_close(result["weights"][name], w, rtol=1e-4, atol=1e-5, msg=f"{label} {name}")

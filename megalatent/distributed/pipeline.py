@@ -9,6 +9,8 @@ interface a family extends when a later stage needs more (e.g. YOCO's shared K/V
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import copy
 from dataclasses import dataclass
 
@@ -98,17 +100,18 @@ def plan_pipeline(cfg, pp: int) -> PipelinePlan:
 
 
 def stage_module(model: nn.Module, layer_ids: list[int], is_first: bool, is_last: bool) -> nn.Module:
-    """A copy of `model` that keeps only what this stage owns (global names preserved)."""
+    """A copy of `model` that keeps only what this stage owns (global names preserved): its layers, the
+    modules the model lists as the first stage's (`FIRST_STAGE`, e.g. the embedding) and the last's
+    (`LAST_STAGE`, e.g. the final norm and the head)."""
     stage = copy.deepcopy(model)
     keep = {str(i) for i in layer_ids}
     for name in list(stage.layers):
         if name not in keep:
             del stage.layers[name]
-    if not is_first:
-        stage.embed_tokens = None
-    if not is_last:
-        stage.norm = None
-        stage.output = None
+    for name in () if is_first else model.FIRST_STAGE:
+        setattr(stage, name, None)
+    for name in () if is_last else model.LAST_STAGE:
+        setattr(stage, name, None)
     return stage
 
 
@@ -127,15 +130,6 @@ def build_schedule(plan: PipelinePlan, stages: list[nn.Module], stage_ids: list[
     return cls(pipeline_stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
-def pack_targets(labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """The schedule splits one target tensor into micro-batches: carry labels and mask in one."""
-    return torch.stack([labels, loss_mask.to(labels.dtype)], dim=1)
-
-
-def unpack_targets(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return target[:, 0], target[:, 1].float()
-
-
 class Pipeline:
     """This rank's share of a pipeline: its stages, and the schedule that runs them."""
 
@@ -146,21 +140,27 @@ class Pipeline:
         self.has_last = plan.num_stages - 1 in self.stage_ids
         self.schedule = None
 
+    def last_stage(self, parts: list[nn.Module]) -> Optional[nn.Module]:
+        """The module of the pipeline's last stage among this rank's `parts` (None if it holds it not)."""
+        last = self.plan.num_stages - 1
+        return parts[self.stage_ids.index(last)] if last in self.stage_ids else None
+
     def split(self, model: nn.Module) -> list[nn.Module]:
         last = self.plan.num_stages - 1
         return [stage_module(model, self.plan.stage_layers[s], s == 0, s == last) for s in self.stage_ids]
 
-    def run(self, parts: list[nn.Module], batch: dict[str, torch.Tensor], n_microbatches: int, loss_fn,
+    def run(self, parts: list[nn.Module], inputs: tuple, target: torch.Tensor, n_microbatches: int, loss_fn,
             train: bool) -> list[torch.Tensor]:
-        """One global batch (this rank's micro-batches concatenated) through the schedule; the schedule
-        splits it back into `n_microbatches` and calls `loss_fn(logits, target)` on the last stage.
-        Returns the loss_fn values of the micro-batches (empty off the last stage)."""
+        """One global batch (this rank's micro-batches concatenated: the first stage's `inputs`, the last
+        stage's `target`) through the schedule; the schedule splits it back into `n_microbatches` and calls
+        `loss_fn(output, target)` on the last stage. Returns the loss_fn values of the micro-batches (empty
+        off the last stage)."""
         self._loss_fn = loss_fn  # the schedule keeps the function it was built with: delegate to this step's
         if self.schedule is None:
             self.schedule = build_schedule(self.plan, parts, self.stage_ids, self.group, self.device,
                                            n_microbatches, lambda output, target: self._loss_fn(output, target))
-        args = (batch["tokens"], batch["position_ids"]) if self.has_first else ()
-        target = pack_targets(batch["labels"], batch["loss_mask"]) if self.has_last else None
+        args = inputs if self.has_first else ()
+        target = target if self.has_last else None
         losses: list[torch.Tensor] = []
         if train:
             self.schedule.step(*args, target=target, losses=losses, return_outputs=False)

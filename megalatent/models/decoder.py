@@ -104,6 +104,10 @@ class OutputLayer(nn.Module):
 class Decoder(nn.Module):
     """tokens [b, s] (+ position_ids [b, s]) -> logits [b, s, padded_vocab]."""
 
+    # What only the first / the last pipeline stage holds (distributed/pipeline.py sets the others' to None).
+    FIRST_STAGE = ("embed_tokens",)
+    LAST_STAGE = ("norm", "output")
+
     def __init__(self, cfg: ModelConfig, spec: LayerSpec = BASELINE_SPEC):
         super().__init__()
         self.cfg = cfg

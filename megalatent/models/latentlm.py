@@ -8,7 +8,8 @@
 
 The trunk, its names and its tensor-parallel plan are the baseline decoder's; the latent projection and
 the diffusion head are small and replicated on every TP rank (they see the same hidden states there, so
-their gradients agree without communication). Sampling (`sample_images`) decodes latents one by one with
+their gradients agree without communication); under pipeline parallelism they live on the first and the
+last stage. Sampling (`sample_images`) decodes latents one by one with
 classifier-free guidance against the null class, then the σ-VAE decodes them to pixels.
 """
 from __future__ import annotations
@@ -33,21 +34,40 @@ class LatentLM(Decoder):
         nn.init.normal_(self.latent_in.weight, std=cfg.init_method_std)
         self.diffusion_head = DiffusionHead(cfg.latent_dim, cfg.hidden_size, depth=cfg.diffusion_head_layers)
 
-    def hidden_states(self, tokens, position_ids, latents, latent_mask) -> torch.Tensor:
-        x = self.embed_tokens(tokens)
-        x = torch.where(latent_mask.unsqueeze(-1), self.latent_in(latents).to(x.dtype), x)
-        return self.norm(self.trunk(x, position_ids))
+    FIRST_STAGE = Decoder.FIRST_STAGE + ("latent_in",)
+    LAST_STAGE = Decoder.LAST_STAGE + ("diffusion_head",)
 
-    def forward(self, tokens, position_ids, latents, latent_mask, target_latents, diffusion_mask):
-        """-> (logits [b, s, V], the weighted diffusion loss summed over the latent targets)."""
-        h = self.hidden_states(tokens, position_ids, latents, latent_mask)
+    def embed(self, tokens, latents, latent_mask) -> torch.Tensor:
+        x = self.embed_tokens(tokens)
+        return torch.where(latent_mask.unsqueeze(-1), self.latent_in(latents).to(x.dtype), x)
+
+    def hidden_states(self, tokens, position_ids, latents, latent_mask) -> torch.Tensor:
+        return self.norm(self.trunk(self.embed(tokens, latents, latent_mask), position_ids))
+
+    def diffusion_loss(self, hidden: torch.Tensor, target_latents: torch.Tensor, diffusion_mask: torch.Tensor):
+        """The weighted diffusion loss summed over the positions whose next token is a latent. The head's loss
+        is a mean over its targets' noise draws and channels; times the number of targets it is their sum,
+        the trainer's convention (no target: the head's zero "dummy" loss, so every rank runs the head)."""
         where = diffusion_mask.flatten() > 0
-        condition = h.flatten(0, 1)[where]
-        # The head's loss is a mean over its targets' draws and channels; times the number of targets it is
-        # their sum, the trainer's convention (an empty selection gives the head's zero "dummy" loss).
-        diffusion = self.diffusion_head.loss(condition, target_latents.flatten(0, 1)[where].to(condition.dtype),
-                                             self.cfg.diffusion_batch_mul) * condition.shape[0]
-        return self.logits(h), self.cfg.diffusion_loss_weight * diffusion
+        condition = hidden.flatten(0, 1)[where]
+        targets = target_latents.flatten(0, 1)[where].to(condition.dtype)
+        loss = self.diffusion_head.loss(condition, targets, self.cfg.diffusion_batch_mul) * condition.shape[0]
+        return self.cfg.diffusion_loss_weight * loss
+
+    def forward(self, tokens, position_ids, latents=None, latent_mask=None, target_latents=None, diffusion_mask=None):
+        """-> (logits [b, s, V], the weighted diffusion loss summed over the latent targets).
+
+        As a pipeline stage: the first takes (tokens, positions, latents, latent mask), later ones the
+        hidden states; every stage but the last returns (hidden, positions); the last returns (logits,
+        normed hidden states), from which the objective computes the diffusion loss with this stage's head."""
+        x = self.embed(tokens, latents, latent_mask) if self.embed_tokens is not None else tokens
+        x = self.trunk(x, position_ids)
+        if self.output is None:
+            return x, position_ids
+        h = self.norm(x)
+        if target_latents is None:
+            return self.logits(h), h
+        return self.logits(h), self.diffusion_loss(h, target_latents, diffusion_mask)
 
     @torch.no_grad()
     def sample_latents(self, classes: torch.Tensor, num_latents: int, steps: int = 20,
@@ -98,10 +118,8 @@ def validate(cfg: Config) -> list[str]:
                      f"({tokens} latents per image + class, <boi>, <eoi>), got {m.seq_length}")
     if m.vocab_size is not None and m.vocab_size < latent_data.vocab_size(m.num_classes):
         e.append(f"--vocab-size {m.vocab_size} is too small for {m.num_classes} classes and 4 special tokens")
-    for flag, size in (("--pipeline-model-parallel-size", p.pipeline_model_parallel_size),
-                       ("--context-parallel-size", p.context_parallel_size)):
-        if size > 1:
-            e.append(f"LatentLM does not support {flag} > 1 yet; use tensor and data parallelism")
+    if p.context_parallel_size > 1:
+        e.append("LatentLM does not support --context-parallel-size > 1 yet; use tensor, pipeline and data parallelism")
     if p.sequence_parallel:
         e.append("LatentLM does not support --sequence-parallel yet (the latent projection takes whole sequences)")
     if m.diffusion_batch_mul < 1 or m.diffusion_head_layers < 1:

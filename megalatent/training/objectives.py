@@ -8,7 +8,7 @@ objective object serves one process and any layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,12 @@ class Objective:
     loss_sum: Callable[[torch.Tensor, Batch], torch.Tensor]
     count: Callable[[Batch], torch.Tensor]  # the number of items `loss_sum` sums over
     shard: Callable[[Batch, int, int, str], Batch]  # (micro-batch, cp rank, cp, split) -> this rank's part
+    # Under pipeline parallelism (None: the family does not support it): what the first stage takes, the
+    # targets as one tensor (the schedule splits it into micro-batches), and the summed loss from the last
+    # stage's output, its module and a micro-batch's targets.
+    pipeline_inputs: Optional[Callable[[Batch], tuple]] = None
+    pipeline_targets: Optional[Callable[[Batch], torch.Tensor]] = None
+    pipeline_loss: Optional[Callable[[nn.Module, object, torch.Tensor], torch.Tensor]] = None
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -46,6 +52,12 @@ def _shard_tokens(batch: Batch, cp_rank: int, cp: int, split: str) -> Batch:
     return {k: shard_sequence(v, cp_rank, cp, split) for k, v in batch.items()}
 
 
+def _pack(*columns: torch.Tensor) -> torch.Tensor:
+    """Per-token targets [b, s] (or [b, s, k]) side by side in one float tensor [b, s, n] (ids are exact in
+    float32 up to 2^24)."""
+    return torch.cat([c.float().unsqueeze(-1) if c.dim() == 2 else c.float() for c in columns], dim=-1)
+
+
 LANGUAGE_MODELING = Objective(
     batch_keys={"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
                 "position_ids": torch.int64},
@@ -53,6 +65,9 @@ LANGUAGE_MODELING = Objective(
     loss_sum=lambda logits, b: lm_loss_sum(logits, b["labels"], b["loss_mask"]),
     count=lambda b: b["loss_mask"].sum(),
     shard=_shard_tokens,
+    pipeline_inputs=lambda b: (b["tokens"], b["position_ids"]),
+    pipeline_targets=lambda b: _pack(b["labels"], b["loss_mask"]),
+    pipeline_loss=lambda stage, logits, t: lm_loss_sum(logits, t[..., 0].long(), t[..., 1]),
 )
 
 # One label per image. Under context parallelism every cp rank gets the whole micro-batch: the model
@@ -77,4 +92,9 @@ LATENT_LM = Objective(
     loss_sum=lambda out, b: lm_loss_sum(out[0], b["labels"], b["loss_mask"]) + out[1],
     count=lambda b: b["loss_mask"].sum() + b["diffusion_mask"].sum(),
     shard=_shard_tokens,
+    # The last stage returns (logits, normed hidden states); its diffusion head turns them into the loss.
+    pipeline_inputs=lambda b: (b["tokens"], b["position_ids"], b["latents"], b["latent_mask"]),
+    pipeline_targets=lambda b: _pack(b["labels"], b["loss_mask"], b["diffusion_mask"], b["target_latents"]),
+    pipeline_loss=lambda stage, out, t: (lm_loss_sum(out[0], t[..., 0].long(), t[..., 1])
+                                         + stage.diffusion_loss(out[1], t[..., 3:], t[..., 2])),
 )

@@ -22,11 +22,10 @@ from torch.distributed.tensor.parallel import loss_parallel
 from megalatent.config import Config
 from megalatent.distributed import checkpoint as ckpt
 from megalatent.distributed.layout import ParallelLayout
-from megalatent.distributed.pipeline import Pipeline, unpack_targets
+from megalatent.distributed.pipeline import Pipeline
 from megalatent.models.registry import MODEL_FAMILIES
 from megalatent.training.metrics import MetricsWriter, device_peak_tflops, iteration_line, log, peak_memory_gb
 from megalatent.training.moe_stats import MoEStepStats
-from megalatent.training.objectives import lm_loss_sum
 from megalatent.training.optim import build_optimizer, clip_grad_norm, set_step_hyperparameters
 from megalatent.training.schedules import LRSchedule
 
@@ -141,14 +140,17 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         train = scale is not None
         if self.pipeline is not None:
-            def loss_fn(logits, target):
-                labels, mask = unpack_targets(target)
-                micro_loss = lm_loss_sum(logits, labels, mask)
+            last_stage = self.pipeline.last_stage(self.parts)
+
+            def loss_fn(output, target):
+                micro_loss = self.objective.pipeline_loss(last_stage, output, target)
                 return micro_loss * scale if train else micro_loss
 
             batch = {k: torch.cat([mb[k] for mb in micro_batches]).to(self.device) for k in micro_batches[0]}
             with self.loss_context(), self.autocast():
-                losses = self.pipeline.run(self.parts, batch, len(micro_batches), loss_fn, train)
+                losses = self.pipeline.run(self.parts, self.objective.pipeline_inputs(batch),
+                                           self.objective.pipeline_targets(batch), len(micro_batches), loss_fn,
+                                           train)
             for micro_loss in losses:
                 loss_sum += micro_loss.detach() / scale if train else micro_loss.detach()
             return loss_sum
