@@ -83,6 +83,23 @@ def test_dali_cpu_pipeline_matches_torch(tmp_path, case):
     assert tuple(torch_[0]["images"].shape[1:]) == expected
 
 
+def test_nearest_resize_follows_dali_float32_where_it_decides(tmp_path):
+    """504 -> 250 rows: (62 + 0.5) * 504 / 250 is exactly 126, but DALI's float32 running sum lands below."""
+    pytest.importorskip("nvidia.dali")
+    from megalatent.data.image_pipeline import _nearest_rows
+
+    exact = (np.arange(250) * 2 + 1) * 504 // 500
+    assert (_nearest_rows(504, 250).numpy() != exact).any()  # so this case tests the float32 arithmetic
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "noise" / "c")
+    for i, (h, w) in enumerate([(504, 452), (610, 445)]):  # shorter side 224: rows 504 -> 250, 610 -> 307
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "noise" / "c" / f"{i}.png")
+    kw = dict(batch_size=1, resize_shorter=224, crop=(240, 224), shuffle=False)
+    for d, t in zip(ImagePipeline(str(tmp_path / "noise"), backend="dali", **kw),
+                    ImagePipeline(str(tmp_path / "noise"), backend="torch", **kw)):
+        assert torch.equal(d["images"], t["images"])
+
+
 def test_dali_resume_matches_uninterrupted(tmp_path):
     pytest.importorskip("nvidia.dali")
     root = _write_folder(tmp_path / "images")

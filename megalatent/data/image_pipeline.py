@@ -14,19 +14,21 @@ shuffles with its own generator, which no other backend could follow).
   when ``device_id`` is a GPU index; ``"cpu"`` with ``device_id=None``), ``fn.resize`` and
   ``fn.crop_mirror_normalize``. Prefetching runs decoding ahead of the training step.
 - ``backend="torch"``: PIL decoding and torch ops in the calling process (no torchvision), written to
-  reproduce DALI's arithmetic: nearest-neighbour sampling at pixel centres (DALI's ``INTERP_NN``), output
-  sizes and crop offsets rounded half up, normalisation as ``(x - 255 mean) * (1 / (255 std))``.
+  reproduce DALI's arithmetic: nearest-neighbour sampling at pixel centres in DALI's float32 arithmetic
+  (``INTERP_NN``), output sizes and crop offsets rounded half up, normalisation as ``(x - 255 mean) * (1 / (255 std))``.
 - ``backend="auto"``: DALI when ``nvidia.dali`` imports, else torch.
 
 What is identical and what is not (checked against DALI 2.4 CPU pipelines in tests/test_image_pipeline.py):
 PNG decoding, nearest-neighbour resizing, cropping and normalisation give bit-identical tensors.
 ``interpolation="linear"`` (bilinear, no antialiasing) rounds to 8 bits differently in a few pixels:
 within 1 grey level, i.e. ``1 / (255 std)`` after normalisation. JPEG decoders (libjpeg-turbo in PIL,
-nvImageCodec/nvJPEG in DALI) may differ by a few grey levels; the GPU ("mixed") path is not compared here.
+nvImageCodec/nvJPEG in DALI) may differ by a few grey levels. The GPU ("mixed") path is not compared here:
+its resize kernels may round pixel positions differently from DALI's CPU ones.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -73,8 +75,8 @@ def read_file_list(list_file: str) -> list[tuple[str, int]]:
             if not line or line.startswith("#"):
                 continue
             path, _, label = line.rpartition(" ")
-            if not path or not label.lstrip("-").isdigit():
-                raise ValueError(f"{list_file}:{lineno}: expected 'path label' with an integer label, got {line!r}")
+            if not path or not label.isdigit():
+                raise ValueError(f"{list_file}:{lineno}: expected 'path label' with a label >= 0, got {line!r}")
             samples.append((os.path.join(base, path.strip()), int(label)))
     if not samples:
         raise ValueError(f"image list file {list_file!r} lists no images")
@@ -100,11 +102,14 @@ class EpochOrder:
         self.num_samples, self.batch_size = num_samples, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.batches_per_epoch = num_samples // (batch_size * world_size)
+        self._cached: tuple[int, np.ndarray] | None = None  # (epoch, permutation): O(N) to draw
 
     def permutation(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.num_samples)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        if self._cached is None or self._cached[0] != epoch:
+            perm = (np.random.default_rng([self.seed, epoch]).permutation(self.num_samples) if self.shuffle
+                    else np.arange(self.num_samples))
+            self._cached = (epoch, perm)
+        return self._cached[1]
 
     def batch(self, epoch: int, index: int) -> np.ndarray:
         """Sample indices of this rank's ``index``-th batch in ``epoch``."""
@@ -178,6 +183,27 @@ class ImageTransform:
 # Backends: one batch of (paths, labels) -> tensors
 # ---------------------------------------------------------------------------------------------------------
 
+# DALI's CPU INTERP_NN (ResampleNN, DALI 2.4) samples the source pixel under each output pixel's centre,
+# floor((i + 0.5) * in / out), in float32: columns as (i + 0.5f) * scale, rows as a running sum
+# 0.5f * scale + scale + ... . Where the exact value is an integer, float32 rounding picks the pixel
+# above or below it, so only the same float32 arithmetic gives the same pixels.
+
+@functools.lru_cache(maxsize=256)
+def _nearest_cols(size_in: int, size_out: int) -> torch.Tensor:
+    scale = np.float32(size_in) / np.float32(size_out)
+    src = (np.arange(size_out, dtype=np.float32) + np.float32(0.5)) * scale
+    return torch.from_numpy(np.clip(np.floor(src), 0, size_in - 1).astype(np.int64))
+
+
+@functools.lru_cache(maxsize=256)
+def _nearest_rows(size_in: int, size_out: int) -> torch.Tensor:
+    scale = np.float32(size_in) / np.float32(size_out)
+    steps = np.full(size_out, scale, dtype=np.float32)
+    steps[0] = np.float32(0.5) * scale
+    src = np.cumsum(steps, dtype=np.float32)  # sequential float32 additions, as DALI's loop
+    return torch.from_numpy(np.clip(np.floor(src), 0, size_in - 1).astype(np.int64))
+
+
 class _TorchBackend:
     """PIL decoding + torch resize/crop/normalise, following DALI's arithmetic (see the module docstring)."""
 
@@ -194,7 +220,7 @@ class _TorchBackend:
         with Image.open(path) as image:
             array = np.asarray(image.convert("RGB" if self.t.channels == 3 else "L"))
         # One copy into contiguous CHW: strided views make the resize and the batching several times slower.
-        return torch.from_numpy(np.ascontiguousarray(array.reshape(*array.shape[:2], -1).transpose(2, 0, 1)))
+        return torch.from_numpy(np.array(array.reshape(*array.shape[:2], -1).transpose(2, 0, 1), order="C"))
 
     def resize(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 [C, h, w] -> uint8 [C, H, W]."""
@@ -203,10 +229,7 @@ class _TorchBackend:
         if (oh, ow) == (h, w):
             return image
         if self.t.interpolation == "nearest":
-            # DALI's INTERP_NN samples the source pixel under each output pixel's centre.
-            rows = ((torch.arange(oh, dtype=torch.float64) + 0.5) * (h / oh)).floor().long().clamp_(max=h - 1)
-            cols = ((torch.arange(ow, dtype=torch.float64) + 0.5) * (w / ow)).floor().long().clamp_(max=w - 1)
-            return image[:, rows][:, :, cols]
+            return image[:, _nearest_rows(h, oh)][:, :, _nearest_cols(w, ow)]
         out = torch.nn.functional.interpolate(image[None].float(), size=(oh, ow), mode="bilinear",
                                               align_corners=False, antialias=False)[0]
         return (out + 0.5).floor_().clamp_(0, 255).to(torch.uint8)
@@ -219,17 +242,13 @@ class _TorchBackend:
                 top, left = self.t.crop_offset(*image.shape[1:])
                 image = image[:, top:top + self.t.crop[0], left:left + self.t.crop[1]]
             images.append(image)
-        _check_same_size([tuple(i.shape[1:]) for i in images], paths)
+        sizes = [tuple(i.shape[1:]) for i in images]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"images of different sizes cannot be batched (H, W: {sorted(set(sizes))[:2]}, "
+                             f"e.g. {paths[0]}); set crop or resize_to")
         x = torch.stack(images).float()
         return {"images": (x - self.mean255) * self.inv_std255,
                 "labels": torch.tensor(list(labels), dtype=torch.int64)}
-
-
-def _check_same_size(sizes: list[tuple[int, int]], paths: Sequence[str]) -> None:
-    if len(set(sizes)) > 1:
-        raise ValueError(f"images of different sizes cannot be batched ({paths[0]}: {sizes[0]}, "
-                         f"{paths[sizes.index(next(s for s in sizes if s != sizes[0]))]}: "
-                         f"{next(s for s in sizes if s != sizes[0])}); set crop or resize_to")
 
 
 class _DaliFeed:
@@ -350,6 +369,8 @@ class ImagePipeline:
             errors.append(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
         if batch_size < 1:
             errors.append(f"batch_size={batch_size}: must be >= 1")
+        if seed < 0:
+            errors.append(f"seed={seed}: must be >= 0")
         if not 0 <= rank < world_size:
             errors.append(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
         if backend == "torch" and device_id is not None:
@@ -364,8 +385,10 @@ class ImagePipeline:
         self.backend = backend
 
         if isinstance(source, str):
-            self.samples = image_folder(source) if os.path.isdir(source) or not os.path.isfile(source) \
-                else read_file_list(source)
+            if not os.path.exists(source):
+                raise FileNotFoundError(f"image source {source!r} does not exist: expected an image folder "
+                                        f"(root/<class>/<image>) or a list file of 'path label' lines")
+            self.samples = image_folder(source) if os.path.isdir(source) else read_file_list(source)
         else:
             self.samples = list(source)
             if not self.samples:
