@@ -148,6 +148,16 @@ def test_remainder_dropped_equally_on_all_ranks(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ errors
 
+def test_auto_backend_falls_back_to_torch_without_dali(tmp_path, monkeypatch):
+    import megalatent.data.image_pipeline as image_pipeline
+
+    monkeypatch.setattr(image_pipeline, "dali_available", lambda: False)
+    root = _write_folder(tmp_path / "images", num_classes=1, per_class=2)
+    assert ImagePipeline(root, batch_size=2).backend == "torch"
+    with pytest.raises(ImportError, match="pip install nvidia-dali-cuda130"):
+        ImagePipeline(root, batch_size=2, backend="dali")
+
+
 def test_clear_errors_for_bad_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ImagePipeline(str(tmp_path / "missing"), batch_size=1, backend="torch")

@@ -21,7 +21,8 @@ shuffles with its own generator, which no other backend could follow).
 What is identical and what is not (checked against DALI 2.4 CPU pipelines in tests/test_image_pipeline.py):
 PNG decoding, nearest-neighbour resizing, cropping and normalisation give bit-identical tensors.
 ``interpolation="linear"`` (bilinear, no antialiasing) rounds to 8 bits differently in a few pixels:
-within 1 grey level, i.e. ``1 / (255 std)`` after normalisation. JPEG decoders (libjpeg-turbo in PIL,
+within 1 grey level, i.e. ``1 / (255 std)`` after normalisation. ``channels=1`` is exact for grey files;
+from colour files PIL's and DALI's RGB -> grey conversions differ by 1 grey level in about half the pixels. JPEG decoders (libjpeg-turbo in PIL,
 nvImageCodec/nvJPEG in DALI) may differ by a few grey levels. The GPU ("mixed") path is not compared here:
 its resize kernels may round pixel positions differently from DALI's CPU ones.
 """
