@@ -21,10 +21,12 @@ setup(
     extras_require={
         # triton: CUDA torch brings it; the CPU tests run the kernels in its interpreter (TRITON_INTERPRET=1)
         # scikit-learn: its bundled digits are the embedded image data (LongViT, the σ-VAE, LatentLM demos)
-        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "triton", "scikit-learn"],
+        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "triton", "scikit-learn",
+                "pillow"],  # pillow: the image pipeline's PyTorch fallback (tests/test_image_pipeline.py)
         "mpi": ["mpi4py", "mpich"],
         # scikit-learn: its wheel carries the digits images, the σ-VAE tokenizer's default data (no download)
-        "vision": ["nvidia-dali-cuda130", "scikit-learn"],
+        # pillow: decoding in the image pipeline's PyTorch fallback (megalatent/data/image_pipeline.py)
+        "vision": ["nvidia-dali-cuda130", "scikit-learn", "pillow"],
     },
     entry_points={"console_scripts": ["megalatent-pretrain=megalatent.pretrain:main"]},
 )
