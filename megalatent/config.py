@@ -474,10 +474,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
     from megalatent.models import registry  # late import: the registry imports model code
 
-    if m.model_family not in registry.MODEL_FAMILIES:
+    family = registry.MODEL_FAMILIES.get(m.model_family)
+    if family is None:
         e.append(f"--model-family {m.model_family!r} is unknown; choose one of {sorted(registry.MODEL_FAMILIES)}")
     else:
-        e += registry.MODEL_FAMILIES[m.model_family].validate(cfg)
+        e += family.validate(cfg)
+        if cfg.parallel.pipeline_model_parallel_size > 1 and family.objective.pipeline_loss is None:
+            e.append(f"--model-family {m.model_family} does not support pipeline parallelism yet")
+    text_data = family is None or family.build_data is None  # families with data of their own check it
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "make_vocab_size_divisible_by"):
         if getattr(m, key) < 1:
             e.append(f"--{key.replace('_', '-')} must be >= 1, got {getattr(m, key)}")
@@ -506,7 +510,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         e.append(f"--norm-epsilon must be > 0, got {m.norm_epsilon}")
     e += _moe_errors(m)
 
-    if d.data_path is not None and d.tokenizer_model is None:
+    if text_data and d.data_path is not None and d.tokenizer_model is None:
         e.append("--data-path needs --tokenizer-model (the sentencepiece model the data was tokenized with)")
     if d.tokenizer_model is not None and not os.path.isfile(d.tokenizer_model):
         e.append(f"--tokenizer-model: file {d.tokenizer_model} does not exist")
@@ -517,7 +521,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             raise ValueError
     except ValueError:
         e.append(f"--split {d.split!r} must be up to three non-negative numbers 'train,valid,test' with train > 0")
-    if d.data_path is not None:
+    if text_data and d.data_path is not None:
         from megalatent.data.gpt_data import parse_data_path
         try:
             parse_data_path(d.data_path)

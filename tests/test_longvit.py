@@ -68,3 +68,22 @@ def test_training_on_digits_with_context_parallelism_equals_one_process(corpus_c
     for it, loss in single.items():
         assert float(split[it]) == pytest.approx(float(loss), rel=1e-5), it
     assert float(single[20]) < float(single[1]) - 0.02
+
+
+def test_training_on_an_image_folder(corpus_cache, tmp_path):
+    """--data-path DIR (root/<class>/<image>.png) streams the folder through the image pipeline."""
+    from PIL import Image
+
+    from conftest import losses, run_trainer
+    from megalatent.data.images import load_digits
+    images, labels = load_digits(16)
+    for i in range(64):
+        folder = tmp_path / "digits" / f"class{int(labels[i])}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = ((images[i, 0] + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+    out = run_trainer(["--config", "examples/tiny/longvit.yaml", "--data-path", str(tmp_path / "digits"),
+                       "--train-iters", "3", "--log-interval", "1", "--eval-interval", "0",
+                       "--micro-batch-size", "4", "--global-batch-size", "8", "--lr-warmup-iters", "1",
+                       "--save", str(tmp_path / "ckpt")], corpus_cache)
+    assert sorted(losses(out.stdout)) == [1, 2, 3]

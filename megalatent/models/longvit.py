@@ -13,13 +13,15 @@ average over dp x cp that FSDP takes is the single-device gradient).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_reduce
 
 from megalatent.config import Config, ModelConfig
-from megalatent.data.image_classification import build_digits_loaders, digits_errors
+from megalatent.data.image_classification import build_image_loaders, digits_errors
 from megalatent.models.decoder import BASELINE_SPEC, DecoderLayer, LayerSpec, default_attention, default_norm
 from megalatent.models.longnet import DilatedCore
 from megalatent.models.longnet import validate as validate_dilated_patterns
@@ -137,13 +139,13 @@ def validate(cfg: Config) -> list[str]:
                  f"(= {m.img_h}/{m.patch_dim} x {m.img_w}/{m.patch_dim}), got {m.seq_length}")
     if m.position_embedding_type != "none":
         e.append("LongViT uses learned 2-D position embeddings: add --position-embedding-type none")
-    if cfg.parallel.pipeline_model_parallel_size > 1:
-        e.append("LongViT does not support pipeline parallelism yet; use context/tensor/data parallelism")
-    if cfg.data.data_path is not None:
-        e.append("LongViT trains on the embedded digits for now; image datasets (--data-path) are not read yet")
-    return e + validate_dilated_patterns(cfg) + digits_errors(cfg)
+    if cfg.data.data_path is not None and len(cfg.data.data_path) != 1:
+        e.append("LongViT's --data-path is one image folder (root/<class>/<image>) or one 'path label' list file")
+    elif cfg.data.data_path is not None and not os.path.exists(cfg.data.data_path[0]):
+        e.append(f"--data-path {cfg.data.data_path[0]} does not exist")
+    return e + validate_dilated_patterns(cfg) + (digits_errors(cfg) if cfg.data.data_path is None else [])
 
 
 register(ModelFamily(name="longvit", build=LongViT, flops_per_token=flops_per_token, validate=validate,
                      context_parallel_split="contiguous", objective=IMAGE_CLASSIFICATION,
-                     build_data=build_digits_loaders))
+                     build_data=build_image_loaders))
