@@ -254,3 +254,34 @@ def test_checkpoint_written_at_ep2_loads_at_ep1(corpus_cache, tmp_path):
     assert sorted(resumed["ep2"]) == [3, 4]
     for it in (3, 4):
         assert float(resumed["single"][it]) == pytest.approx(float(resumed["ep2"][it]), rel=1e-5), it
+
+
+def test_bitnet_experts_are_ternary_with_int8_inputs():
+    """--linear-impl bitlinear with --num-experts: each expert computes with {-1, 0, 1} x its own scale on int8
+    per-token inputs (equal to the explicit quantised matmuls), and gradients reach the latent weights."""
+    from megalatent.nn.bitlinear import quantize_activations, quantize_weights, rms_norm
+    layer = make_layer(ternary_experts=True, heads=2)
+    assert layer.head_proj.bias is None  # BitNet is bias-free
+    x = torch.randn(2, 5, 16)
+    out = layer(x)
+    out.square().sum().backward()
+    assert layer.experts.gate_proj.grad.abs().sum() > 0 and layer.experts.input_norm.grad is not None
+    experts, counts = layer.experts, torch.tensor([3, 4])
+    rows = torch.randn(7, 8)
+    got = experts(rows, torch.cat([counts, torch.zeros(2, dtype=torch.long)]))
+
+    def quantized(v, norm):
+        x_int, s = quantize_activations(rms_norm(v, norm, experts.eps))
+        return x_int / s
+
+    def ternary(w):
+        w_int, gamma = quantize_weights(w)
+        assert set(w_int.unique().tolist()) <= {-1.0, 0.0, 1.0}
+        return w_int * gamma
+
+    expected = []
+    for e, block in enumerate(rows.split(counts.tolist())):
+        xq = quantized(block, experts.input_norm[e])
+        h = F.silu(xq @ ternary(experts.gate_proj[e])) * (xq @ ternary(experts.up_proj[e]))
+        expected.append(quantized(h, experts.hidden_norm[e]) @ ternary(experts.down_proj[e]))
+    torch.testing.assert_close(got, torch.cat(expected), rtol=1e-5, atol=1e-5)

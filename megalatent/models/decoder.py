@@ -59,7 +59,7 @@ def default_mlp(cfg: ModelConfig, layer: int, linear=None) -> nn.Module:
                         expert_bias=cfg.moe_router_enable_expert_bias,
                         capacity_factor=cfg.moe_expert_capacity_factor, drop_policy=cfg.moe_token_drop_policy,
                         aux_loss_coeff=cfg.moe_aux_loss_coeff, z_loss_coeff=cfg.moe_z_loss_coeff or 0.0,
-                        linear=linear or block_linear(cfg))
+                        linear=linear or block_linear(cfg), ternary_experts=uses_bitlinear(cfg))
     mlp = SwiGLU if cfg.swiglu else GeluMLP
     return mlp(cfg.hidden_size, cfg.mlp_width, linear=linear or block_linear(cfg))
 

@@ -118,18 +118,45 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 class Experts(nn.Module):
     """E SwiGLU experts as stacked weights [E, d_in, d_out] (one tensor per projection, so one grouped
-    matmul per projection, and expert parallelism shards dim 0)."""
+    matmul per projection, and expert parallelism shards dim 0).
 
-    def __init__(self, num_experts: int, dim: int, ffn: int):
+    `ternary` makes them BitNet b1.58 experts (--linear-impl bitlinear): as a BitLinear, each projection's
+    input is RMS-normalised (a gain per expert; gate and up share theirs, as in BitNet's reference model)
+    and quantised to int8 per token, and each expert's weight is ternary with its own absmean scale, all
+    passed straight through in backward (see megalatent/nn/bitlinear.py)."""
+
+    def __init__(self, num_experts: int, dim: int, ffn: int, ternary: bool = False, eps: float = 1e-5):
         super().__init__()
         self.gate_proj = nn.Parameter(torch.empty(num_experts, dim, ffn))
         self.up_proj = nn.Parameter(torch.empty(num_experts, dim, ffn))
         self.down_proj = nn.Parameter(torch.empty(num_experts, ffn, dim))
+        self.ternary, self.eps = ternary, eps
+        if ternary:
+            self.input_norm = nn.Parameter(torch.ones(num_experts, dim))
+            self.hidden_norm = nn.Parameter(torch.ones(num_experts, ffn))
+
+    def _quantized_input(self, x: torch.Tensor, norm: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        from megalatent.nn.bitlinear import quantize_activations, rms_norm
+        expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)
+        x_n = rms_norm(x, norm[expert_of_row], self.eps)
+        x_int, scale = quantize_activations(x_n)
+        return x_n + (x_int / scale - x_n).detach()
+
+    @staticmethod
+    def _quantized_weight(w: torch.Tensor) -> torch.Tensor:
+        from megalatent.nn.bitlinear import quantize_weights
+        w_int, gamma = torch.vmap(quantize_weights)(w)  # one scale per expert
+        return w + (w_int * gamma.view(-1, 1, 1) - w).detach()
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x sorted by (local) expert with counts[e] rows for expert e."""
         gate, up, down = _local(self.gate_proj), _local(self.up_proj), _local(self.down_proj)
+        if self.ternary:
+            x = self._quantized_input(x, _local(self.input_norm), counts)
+            gate, up, down = (self._quantized_weight(w) for w in (gate, up, down))
         hidden = F.silu(grouped_mm(x, gate, counts)) * grouped_mm(x, up, counts)
+        if self.ternary:
+            hidden = self._quantized_input(hidden, _local(self.hidden_norm), counts)
         return grouped_mm(hidden, down, counts)
 
 
@@ -164,7 +191,7 @@ class MoELayer(nn.Module):
     def __init__(self, dim: int, ffn: int, num_experts: int, topk: int, heads: int = 1, router: str = "linear",
                  pre_softmax: bool = False, expert_bias: bool = False, capacity_factor: Optional[float] = None,
                  drop_policy: str = "probs", aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0,
-                 linear=nn.Linear):
+                 linear=nn.Linear, ternary_experts: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"MH-MoE: hidden size {dim} is not divisible by {heads} heads")
@@ -172,11 +199,12 @@ class MoELayer(nn.Module):
         self.num_experts, self.topk = num_experts, topk
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
-        # MH-MoE's head and merge layers (with bias, as in the reference code); absent for plain MoE.
-        self.head_proj = linear(dim, dim, bias=True) if heads > 1 else None
-        self.merge_proj = linear(dim, dim, bias=True) if heads > 1 else None
+        # MH-MoE's head and merge layers (with bias, as in the reference code, unless BitNet's bias-free
+        # linear layers); absent for plain MoE.
+        self.head_proj = linear(dim, dim, bias=not ternary_experts) if heads > 1 else None
+        self.merge_proj = linear(dim, dim, bias=not ternary_experts) if heads > 1 else None
         self.router = Router(self.sub_dim, num_experts, topk, router, pre_softmax, expert_bias)
-        self.experts = Experts(num_experts, self.sub_dim, ffn)
+        self.experts = Experts(num_experts, self.sub_dim, ffn, ternary=ternary_experts)
         self.token_group = None
         self.dispatcher = None
         self.aux_loss_scale = 1.0
