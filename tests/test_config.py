@@ -25,18 +25,27 @@ def test_flags_override_yaml(tmp_path):
     validate(cfg)
 
 
-def test_defaults_validate_and_examples_parse():
+def test_defaults_validate_and_examples_parse(tmp_path):
     import glob
+
+    import torch
+
+    from megalatent.models.sigma_vae import SigmaVAE, SigmaVAEConfig, save_tokenizer
     validate(parse_args([]))
+    # LatentLM configs name the σ-VAE tokenizer on the command line: one of the tiny config's shape.
+    vae = SigmaVAE(SigmaVAEConfig(image_size=16, patch_size=4, latent_dim=8, hidden_size=16, num_layers=1))
+    vae.set_latent_stats(torch.zeros(8), torch.ones(8), 1)
+    save_tokenizer(vae, str(tmp_path / "vae"))
     examples = sorted(glob.glob("examples/**/*.yaml", recursive=True))
     assert examples, "no example configs found"
     for path in examples:
+        extra = ["--latent-tokenizer", str(tmp_path / "vae")] if "latentlm" in path else []
         # A cluster config may fix a parallel layout (e.g. 8 expert-parallel ranks): it must be valid at some
         # power-of-two world size; the error shown is that of one process.
         errors = None
         for world_size in [2 ** i for i in range(9)]:
             try:
-                validate(parse_args(["--config", path]), world_size=world_size)
+                validate(parse_args(["--config", path] + extra), world_size=world_size)
                 break
             except ConfigError as e:
                 errors = errors or e
