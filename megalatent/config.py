@@ -55,6 +55,11 @@ class ModelConfig:
         None, "LongNet: segment length w_i of each dilated-attention pattern, increasing", nargs="+")
     dilated_ratios: Optional[list[int]] = _opt(
         None, "LongNet: dilation r_i of each pattern (same count as --segment-lengths), non-decreasing", nargs="+")
+    yoco_self_attention: str = _opt("gret", "YOCO: the self-decoder's efficient attention: gated retention or "
+                                    "sliding-window attention", choices=["gret", "swa"])
+    sliding_window_size: Optional[int] = _opt(
+        None, "YOCO with --yoco-self-attention swa: the window C (a query sees itself and the C-1 tokens before)")
+    retention_chunk_size: int = _opt(256, "YOCO gated retention: chunk length of the chunkwise form")
 
     @property
     def padded_vocab_size(self) -> int:

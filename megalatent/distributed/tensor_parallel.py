@@ -35,7 +35,7 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
             plan["norm"] = SequenceParallel()
     for name in model.layers:
         p = f"layers.{name}."
-        plan.update({
+        plan.update({k: style for k, style in {
             p + "attention.q_proj": ColwiseParallel(),
             p + "attention.k_proj": ColwiseParallel(),
             p + "attention.v_proj": ColwiseParallel(),
@@ -43,7 +43,7 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
             p + "mlp.gate_proj": ColwiseParallel(),
             p + "mlp.up_proj": ColwiseParallel(),
             p + "mlp.down_proj": RowwiseParallel(output_layouts=stream),
-        })
+        }.items() if _has_module(model, k)})  # a family's layer may lack some (YOCO's cross-attention: no k/v)
         if sequence_parallel:
             plan.update({
                 p + "attention_norm": SequenceParallel(),
@@ -53,7 +53,17 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
                 p + "mlp": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),),
                                               use_local_output=True),
             })
+    if hasattr(model, "tensor_parallel_plan"):  # a family's own modules and overrides (YOCO)
+        plan.update(model.tensor_parallel_plan(stream, sequence_parallel))
     return plan
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
@@ -63,7 +73,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     first_head = tp_mesh.get_local_rank() * (model.cfg.num_attention_heads // tp_mesh.size())
     replaced: dict[int, object] = {}  # layers sharing a core keep sharing it
     for layer in model.layers.values():
-        core = layer.attention.core_attention
+        core = getattr(layer.attention, "core_attention", None)
         if hasattr(core, "tensor_parallel"):
             replaced.setdefault(id(core), core.tensor_parallel(first_head))
             layer.attention.core_attention = replaced[id(core)]

@@ -2,3 +2,4 @@
 from megalatent.models import registry  # noqa: F401
 from megalatent.models import decoder  # noqa: F401  (registers "gpt")
 from megalatent.models import longnet  # noqa: F401  (registers "longnet")
+from megalatent.models import yoco  # noqa: F401  (registers "yoco")
