@@ -48,10 +48,10 @@ class SharedKV(nn.Module):
         self.v_proj = linear(cfg.hidden_size, cfg.kv_heads * cfg.head_dim, bias=False)
 
     def forward(self, x: torch.Tensor, positions: Positions) -> tuple[torch.Tensor, torch.Tensor]:
-        b, s, _ = x.shape
         x = self.norm(x)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        k, v = self.k_proj(x), self.v_proj(x)  # (full sequence: under sequence parallelism x is a shard)
+        k = k.view(k.shape[0], k.shape[1], -1, self.head_dim)
+        v = v.view(v.shape[0], v.shape[1], -1, self.head_dim)
         if positions.rope is not None:  # rotated once here; each cross layer rotates only its queries
             k = apply_rotary(k, *positions.rope)
         return k.transpose(1, 2), v.transpose(1, 2)
@@ -75,6 +75,20 @@ class CrossAttention(nn.Module):
             q = apply_rotary(q, *positions.rope)
         out = causal_attention(q.transpose(1, 2), k, v, positions)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward returns a contiguous gradient. K^/V^ received from the previous pipeline
+    stage send their gradient back to it, and the pipeline receives gradients into buffers laid out like
+    the first one it saw: attention's backward may produce a transposed layout, gloo needs contiguous."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 class CrossDecoderLayer(DecoderLayer):
@@ -133,6 +147,8 @@ class YOCO(Decoder):
             made_here = shared_k is None  # this stage holds the first cross-decoder layer
             if made_here:
                 shared_k, shared_v = self.shared_kv(x, positions)
+            else:
+                shared_k, shared_v = _ContiguousGrad.apply(shared_k), _ContiguousGrad.apply(shared_v)
             shared_k, shared_v, positions = self._cross_keys(shared_k, shared_v, positions, cache, made_here)
             if cache is not None:
                 x = x[:, -1:]
@@ -140,7 +156,10 @@ class YOCO(Decoder):
                 x = layer(x, positions, shared_k, shared_v)
         if self.output is not None:
             return self.logits(x if cache is None else x[:, -1:])
-        return (x, position_ids) if not cross else (x, position_ids, shared_k, shared_v)
+        if not cross:
+            return x, position_ids
+        # Contiguous: the next stage receives into buffers laid out like these outputs.
+        return x, position_ids, shared_k.contiguous(), shared_v.contiguous()
 
     def _cross_keys(self, k, v, positions: Positions, cache, made_here: bool):
         """The shared K^/V^ the cross-decoder attends to, and the queries' positions with the keys'."""

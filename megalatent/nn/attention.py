@@ -94,9 +94,8 @@ class DistributedSlidingWindowCore:
         ranks_back = -(-need // self.local)
         first = max(0, self.cp_rank - ranks_back)
         prev = tails[:, :, :, first * tail:self.cp_rank * tail][:, :, :, -need:]  # contiguous, just before us
-        p = prev.shape[3]
-        if p == 0:
-            return sliding_window_attention(q, k, v, self.window)
+        p = prev.shape[3]  # 0 on rank 0: the (empty) borrowed rows still join the graph, so that rank 0
+        # takes part in the backward's reduce-scatter as well
         q_ext = torch.cat([q.new_zeros(q.shape[0], q.shape[1], p, q.shape[3]), q], dim=2)
         out = sliding_window_attention(q_ext, torch.cat([prev[0], k], dim=2), torch.cat([prev[1], v], dim=2),
                                        self.window)

@@ -128,15 +128,18 @@ class DistributedRetentionCore:
     def __call__(self, q, k, v, log_gate, positions: Positions) -> torch.Tensor:
         from megalatent.distributed.context_parallel import all_gather_sequence
         out, state = gated_retention(q, k, v, log_gate, self.local.mode, self.local.chunk_size)
-        cum = log_gate.float().cumsum(-1)
+        cum = log_gate.to(state.dtype).cumsum(-1)
         states = all_gather_sequence(state.unsqueeze(0), self.group, dim=0)  # [cp, b, h, dk, dv]
-        totals = all_gather_sequence(cum[..., -1].unsqueeze(0), self.group, dim=0)  # [cp, b, h] log G
-        incoming = torch.zeros_like(state)
-        for j in range(self.cp_rank):  # S_in(j + 1) = G_j S_in(j) + S_j
-            incoming = totals[j, ..., None, None].exp() * incoming + states[j]
-        if self.cp_rank == 0:
-            return out
-        return out + _from_state(q.float(), cum, incoming).to(out.dtype)
+        totals = all_gather_sequence(cum[..., -1].unsqueeze(0), self.group, dim=0)  # [cp, b, h]: log G_j
+        # S_in = sum_j w_j S_j with log w_j = sum_{j<i<r} log G_i for j < r, and w_j = 0 for j >= r. Every
+        # gathered state takes part (with weight 0 if not before us), so every rank runs the backward
+        # collective, rank 0 included.
+        through = totals.cumsum(0)  # sum_{i<=j} log G_i
+        before_us = through[self.cp_rank] - totals[self.cp_rank]  # sum_{i<r} log G_i
+        ranks = torch.arange(totals.shape[0], device=totals.device).view(-1, 1, 1)
+        log_w = (before_us - through).masked_fill(ranks >= self.cp_rank, float("-inf"))
+        incoming = (log_w.exp()[..., None, None] * states).sum(0)
+        return out + _from_state(q.to(state.dtype), cum, incoming).to(out.dtype)
 
 
 class GatedRetention(nn.Module):
