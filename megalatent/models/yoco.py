@@ -162,20 +162,21 @@ class YOCO(Decoder):
         return x, position_ids, shared_k.contiguous(), shared_v.contiguous()
 
     def _cross_keys(self, k, v, positions: Positions, cache, made_here: bool):
-        """The shared K^/V^ the cross-decoder attends to, and the queries' positions with the keys'."""
-        if cache is not None:
+        """The shared K^/V^ the cross-decoder attends to, and the queries' positions. The keys are always
+        a run of the sequence from its start to the queries' last token (causal_attention's lower-right
+        case), so no mask is built: not for a 1M-token cache, not for a 1M-token gathered sequence."""
+        if cache is not None:  # the new tokens join the cache; the last one is the only query (early exit)
             k, v, _ = cache.shared.update(k, v, positions)
-            last = Positions(positions.ids[:, -1:], tuple(t[:, -1:] for t in positions.rope)
-                             if positions.rope is not None else None)
-            return k, v, Positions(last.ids, last.rope, cache.shared.ids)
+            rope = tuple(t[:, -1:] for t in positions.rope) if positions.rope is not None else None
+            return k, v, Positions(positions.ids[:, -1:], rope)
         if self.cp_group is None:
             return k, v, positions
-        from megalatent.distributed.context_parallel import all_gather_sequence
-        if made_here:  # gathered once per step; later pipeline stages receive them gathered
+        if made_here:  # one all-gather per step, not per layer; later pipeline stages receive them gathered
+            from megalatent.distributed.context_parallel import all_gather_sequence
             k, v = all_gather_sequence(torch.stack([k, v]), self.cp_group, dim=3)
-        with torch.no_grad():
-            key_ids = all_gather_sequence(positions.ids, self.cp_group, dim=1)
-        return k, v, Positions(positions.ids, positions.rope, key_ids)
+        # The split is contiguous: this rank's queries are the last of the keys up to its last token.
+        end = (self.cp_rank + 1) * positions.ids.shape[1]
+        return k[:, :, :end], v[:, :, :end], positions
 
     def new_cache(self) -> InferenceCache:
         """Constant-size states for the self-decoder, and one K^/V^ cache for the whole cross-decoder."""
@@ -193,7 +194,8 @@ class YOCO(Decoder):
             self.shared_kv = None
 
     def set_context_parallel(self, cp_group) -> None:
-        self.cp_group = cp_group
+        import torch.distributed as dist
+        self.cp_group, self.cp_rank = cp_group, dist.get_rank(cp_group)
 
     def tensor_parallel_plan(self, stream, sequence_parallel: bool) -> dict:
         """Entries beyond the decoder's plan: retention's gates, the shared K/V, the cross-attention input."""

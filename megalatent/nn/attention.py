@@ -3,16 +3,24 @@ sliding-window core (YOCO's SWA self-decoder)."""
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from megalatent.nn.rotary import Positions, apply_rotary
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: Positions) -> torch.Tensor:
     """softmax(q k^T / sqrt(d), causal) v on [batch, heads, seq, head_dim]; K/V heads may be fewer (GQA).
-    With `positions.key_ids` (a KV cache, gathered keys) a query sees the keys at or before its position."""
+
+    Without `positions.key_ids` the keys are a contiguous run of the sequence ending with the queries'
+    last token (more keys than queries: the queries are the run's tail, "lower-right" causal; the fused
+    kernels take that without a mask). With `key_ids` (gathered keys) a query sees the keys at or
+    before its position."""
     gqa = q.shape[1] != k.shape[1]
     if positions.key_ids is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if k.shape[2] == q.shape[2]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
+                                              enable_gqa=gqa)
     visible = positions.key_ids[:, None, None, :] <= positions.ids[:, None, :, None]  # [b, 1, s, t]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=gqa)
 
