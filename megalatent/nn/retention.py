@@ -5,6 +5,7 @@ Per head, with a data-dependent scalar gate gamma_n = sigmoid(x_n W_gamma)^(1/16
     recurrent   S_n = gamma_n S_{n-1} + k_n^T v_n,          o_n = q_n S_n
     parallel    o = ((q k^T) * D) v,   D_nm = prod_{i=m+1..n} gamma_i  for m <= n, else 0
     chunkwise   the parallel form inside chunks of B tokens, the recurrent state carried across chunks
+                (the plain-PyTorch reference of kernels/retention.py's Triton kernel)
 
 All three take the gate as log gamma (<= 0): D_nm = exp(c_n - c_m) with c the running sum of log gamma,
 so no product of many gates underflows. The state S is [batch, heads, d_k, d_v]; it is what decoding
@@ -49,15 +50,29 @@ def retention_parallel(q, k, v, log_gate, initial_state=None):
 
 
 def retention_chunkwise(q, k, v, log_gate, chunk_size: int, initial_state=None):
-    """The parallel form inside chunks of `chunk_size` tokens, the state carried across chunks."""
+    """The parallel form inside chunks of `chunk_size` tokens (all chunks in one batched op), the state
+    carried across chunks by a scan over the small [d_k, d_v] chunk states. Returns (out, final state)."""
     b, h, n, dk = q.shape
-    state = initial_state if initial_state is not None else q.new_zeros(b, h, dk, v.shape[-1])
-    outs = []
-    for start in range(0, n, chunk_size):
-        sl = slice(start, start + chunk_size)
-        out, state = retention_parallel(q[:, :, sl], k[:, :, sl], v[:, :, sl], log_gate[:, :, sl], state)
-        outs.append(out)
-    return torch.cat(outs, dim=2), state
+    dv = v.shape[-1]
+    size = min(chunk_size, n)
+    pad = (-n) % size  # padding at the end: gate 1 (log 0) and k = 0 leave outputs and state unchanged
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    chunks = (n + pad) // size
+    qc, kc, vc = q.view(b, h, chunks, size, dk), k.view(b, h, chunks, size, dk), v.view(b, h, chunks, size, dv)
+    cum = F.pad(log_gate, (0, pad)).view(b, h, chunks, size).cumsum(-1)  # within each chunk
+    causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
+    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
+    intra = ((qc @ kc.transpose(-1, -2)) * decay) @ vc
+    # Each chunk's own contribution to the state at its end, and its total decay.
+    own = (kc * (cum[..., -1:] - cum).exp().unsqueeze(-1)).transpose(-1, -2) @ vc  # [b, h, chunks, dk, dv]
+    total = cum[..., -1].exp()[..., None, None]  # [b, h, chunks, 1, 1]
+    state = initial_state if initial_state is not None else q.new_zeros(b, h, dk, dv)
+    entering = []
+    for c in range(chunks):
+        entering.append(state)
+        state = total[:, :, c] * state + own[:, :, c]
+    inter = (qc * cum.exp().unsqueeze(-1)) @ torch.stack(entering, dim=2)
+    return (intra + inter).view(b, h, chunks * size, dv)[:, :, :n], state
 
 
 def retention_recurrent(q, k, v, log_gate, initial_state=None):
