@@ -49,6 +49,7 @@ def model_configs(args) -> tuple[ModelConfig, ModelConfig]:
 def measure_prefill(model, length: int, device, repeats: int) -> tuple[int, float]:
     """(cache bytes after prefill, median prefill seconds) for a random prompt of `length` tokens."""
     prompt = torch.randint(0, 1000, (1, length), device=device)
+    prefill(model, prompt[:, :256], model.new_cache())  # warm up (allocator, kernels)
     times, nbytes = [], 0
     for _ in range(repeats):
         cache = model.new_cache()
