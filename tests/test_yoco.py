@@ -74,6 +74,18 @@ def test_flops_count_every_matmul(kind):
     assert flops_per_token(cfg) == pytest.approx(6 * (matmul_params + h * V) + 3 * (attention + state))
 
 
+@pytest.mark.parametrize("granularity", ["full", "selective"])
+def test_recomputation_changes_nothing(granularity):
+    from megalatent.distributed.parallelize import apply_recompute
+    torch.manual_seed(0)
+    model = YOCO(tiny(retention_chunk_size=4))
+    tokens = torch.randint(0, 100, (2, 16))
+    reference = torch.autograd.grad(model(tokens).square().mean(), list(model.parameters()))
+    apply_recompute(model, granularity)
+    for a, b in zip(torch.autograd.grad(model(tokens).square().mean(), list(model.parameters())), reference):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--num-layers", "3"], "must be even"),
     (["--yoco-self-attention", "swa"], "needs --sliding-window-size"),
