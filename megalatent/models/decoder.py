@@ -58,7 +58,9 @@ class DecoderLayer(nn.Module):
         self.mlp = spec.mlp(cfg, layer)
 
     def forward(self, x: torch.Tensor, positions: Positions, cache=None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), positions, cache=cache)
+        h = self.attention_norm(x)
+        # (an attention without inference support need not take a cache argument)
+        x = x + (self.attention(h, positions) if cache is None else self.attention(h, positions, cache=cache))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -134,6 +136,7 @@ class Decoder(nn.Module):
     def new_cache(self) -> InferenceCache:
         """An empty inference cache: every layer keeps all its past keys and values."""
         return InferenceCache({name: KVCache() for name in self.layers})
+
 
 def decoder_flops_per_token(cfg: ModelConfig, keys_per_query: float) -> float:
     """Training FLOPs per token of a decoder (forward + backward = 3 x forward) whose attention lets a
