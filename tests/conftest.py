@@ -8,6 +8,13 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which must be chosen before
+# anything imports triton (torch may, early): here, before any test module is imported.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session")
 def corpus_cache(tmp_path_factory):

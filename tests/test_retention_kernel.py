@@ -1,14 +1,11 @@
 """The Triton chunkwise gated-retention kernel (kernels/retention.py) against its plain-PyTorch reference,
 run on CPU in Triton's interpreter: outputs and final state, with and without a carried-in state, a
 length that is not a multiple of the block, and the gradients of its autograd wrapper."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors through the interpreter
-pytest.importorskip("triton")
+pytest.importorskip("triton")  # (on CPU, conftest.py selects Triton's interpreter)
 
 from megalatent.kernels.retention import chunk_retention, chunk_retention_forward  # noqa: E402
 from megalatent.nn.retention import gated_retention  # noqa: E402
