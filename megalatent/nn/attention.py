@@ -41,18 +41,20 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     blocks = (n + pad) // c
     qb = F.pad(q, (0, 0, 0, pad)).view(b, h, blocks, c, d).transpose(1, 2)  # [b, blocks, h, c, d]
 
-    def previous_and_own(x):  # [b, kv, n, d] -> [b, blocks, kv, 2c, d]; a block of padding before the first
-        xb = F.pad(x, (0, 0, c, pad)).view(b, x.shape[1], blocks + 1, c, d)
+    def previous_and_own(x):  # [b, kv, n, d] -> [b, blocks - 1, kv, 2c, d] for blocks 1, 2, ...
+        xb = F.pad(x, (0, 0, 0, pad)).view(b, x.shape[1], blocks, c, d)
         return torch.cat([xb[:, :, :-1], xb[:, :, 1:]], dim=3).transpose(1, 2)
 
-    kb, vb = previous_and_own(k), previous_and_own(v)
     # Query a of block i sits at i*c + a, key j of the pair at (i-1)*c + j: visible iff 0 <= c + a - j < c.
+    # One [c, 2c] band serves every block (padded keys at the end lie after every real query).
     a = torch.arange(c, device=q.device)[:, None]
     j = torch.arange(2 * c, device=q.device)[None, :]
     band = (j > a) & (j <= a + c)
-    mask = band.expand(blocks, c, 2 * c).clone()
-    mask[0] &= j >= c  # block 0 has no previous block (those keys are padding)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[None, :, None], enable_gqa=gqa)
+    later = F.scaled_dot_product_attention(qb[:, 1:], previous_and_own(k), previous_and_own(v), attn_mask=band,
+                                           enable_gqa=gqa)
+    first = F.scaled_dot_product_attention(qb[:, :1], k[:, None, :, :c], v[:, None, :, :c], is_causal=True,
+                                           enable_gqa=gqa)  # block 0 has no block before it
+    out = torch.cat([first, later], dim=1)
     return out.transpose(1, 2).reshape(b, h, blocks * c, d)[:, :, :n]
 
 
