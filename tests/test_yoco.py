@@ -1,6 +1,6 @@
 """YOCO against its definition (reference/models.md §2) and against itself at every layout: the model's
 structure and FLOPs, its config rules, and TP / SP / PP (with K^/V^ carried between stages) / CP (the
-retention state and the window passed between ranks, K^/V^ gathered once) / DP equal to one process.
+retention state and the window passed between ranks, K^/V^ gathered once) equal to one process.
 Gated retention's three forms and the sliding window are in test_retention.py; decoding in test_inference.py."""
 import json
 
@@ -106,7 +106,7 @@ TWO_RANKS = [
     {**SWA, "context-parallel-size": 2},  # the window's K/V borrowed from the rank before
     {**GRET, "pipeline-model-parallel-size": 2, **UNTIED},  # 1F1B: self-decoder | cross-decoder
     {**SWA, "pipeline-model-parallel-size": 2, "num-layers-per-virtual-pipeline-stage": 1, **SIX, **UNTIED},
-    {**GRET, "data-parallel-sharding-strategy": "optim_grads"},
+    {**GRET, "tensor-model-parallel-size": 2, "sequence-parallel": True},  # per-head gates under SP
 ]
 FOUR_RANKS = [
     {**SWA, "sliding-window-size": 7, "context-parallel-size": 4},  # window wider than a rank's 4 tokens
