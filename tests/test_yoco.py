@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megalatent.config import ConfigError, ModelConfig, parse_args, validate
-from megalatent.models.yoco import YOCO, CrossAttention, SharedKV, flops_per_token
+from megalatent.models.yoco import YOCO, CrossAttention, flops_per_token
 from megalatent.nn.attention import SlidingWindowCore
 from megalatent.nn.retention import GatedRetention
 from test_parallel import assert_equivalent, run_worker

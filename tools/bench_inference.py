@@ -172,7 +172,7 @@ def main() -> None:
     for r in analysis:
         print(f"{r['length']:>8} {r['cache_gb']['yoco']:>9.2f}/{r['cache_gb']['gpt']:<10.2f} {r['memory_ratio']:>13.1f} "
               f"{r['prefill_flop_ratio']:>19.1f}")
-    print(f"paper (H100, measured): memory 9.4x at 1M (~2x at 32K); prefill 71.8x at 1M, 2.87x at 32K")
+    print("paper (H100, measured): memory 9.4x at 1M (~2x at 32K); prefill 71.8x at 1M, 2.87x at 32K")
     if args.output:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda"
