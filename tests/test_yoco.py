@@ -112,6 +112,9 @@ FOUR_RANKS = [
     {**SWA, "sliding-window-size": 7, "context-parallel-size": 4},  # window wider than a rank's 4 tokens
     {**GRET, "context-parallel-size": 4},  # the state crosses three ranks
     {**GRET, "tensor-model-parallel-size": 2, "pipeline-model-parallel-size": 2, **SIX, **UNTIED},
+    # stage 0: layers 0-3 (K^/V^ made and gathered there), stage 1: layers 4-5 (receives them gathered)
+    {**GRET, "context-parallel-size": 2, "pipeline-model-parallel-size": 2, "decoder-first-pipeline-num-layers": 4,
+     **SIX, **UNTIED},
 ]
 
 
