@@ -13,8 +13,9 @@ reference materialises the states entering every chunk). Forward only: `chunk_re
 recomputes the reference with autograd (exact, at the reference's cost and memory).
 
 Tested on CPU under TRITON_INTERPRET=1 (tests/test_retention_kernel.py). Not yet timed on a GPU, so the
-trainer does not select it by default: call `chunk_retention` (or pass it to RetentionCore) after
-measuring; flash-linear-attention's `chunk_simple_gla` is the alternative to measure against.
+trainer does not select it by default: measure it first (tools/bench_inference.py --retention-form
+triton; in code, RetentionCore mode "triton" or `chunk_retention`); flash-linear-attention's
+`chunk_simple_gla` is the alternative to measure against.
 """
 from __future__ import annotations
 

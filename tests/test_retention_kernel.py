@@ -39,3 +39,19 @@ def test_autograd_wrapper_gradients():
     want = torch.autograd.grad((ref_out * weights[0]).sum() + (ref_state * weights[1]).sum(), (q, k, v, lg, s0))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_retention_layer_prefills_with_the_kernel():
+    """The gated-retention layer with mode "triton" (as tools/bench_inference.py --retention-form triton)
+    gives the chunkwise layer's output and state."""
+    from megalatent.inference.cache import RetentionState
+    from megalatent.nn.retention import GatedRetention
+    from megalatent.nn.rotary import Positions
+    torch.manual_seed(0)
+    layer = GatedRetention(32, 2, "chunkwise", chunk_size=8)
+    x, pos = torch.randn(1, 20, 32), Positions(torch.arange(20)[None], None)
+    want_cache, got_cache = RetentionState(), RetentionState()
+    want = layer(x, pos, cache=want_cache)
+    layer.core_attention.mode = "triton"
+    torch.testing.assert_close(layer(x, pos, cache=got_cache), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_cache.state, want_cache.state, atol=1e-4, rtol=1e-4)

@@ -131,6 +131,8 @@ def main() -> None:
     p.add_argument("--self-attention", choices=["gret", "swa"], default="gret")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--retention-form", choices=["chunkwise", "triton"], default="chunkwise",
+                   help="YOCO gRet prefill: the PyTorch chunkwise form or the Triton kernel (GPU)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop growing a model's length past this")
     p.add_argument("--paper-lengths", type=int, nargs="+", default=[32768, 131072, 524288, 1048576])
@@ -142,6 +144,9 @@ def main() -> None:
     torch.manual_seed(0)
     configs = model_configs(args)
     models = {cfg.model_family: build_model(cfg).to(device, dtype).eval() for cfg in configs}
+    for layer in models["yoco"].layers.values():
+        if hasattr(layer.attention, "core_attention") and hasattr(layer.attention.core_attention, "mode"):
+            layer.attention.core_attention.mode = args.retention_form
     params = {f: sum(p.numel() for p in m.parameters()) for f, m in models.items()}
     print(f"parameters: yoco ({args.self_attention}) {params['yoco']:,}, baseline {params['gpt']:,}; {device}, {dtype}")
     records, too_slow = [], set()

@@ -23,7 +23,9 @@ from torch import nn
 
 from megalatent.nn.rotary import Positions, apply_rotary
 
-MODES = ("parallel", "chunkwise", "recurrent")
+# "triton": the chunkwise form as kernels/retention.py's Triton kernel (its backward recomputes the
+# reference). The chunk size does not change the result, so the kernel keeps its own block size.
+MODES = ("parallel", "chunkwise", "recurrent", "triton")
 GATE_LOGIT_NORMALIZER = 16  # tau: gamma = sigmoid(.)^(1/tau), so gates start close to 1 (long memory)
 
 
@@ -101,6 +103,9 @@ def gated_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate:
         out, state = retention_chunkwise(q, k, v, log_gate, chunk_size, init)
     elif mode == "recurrent":
         out, state = retention_recurrent(q, k, v, log_gate, init)
+    elif mode == "triton":
+        from megalatent.kernels.retention import chunk_retention
+        out, state = chunk_retention(q, k, v, log_gate, init)
     else:
         raise ValueError(f"gated retention mode must be one of {MODES}, got {mode!r}")
     return out.to(dtype), state
@@ -190,8 +195,9 @@ class GatedRetention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2) * self.head_dim ** -0.5, v.transpose(1, 2)
         if cache is None:
             out = self.core_attention(q, k, v, log_gate, positions)
-        else:  # decoding: recurrent one token at a time, chunkwise over a prompt
-            mode = "recurrent" if s == 1 else "chunkwise"
+        else:  # decoding: recurrent one token at a time, the core's block form over a prompt
+            mode = "recurrent" if s == 1 else ("chunkwise" if self.core_attention.mode == "parallel"
+                                               else self.core_attention.mode)
             out, cache.state = gated_retention(q, k, v, log_gate, mode, self.core_attention.chunk_size, cache.state)
         out = F.rms_norm(out.float(), (self.head_dim,), eps=self.norm_eps).type_as(x)
         out = out.transpose(1, 2).reshape(b, s, -1)
