@@ -87,6 +87,11 @@ class ModelConfig:
     moe_router_enable_expert_bias: bool = _opt(False, "MoE: auxiliary-loss-free balancing with a per-expert "
                                                       "selection bias updated after every step")
     moe_router_bias_update_rate: float = _opt(1e-3, "MoE: step size of the expert-bias update")
+    yoco_self_attention: str = _opt("gret", "YOCO: the self-decoder's efficient attention: gated retention or "
+                                    "sliding-window attention", choices=["gret", "swa"])
+    sliding_window_size: Optional[int] = _opt(
+        None, "YOCO with --yoco-self-attention swa: the window C (a query sees itself and the C-1 tokens before)")
+    retention_chunk_size: int = _opt(256, "YOCO gated retention: chunk length of the chunkwise form")
 
     @property
     def padded_vocab_size(self) -> int:

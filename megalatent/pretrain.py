@@ -27,7 +27,8 @@ from megalatent.training.metrics import log
 from megalatent.training.trainer import StopRequest, Trainer, uses_bf16
 
 # Config fields that do not change parameter shapes: a checkpoint may be resumed with other values.
-_NON_ARCHITECTURAL = {"seq_length", "max_position_embeddings", "init_method_std", "segment_lengths", "dilated_ratios"}
+_NON_ARCHITECTURAL = {"seq_length", "max_position_embeddings", "init_method_std", "segment_lengths", "dilated_ratios",
+                      "sliding_window_size", "retention_chunk_size"}
 
 
 def default_cache_dir() -> str:

@@ -9,10 +9,12 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-if not torch.cuda.is_available():
-    # Without a GPU the Triton kernels run in Triton's interpreter (tests/test_kernels.py). Triton reads this
-    # when it is imported (its own tl.* library included), so it is set before any test can import it.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which must be chosen before
+# anything imports triton (torch may, early): here, before any test module is imported.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

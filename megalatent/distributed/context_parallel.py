@@ -71,16 +71,21 @@ class ContextParallelAttention:
 
 def apply_context_parallel(model: nn.Module, cp_group, local_length: int) -> None:
     """Give every layer's attention its context-parallel core: the core's own distributed form when it
-    has one (LongNet's dilated attention), else dense attention over all-gathered K/V."""
+    has one (LongNet's dilated attention, YOCO's retention and sliding window), else dense attention
+    over all-gathered K/V."""
     replaced: dict[int, object] = {}  # one distributed core per distinct core (they create process groups)
     for layer in model.layers.values():
-        core = layer.attention.core_attention
+        core = getattr(layer.attention, "core_attention", None)
+        if core is None:  # attention to keys made elsewhere (YOCO's cross-decoder): the model gathers them
+            continue
         if id(core) not in replaced:
             replaced[id(core)] = (core.distributed(cp_group, local_length) if hasattr(core, "distributed")
                                   else ContextParallelAttention(cp_group))
         layer.attention.core_attention = replaced[id(core)]
     if hasattr(model, "cp_group"):  # a model with sequence-wide steps of its own (LongViT's pooling)
         model.cp_group = cp_group
+    if hasattr(model, "set_context_parallel"):  # a model-level collective (YOCO: K^/V^ once per step)
+        model.set_context_parallel(cp_group)
     for core in replaced.values():
         if hasattr(core, "expected_rows") and torch.distributed.get_rank() == 0:
             print(f"[context parallel] dilated attention: each rank receives {core.expected_rows} K/V rows per "

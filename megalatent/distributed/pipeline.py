@@ -108,6 +108,8 @@ def stage_module(model: nn.Module, layer_ids: list[int], is_first: bool, is_last
     for name in list(stage.layers):
         if name not in keep:
             del stage.layers[name]
+    if hasattr(stage, "keep_for_stage"):  # a family's modules that belong with one of its layers (YOCO)
+        stage.keep_for_stage(keep)
     for name in () if is_first else model.FIRST_STAGE:
         setattr(stage, name, None)
     for name in () if is_last else model.LAST_STAGE:

@@ -80,9 +80,11 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
             plan["norm"] = SequenceParallel()
     for name, layer in model.layers.items():
         p = f"layers.{name}."
+        # (a family's layer may lack some of these modules: YOCO's cross-attention has no k/v projections)
         plan.update({p + path: _colwise(model, p + path) for path in
-                     ("attention.q_proj", "attention.k_proj", "attention.v_proj")})
-        plan[p + "attention.o_proj"] = _rowwise(model, p + "attention.o_proj", output_layouts=stream)
+                     ("attention.q_proj", "attention.k_proj", "attention.v_proj") if _has_module(model, p + path)})
+        if _has_module(model, p + "attention.o_proj"):
+            plan[p + "attention.o_proj"] = _rowwise(model, p + "attention.o_proj", output_layouts=stream)
         moe = isinstance(layer.mlp, MoELayer)
         if moe:
             # An MoE layer's weights are not split over the TP ranks (expert tensor parallelism 1); its tokens
@@ -93,7 +95,8 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
                 input_layouts=(stream,), desired_input_layouts=(Shard(1),), use_local_input=True,
                 output_layouts=(Shard(1),), desired_output_layouts=(stream,), use_local_output=True)
         else:
-            plan.update({p + path: _colwise(model, p + path) for path in ("mlp.gate_proj", "mlp.up_proj")})
+            plan.update({p + path: _colwise(model, p + path) for path in ("mlp.gate_proj", "mlp.up_proj")
+                         if _has_module(model, p + path)})
             plan[p + "mlp.down_proj"] = _rowwise(model, p + "mlp.down_proj", output_layouts=stream)
         if sequence_parallel:
             plan.update({
@@ -105,7 +108,17 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
             if not moe:
                 plan[p + "mlp"] = PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),),
                                                      use_local_output=True)
+    if hasattr(model, "tensor_parallel_plan"):  # a family's own modules and overrides (YOCO)
+        plan.update(model.tensor_parallel_plan(stream, sequence_parallel))
     return plan
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
@@ -115,7 +128,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     first_head = tp_mesh.get_local_rank() * (model.cfg.num_attention_heads // tp_mesh.size())
     replaced: dict[int, object] = {}  # layers sharing a core keep sharing it
     for layer in model.layers.values():
-        core = layer.attention.core_attention
+        core = getattr(layer.attention, "core_attention", None)
         if hasattr(core, "tensor_parallel"):
             replaced.setdefault(id(core), core.tensor_parallel(first_head))
             layer.attention.core_attention = replaced[id(core)]

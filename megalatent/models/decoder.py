@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalatent.config import ModelConfig
+from megalatent.inference.cache import InferenceCache, KVCache
 from megalatent.models.registry import ModelFamily, register
 from megalatent.nn.attention import SelfAttention
 from megalatent.nn.bitlinear import BitLinear
@@ -81,8 +82,10 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = pre_norm(cfg)
         self.mlp = spec.mlp(cfg, layer)
 
-    def forward(self, x: torch.Tensor, positions: Positions) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), positions)
+    def forward(self, x: torch.Tensor, positions: Positions, cache=None) -> torch.Tensor:
+        h = self.attention_norm(x)
+        # (an attention without inference support need not take a cache argument)
+        x = x + (self.attention(h, positions) if cache is None else self.attention(h, positions, cache=cache))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -116,11 +119,15 @@ class Decoder(nn.Module):
                        if cfg.position_embedding_type == "rope" else None)
         # A ModuleDict keyed by the global layer index keeps parameter names stable when a pipeline
         # stage holds only some layers, so checkpoints do not depend on the layout.
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, spec) for i in range(cfg.num_layers)})
+        self.layers = nn.ModuleDict({str(i): self.build_layer(cfg, i, spec) for i in range(cfg.num_layers)})
         self.norm = spec.norm(cfg)
         self.output = OutputLayer(cfg.hidden_size, cfg.padded_vocab_size,
                                   tied=not cfg.untie_embeddings_and_output_weights)
         self.reset_parameters()
+
+    def build_layer(self, cfg: ModelConfig, layer: int, spec: LayerSpec) -> nn.Module:
+        """Layer `layer` (a family whose layers differ in kind, like YOCO's two halves, overrides this)."""
+        return DecoderLayer(cfg, layer, spec)
 
     def reset_parameters(self) -> None:
         """Normal(0, std) for every matrix; projections into the residual stream scaled by 1/sqrt(2L)
@@ -136,26 +143,41 @@ class Decoder(nn.Module):
                                             "merge_proj.weight"))
             nn.init.normal_(p, mean=0.0, std=out_std if is_output_proj else std)
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None):
+    def positions(self, position_ids: torch.Tensor) -> Positions:
+        return Positions(position_ids, self.rotary(position_ids) if self.rotary is not None else None)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x))
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """The output projection of final-normed hidden states (the embedding's weight when tied)."""
+        return self.output(normed, None if self.output.weight is not None else self.embed_tokens.weight)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None):
         """tokens -> logits. As a pipeline stage (see distributed/pipeline.py) a later stage takes the
-        hidden states instead of tokens, and every stage but the last returns (hidden, position_ids)."""
+        hidden states instead of tokens, and every stage but the last returns (hidden, position_ids).
+
+        With an inference cache (from `new_cache`, see megalatent/inference) the tokens continue the
+        cached sequence and only the last token's logits [b, 1, vocab] are returned.
+        """
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[:2]).contiguous()
         x = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
-        x = self.trunk(x, position_ids)
+        x = self.trunk(x, position_ids, cache)
         if self.output is None:
             return x, position_ids
-        return self.logits(self.norm(x))
+        return self.logits(x if cache is None else x[:, -1:])
 
-    def trunk(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def trunk(self, x: torch.Tensor, position_ids: torch.Tensor, cache=None) -> torch.Tensor:
         """The layers this module holds, on embeddings (or a previous stage's hidden states)."""
-        positions = Positions(position_ids, self.rotary(position_ids) if self.rotary is not None else None)
-        for layer in self.layers.values():
-            x = layer(x, positions)
+        positions = self.positions(position_ids)
+        for name, layer in self.layers.items():
+            x = layer(x, positions) if cache is None else layer(x, positions, cache=cache.layers[name])
         return x
 
-    def logits(self, normed: torch.Tensor) -> torch.Tensor:
-        return self.output(normed, None if self.output.weight is not None else self.embed_tokens.weight)
+    def new_cache(self) -> InferenceCache:
+        """An empty inference cache: every layer keeps all its past keys and values."""
+        return InferenceCache({name: KVCache() for name in self.layers})
 
 
 def decoder_flops_per_token(cfg: ModelConfig, keys_per_query: float) -> float:
@@ -191,6 +213,9 @@ def dense_decoder_flops_per_token(cfg: ModelConfig) -> float:
 def validate_dense(cfg) -> list[str]:
     if cfg.model.segment_lengths or cfg.model.dilated_ratios:
         return ["--segment-lengths/--dilated-ratios configure dilated attention: add --model-family longnet"]
+    if cfg.model.sliding_window_size is not None:
+        return ["--sliding-window-size configures YOCO's sliding-window self-decoder: add --model-family yoco "
+                "--yoco-self-attention swa"]
     return []
 
 

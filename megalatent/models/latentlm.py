@@ -66,8 +66,8 @@ class LatentLM(Decoder):
             return x, position_ids
         h = self.norm(x)
         if target_latents is None:
-            return self.logits(h), h
-        return self.logits(h), self.diffusion_loss(h, target_latents, diffusion_mask)
+            return self.head(h), h
+        return self.head(h), self.diffusion_loss(h, target_latents, diffusion_mask)
 
     @torch.no_grad()
     def sample_latents(self, classes: torch.Tensor, num_latents: int, steps: int = 20,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from megalatent.config import Config, ModelConfig
 from megalatent.models.decoder import BASELINE_SPEC, Decoder, LayerSpec, decoder_flops_per_token, default_attention
 from megalatent.models.registry import ModelFamily, register
-from megalatent.nn.dilated import DistributedDilatedAttention, dilated_attention
+from megalatent.nn.dilated import DistributedDilatedAttention, dilated_attention, dilated_attention_at_positions
 
 
 class DilatedCore:
@@ -26,6 +26,9 @@ class DilatedCore:
         self.first_head, self.causal = first_head, causal
 
     def __call__(self, q, k, v, positions):
+        if positions.key_ids is not None:  # decoding against a KV cache (positions are the same in every row)
+            return dilated_attention_at_positions(q, k, v, positions.ids[0], positions.key_ids[0],
+                                                  self.segment_lengths, self.dilated_ratios, self.first_head)
         return dilated_attention(q, k, v, self.segment_lengths, self.dilated_ratios, self.causal, self.first_head)
 
     def tensor_parallel(self, first_head: int) -> "DilatedCore":

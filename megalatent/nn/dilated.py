@@ -153,6 +153,30 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     return merge([o for o, _ in parts], [lse for _, lse in parts])
 
 
+def dilated_attention_at_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                                   k_pos: torch.Tensor, segment_lengths: list[int], dilated_ratios: list[int],
+                                   first_head: int = 0) -> torch.Tensor:
+    """Causal dilated attention for queries at global positions `q_pos` [s] against keys at `k_pos` [t]
+    (decoding against a KV cache). By the definition rather than by gathering: for pattern (w, r), head j
+    keeps position p when (p mod w) mod r == (j + first_head) mod r, and its kept query p sees the kept keys
+    of its own segment (same p div w) at positions <= p; the patterns merge by LSE with multiplicity.
+    Segments follow absolute positions, so a query gets the same keys as in a full forward over
+    the sequence (there, a w longer than the sequence is clamped to it, which keeps the same rows).
+    """
+    k, v = _expand_kv(q, k, v)
+    heads = torch.arange(first_head, first_head + q.shape[1], device=q.device).view(-1, 1, 1)  # [h, 1, 1]
+    qp, kp = q_pos.view(1, -1, 1), k_pos.view(1, 1, -1)
+    outs, lses = [], []
+    for w, r in zip(segment_lengths, dilated_ratios):
+        kept_q = (qp % w) % r == heads % r  # [h, s, 1]
+        kept_k = (kp % w) % r == heads % r  # [h, 1, t]
+        visible = kept_q & kept_k & (qp // w == kp // w) & (kp <= qp)  # [h, s, t]
+        out, lse = _masked_attention(q.float(), k.float(), v.float(), visible)
+        outs.append(out.to(q.dtype))
+        lses.append(lse)
+    return merge_by_lse(outs, lses)
+
+
 def received_rows(segment_lengths: list[int], dilated_ratios: list[int], local: int, cp: int) -> int:
     """K/V rows (per head and sequence) one rank receives per layer under the distributed algorithm:
     (g - 1) * ceil(local / r) for each pattern spanning g > 1 ranks — bounded by w / r, so it does not

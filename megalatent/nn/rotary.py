@@ -16,9 +16,12 @@ class Positions:
 
     `ids` [b, s] are global positions (under context parallelism a rank holds non-contiguous
     chunks); `rope` is (cos, sin) for those positions, or None without rotary embeddings.
+    `key_ids` [b, t] are the positions of the keys when they are not the queries' (decoding against a
+    cache, keys gathered from other ranks); None means the keys are the queries' own tokens.
     """
     ids: torch.Tensor
     rope: Optional[tuple[torch.Tensor, torch.Tensor]]
+    key_ids: Optional[torch.Tensor] = None
 
 
 class RotaryEmbedding(nn.Module):

@@ -1,0 +1,1 @@
+"""Inference: caches, incremental decoding and generation for every model family."""

@@ -1,0 +1,205 @@
+"""Gated retention (YOCO's default self-decoder, arXiv 2405.05254 §3.1), in its three equivalent forms.
+
+Per head, with a data-dependent scalar gate gamma_n = sigmoid(x_n W_gamma)^(1/16) in (0, 1):
+
+    recurrent   S_n = gamma_n S_{n-1} + k_n^T v_n,          o_n = q_n S_n
+    parallel    o = ((q k^T) * D) v,   D_nm = prod_{i=m+1..n} gamma_i  for m <= n, else 0
+    chunkwise   the parallel form inside chunks of B tokens, the recurrent state carried across chunks
+                (the plain-PyTorch reference of kernels/retention.py's Triton kernel)
+
+All three take the gate as log gamma (<= 0): D_nm = exp(c_n - c_m) with c the running sum of log gamma,
+so no product of many gates underflows. The state S is [batch, heads, d_k, d_v]; it is what decoding
+keeps (a constant-size "cache") and what context parallelism passes from rank to rank. Training uses
+the chunkwise form: O(N B d + N d^2) work and O(N B) memory, against O(N^2) for the parallel form.
+
+`initial_state` lets a form start from a state accumulated elsewhere (the previous decode steps, or
+the tokens on earlier context-parallel ranks): it adds exp(c_n) q_n S_0 to every output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megalatent.nn.rotary import Positions, apply_rotary
+
+# "triton": the chunkwise form as kernels/retention.py's Triton kernel (its backward recomputes the
+# reference). The chunk size does not change the result, so the kernel keeps its own block size.
+MODES = ("parallel", "chunkwise", "recurrent", "triton")
+GATE_LOGIT_NORMALIZER = 16  # tau: gamma = sigmoid(.)^(1/tau), so gates start close to 1 (long memory)
+
+
+def _from_state(q: torch.Tensor, cum: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """exp(c_n) q_n S_0: what a state carried in from before the first token adds to each output."""
+    return (q * cum.exp().unsqueeze(-1)) @ state
+
+
+def retention_parallel(q, k, v, log_gate, initial_state=None):
+    """O(N^2) form: (q k^T * D) v. Returns (out, final state)."""
+    cum = log_gate.cumsum(-1)  # c_n = sum_{i<=n} log gamma_i
+    n = q.shape[2]
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    # Fill before exp: above the diagonal c_n - c_m > 0 and could overflow into inf * 0 = nan.
+    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
+    out = ((q @ k.transpose(-1, -2)) * decay) @ v
+    # Final state: S_N = sum_m exp(c_N - c_m) k_m^T v_m (+ exp(c_N) S_0).
+    to_end = (cum[..., -1:] - cum).exp().unsqueeze(-1)
+    state = (k * to_end).transpose(-1, -2) @ v
+    if initial_state is not None:
+        out = out + _from_state(q, cum, initial_state)
+        state = state + cum[..., -1, None, None].exp() * initial_state
+    return out, state
+
+
+def retention_chunkwise(q, k, v, log_gate, chunk_size: int, initial_state=None):
+    """The parallel form inside chunks of `chunk_size` tokens (all chunks in one batched op), the state
+    carried across chunks by a scan over the small [d_k, d_v] chunk states. Returns (out, final state)."""
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    size = min(chunk_size, n)
+    pad = (-n) % size  # padding at the end: gate 1 (log 0) and k = 0 leave outputs and state unchanged
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    chunks = (n + pad) // size
+    qc, kc, vc = q.view(b, h, chunks, size, dk), k.view(b, h, chunks, size, dk), v.view(b, h, chunks, size, dv)
+    cum = F.pad(log_gate, (0, pad)).view(b, h, chunks, size).cumsum(-1)  # within each chunk
+    causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
+    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
+    intra = ((qc @ kc.transpose(-1, -2)) * decay) @ vc
+    # Each chunk's own contribution to the state at its end, and its total decay.
+    own = (kc * (cum[..., -1:] - cum).exp().unsqueeze(-1)).transpose(-1, -2) @ vc  # [b, h, chunks, dk, dv]
+    total = cum[..., -1].exp()[..., None, None]  # [b, h, chunks, 1, 1]
+    state = initial_state if initial_state is not None else q.new_zeros(b, h, dk, dv)
+    entering = []
+    for c in range(chunks):
+        entering.append(state)
+        state = total[:, :, c] * state + own[:, :, c]
+    inter = (qc * cum.exp().unsqueeze(-1)) @ torch.stack(entering, dim=2)
+    return (intra + inter).view(b, h, chunks * size, dv)[:, :, :n], state
+
+
+def retention_recurrent(q, k, v, log_gate, initial_state=None):
+    """One token at a time: S_n = gamma_n S_{n-1} + k_n^T v_n, o_n = q_n S_n (what decoding runs)."""
+    b, h, n, dk = q.shape
+    state = initial_state if initial_state is not None else q.new_zeros(b, h, dk, v.shape[-1])
+    outs = []
+    for t in range(n):
+        state = log_gate[:, :, t, None, None].exp() * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append(q[:, :, t, None, :] @ state)
+    return torch.cat(outs, dim=2), state
+
+
+def gated_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: torch.Tensor,
+                    mode: str = "chunkwise", chunk_size: int = 256,
+                    initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k [b, h, n, d_k], v [b, h, n, d_v], log_gate [b, h, n] (log gamma <= 0), initial_state
+    [b, h, d_k, d_v] or None. Returns (out [b, h, n, d_v], final state), computed in fp32 (or fp64)."""
+    dtype = q.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    q, k, v, log_gate = (t.to(compute) for t in (q, k, v, log_gate))
+    init = initial_state.to(compute) if initial_state is not None else None
+    if mode == "parallel":
+        out, state = retention_parallel(q, k, v, log_gate, init)
+    elif mode == "chunkwise":
+        out, state = retention_chunkwise(q, k, v, log_gate, chunk_size, init)
+    elif mode == "recurrent":
+        out, state = retention_recurrent(q, k, v, log_gate, init)
+    elif mode == "triton":
+        from megalatent.kernels.retention import chunk_retention
+        out, state = chunk_retention(q, k, v, log_gate, init)
+    else:
+        raise ValueError(f"gated retention mode must be one of {MODES}, got {mode!r}")
+    return out.to(dtype), state
+
+
+class RetentionCore:
+    """The sequence mixing of a gated-retention layer: a form of `gated_retention` with zero initial
+    state. Swapped for `DistributedRetentionCore` under context parallelism (parallelize step)."""
+
+    def __init__(self, mode: str = "chunkwise", chunk_size: int = 256):
+        if mode not in MODES:
+            raise ValueError(f"gated retention mode must be one of {MODES}, got {mode!r}")
+        self.mode, self.chunk_size = mode, chunk_size
+
+    def __call__(self, q, k, v, log_gate, positions: Positions) -> torch.Tensor:
+        return gated_retention(q, k, v, log_gate, self.mode, self.chunk_size)[0]
+
+    def distributed(self, cp_group, local_length: int) -> "DistributedRetentionCore":
+        return DistributedRetentionCore(self, cp_group)
+
+    def __repr__(self) -> str:
+        return f"RetentionCore({self.mode}, chunk={self.chunk_size})"
+
+
+class DistributedRetentionCore:
+    """Gated retention for a sequence split contiguously over `cp_group` (YOCO App. A), exact.
+
+    Rank r runs its tokens from a zero state, giving its outputs without the past, its state
+    contribution S_r and its total decay G_r = exp(sum of its log gates). The state entering rank r is
+    the exclusive scan  S_in(r) = sum_{j<r} S_j prod_{j<i<r} G_i, built from one all-gather of the small
+    [h, d_k, d_v] states (not of the sequence); then exp(c_n) q_n S_in(r) is added to each output. The
+    all-gather's backward (a reduce-scatter) returns to each rank the gradient of its state and decay.
+    """
+
+    def __init__(self, local: RetentionCore, cp_group):
+        import torch.distributed as dist
+        self.local, self.group = local, cp_group
+        self.cp_rank = dist.get_rank(cp_group)
+
+    def __call__(self, q, k, v, log_gate, positions: Positions) -> torch.Tensor:
+        from megalatent.distributed.context_parallel import all_gather_sequence
+        out, state = gated_retention(q, k, v, log_gate, self.local.mode, self.local.chunk_size)
+        cum = log_gate.to(state.dtype).cumsum(-1)
+        states = all_gather_sequence(state.unsqueeze(0), self.group, dim=0)  # [cp, b, h, dk, dv]
+        totals = all_gather_sequence(cum[..., -1].unsqueeze(0), self.group, dim=0)  # [cp, b, h]: log G_j
+        # S_in = sum_j w_j S_j with log w_j = sum_{j<i<r} log G_i for j < r, and w_j = 0 for j >= r. Every
+        # gathered state takes part (with weight 0 if not before us), so every rank runs the backward
+        # collective, rank 0 included.
+        through = totals.cumsum(0)  # sum_{i<=j} log G_i
+        before_us = through[self.cp_rank] - totals[self.cp_rank]  # sum_{i<r} log G_i
+        ranks = torch.arange(totals.shape[0], device=totals.device).view(-1, 1, 1)
+        log_w = (before_us - through).masked_fill(ranks >= self.cp_rank, float("-inf"))
+        incoming = (log_w.exp()[..., None, None] * states).sum(0)
+        return out + _from_state(q.to(state.dtype), cum, incoming).to(out.dtype)
+
+
+class GatedRetention(nn.Module):
+    """YOCO's gated-retention layer: q, k rotated (RoPE), k scaled by d^-1/2, a per-head scalar gate
+    from x, multi-scale retention, a per-head RMSNorm (no affine), a swish output gate, o_proj.
+
+    Local head counts come from the gate projection's width, so the module is right under tensor
+    parallelism (q/k/v/g/gate column-parallel, o_proj row-parallel). With an inference cache (a
+    `RetentionState`) it continues from the cached state and stores the new one.
+    """
+
+    def __init__(self, hidden: int, num_heads: int, mode: str = "chunkwise", chunk_size: int = 256,
+                 norm_eps: float = 1e-6, linear=nn.Linear):
+        super().__init__()
+        self.head_dim = hidden // num_heads
+        self.norm_eps = norm_eps
+        self.q_proj = linear(hidden, hidden, bias=False)
+        self.k_proj = linear(hidden, hidden, bias=False)
+        self.v_proj = linear(hidden, hidden, bias=False)
+        self.g_proj = linear(hidden, hidden, bias=False)  # swish output gate
+        self.gate_proj = linear(hidden, num_heads, bias=False)  # W_gamma: one scalar gate per head
+        self.o_proj = linear(hidden, hidden, bias=False)
+        self.core_attention = RetentionCore(mode, chunk_size)
+
+    def forward(self, x: torch.Tensor, positions: Positions, cache=None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, -1, self.head_dim)
+        k = self.k_proj(x).view(b, s, -1, self.head_dim)
+        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        if positions.rope is not None:
+            q, k = apply_rotary(q, *positions.rope), apply_rotary(k, *positions.rope)
+        log_gate = F.logsigmoid(self.gate_proj(x).float()).transpose(1, 2) / GATE_LOGIT_NORMALIZER  # [b, h, s]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2) * self.head_dim ** -0.5, v.transpose(1, 2)
+        if cache is None:
+            out = self.core_attention(q, k, v, log_gate, positions)
+        else:  # decoding: recurrent one token at a time, the core's block form over a prompt
+            mode = "recurrent" if s == 1 else ("chunkwise" if self.core_attention.mode == "parallel"
+                                               else self.core_attention.mode)
+            out, cache.state = gated_retention(q, k, v, log_gate, mode, self.core_attention.chunk_size, cache.state)
+        out = F.rms_norm(out.float(), (self.head_dim,), eps=self.norm_eps).type_as(x)
+        out = out.transpose(1, 2).reshape(b, s, -1)
+        return self.o_proj(F.silu(self.g_proj(x)) * out)
+

@@ -1,0 +1,84 @@
+"""Generate text from a checkpoint of any model family, with the family's inference cache.
+
+    python tools/generate.py --load runs/yoco --prompt "def main(" --max-new-tokens 64
+    python tools/generate.py --load runs/gpt --prompt "import os" --temperature 0.8 --top-p 0.9 --seed 1
+
+The prompt is processed in one prefill (YOCO: the self-decoder over the prompt, then the cross-decoder
+for its last token only), then one token at a time against the cache. Greedy by default
+(--temperature 0); --top-k / --top-p filter the sampled distribution. Prints the prompt and the
+continuation, and the cache size and speed on stderr.
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+from megalatent.distributed.convert import ConvertError
+from megalatent.inference.generate import decode_step, prefill, sample
+from megalatent.inference.loading import load_for_inference
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--load", required=True, metavar="DIR", help="the --save directory of a training run")
+    p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the newest)")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from the end-of-document token)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--tokenizer-model", default=None, help="default: the one the checkpoint records")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
+        print("error: need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_for_inference(args.load, args.iteration, args.device, DTYPES[args.dtype], args.tokenizer_model)
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if loaded.tokenizer_model is None:
+        print("error: the checkpoint's tokenizer is not on disk; pass --tokenizer-model", file=sys.stderr)
+        return 2
+    from megalatent.data.tokenizer import Tokenizer
+    tok = Tokenizer.load(loaded.tokenizer_model)
+    model, cfg = loaded.model, loaded.config
+    ids = tok.encode(args.prompt) if args.prompt else [tok.eod]
+    prompt = torch.tensor([ids], device=args.device)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    print(f"{cfg.model_family} model from {loaded.checkpoint}; prompt of {len(ids)} tokens", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    cache = model.new_cache()
+    logits = prefill(model, prompt, cache)
+    t_prefill = time.perf_counter() - t0
+    new = []
+    t0 = time.perf_counter()
+    for i in range(args.max_new_tokens):
+        token = sample(logits[:, :tok.vocab_size], args.temperature, args.top_k, args.top_p, generator)
+        if args.stop_at_eos and int(token) == tok.eod:
+            break
+        new.append(int(token))
+        if i < args.max_new_tokens - 1:
+            logits = decode_step(model, token, cache)
+    t_decode = time.perf_counter() - t0
+    print(args.prompt + tok.decode(new))
+    print(f"prefill {t_prefill * 1e3:.1f} ms; {len(new)} tokens in {t_decode:.2f} s "
+          f"({len(new) / max(t_decode, 1e-9):.1f} tok/s); cache {cache.nbytes() / 2**20:.2f} MiB", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
