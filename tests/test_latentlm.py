@@ -84,3 +84,24 @@ def test_tp2_and_pp2_steps_equal_one_process(tmp_path, tokenizer_dir):
                                        msg=f"{label} {name}")
         for name, w in reference["weights"].items():
             torch.testing.assert_close(result["weights"][name], w, rtol=1e-4, atol=1e-5, msg=f"{label} {name}")
+
+
+def test_train_then_sample_images_with_generate_tool(corpus_cache, tmp_path, tokenizer_dir):
+    """The trainer on the embedded digits (through the fixture's tokenizer), then tools/generate.py samples
+    class-conditional images from the checkpoint (the tokenizer found through the checkpoint)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import REPO, losses, run_trainer
+    save = str(tmp_path / "ckpt")
+    out = run_trainer(["--config", "examples/tiny/latentlm.yaml", "--latent-tokenizer", tokenizer_dir,
+                       "--latent-dim", "4", "--seq-length", "7", "--train-iters", "3", "--lr-warmup-iters", "1",
+                       "--log-interval", "1", "--eval-interval", "0", "--save", save], corpus_cache)
+    assert sorted(losses(out.stdout)) == [1, 2, 3]
+    png = str(tmp_path / "samples.png")
+    gen = subprocess.run([sys.executable, "tools/generate.py", "--load", save, "--classes", "1", "7",
+                          "--solver-steps", "3", "--output", png], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert Image.open(png).size == (2 * 8, 8)  # two 8 x 8 digits side by side

@@ -1,7 +1,10 @@
-"""Generate text from a checkpoint of any model family, with the family's inference cache.
+"""Generate text from a checkpoint of any model family, with the family's inference cache; images
+from a LatentLM checkpoint.
 
     python tools/generate.py --load runs/yoco --prompt "def main(" --max-new-tokens 64
     python tools/generate.py --load runs/gpt --prompt "import os" --temperature 0.8 --top-p 0.9 --seed 1
+    python tools/generate.py --load runs/bitnet-packed --prompt "import os"      # a tools/export_bitnet.py dir
+    python tools/generate.py --load runs/latentlm --classes 0 1 2 3 --solver-steps 20 --cfg-scale 4 --output digits.png
 
 The prompt is processed in one prefill (YOCO: the self-decoder over the prompt, then the cross-decoder
 for its last token only), then one token at a time against the cache. Greedy by default
@@ -24,7 +27,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--load", required=True, metavar="DIR", help="the --save directory of a training run")
+    p.add_argument("--load", required=True, metavar="DIR",
+                   help="the --save directory of a training run, or a packed BitNet directory (tools/export_bitnet.py)")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the newest)")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from the end-of-document token)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -36,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True)
+    images = p.add_argument_group("LatentLM (images)")
+    images.add_argument("--classes", type=int, nargs="+", help="sample one image per class id")
+    images.add_argument("--solver-steps", type=int, default=20, help="DPM-Solver++ steps per latent")
+    images.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance (1 = none)")
+    images.add_argument("--latent-tokenizer", default=None, help="default: the σ-VAE the checkpoint records")
+    images.add_argument("--output", default="samples.png", help="where the image grid is written (PNG)")
     return p
 
 
@@ -49,6 +59,8 @@ def main(argv=None) -> int:
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if loaded.config.model_family == "latentlm":
+        return sample_images(args, loaded)
     if loaded.tokenizer_model is None:
         print("error: the checkpoint's tokenizer is not on disk; pass --tokenizer-model", file=sys.stderr)
         return 2
@@ -77,6 +89,34 @@ def main(argv=None) -> int:
     print(args.prompt + tok.decode(new))
     print(f"prefill {t_prefill * 1e3:.1f} ms; {len(new)} tokens in {t_decode:.2f} s "
           f"({len(new) / max(t_decode, 1e-9):.1f} tok/s); cache {cache.nbytes() / 2**20:.2f} MiB", file=sys.stderr)
+    return 0
+
+
+def sample_images(args, loaded) -> int:
+    """Class-conditional images: latents one by one from the LatentLM, pixels from its σ-VAE."""
+    from PIL import Image
+
+    from megalatent.models.sigma_vae import load_tokenizer
+    tokenizer_dir = args.latent_tokenizer or loaded.latent_tokenizer
+    if not args.classes or tokenizer_dir is None:
+        print("error: a LatentLM checkpoint samples images: give --classes and (unless the checkpoint records "
+              "it) --latent-tokenizer", file=sys.stderr)
+        return 2
+    if any(not 0 <= c < loaded.config.num_classes for c in args.classes) or args.solver_steps < 1:
+        print(f"error: --classes must be in [0, {loaded.config.num_classes}) and --solver-steps >= 1", file=sys.stderr)
+        return 2
+    vae = load_tokenizer(tokenizer_dir).to(args.device).eval()
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    t0 = time.perf_counter()
+    latents = loaded.model.sample_latents(torch.tensor(args.classes, device=args.device), vae.cfg.num_tokens,
+                                          args.solver_steps, args.cfg_scale, generator)
+    images = vae.detokenize(latents).clamp(-1, 1)  # [n, C, H, W] in [-1, 1]
+    seconds = time.perf_counter() - t0
+    grid = torch.cat(list(images), dim=-1)  # side by side
+    pixels = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(args.output)
+    print(f"{len(args.classes)} images ({args.solver_steps} solver steps, guidance {args.cfg_scale}) in {seconds:.2f} s "
+          f"-> {args.output}", file=sys.stderr)
     return 0
 
 

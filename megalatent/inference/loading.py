@@ -25,15 +25,24 @@ class LoadedModel:
     config: ModelConfig
     checkpoint: str  # the iter_XXXXXXX directory read
     tokenizer_model: Optional[str]  # the sentencepiece model the run trained with, if still on disk
+    latent_tokenizer: Optional[str] = None  # LatentLM: the σ-VAE tokenizer directory the run trained with
 
 
 def load_for_inference(load: str, iteration: Optional[int] = None, device: str | torch.device = "cpu",
                        dtype: Optional[torch.dtype] = None, tokenizer_model: Optional[str] = None) -> LoadedModel:
     """The model of checkpoint (`load`, `iteration`; default the newest complete one) in eval mode on
-    `device`, in `dtype` (default: as saved, fp32). Raises ConvertError naming the problem."""
+    `device`, in `dtype` (default: as saved, fp32), or of a packed BitNet directory (tools/export_bitnet.py:
+    2-bit weights, 8-bit activations; loaded as exported). Raises ConvertError naming the problem."""
     import megalatent.models  # noqa: F401  (registers the families)
     from megalatent.models.registry import MODEL_FAMILIES, build_model
 
+    from megalatent.models.bitnet_packed import is_packed_dir, load_packed_model, read_packed_config
+
+    if is_packed_dir(load):  # a tools/export_bitnet.py directory: 2-bit weights
+        meta = read_packed_config(load)
+        model = load_packed_model(load, device)
+        bundled = os.path.join(load, meta["tokenizer"]) if meta.get("tokenizer") else None
+        return LoadedModel(model, model_config(meta), load, tokenizer_model or bundled)
     path = resolve_checkpoint(load, iteration)
     train_state = ckpt.read_train_state(path)
     cfg = model_config(train_state)
@@ -50,8 +59,11 @@ def load_for_inference(load: str, iteration: Optional[int] = None, device: str |
     # Buffers that are not checkpointed (RoPE frequencies) are recomputed off the meta device.
     if getattr(model, "rotary", None) is not None:
         model.rotary = type(model.rotary)(cfg.head_dim, cfg.rotary_base)
+    head = getattr(model, "diffusion_head", None)
+    if head is not None:  # LatentLM: the noise schedule's tables
+        head.schedule = type(head.schedule)(head.schedule.num_steps)
     model = model.to(device=device, dtype=dtype).eval()
     tokenizer_model = tokenizer_model or train_state.get("tokenizer_model")
     if tokenizer_model is not None and not os.path.isfile(tokenizer_model):
         tokenizer_model = None
-    return LoadedModel(model, cfg, path, tokenizer_model)
+    return LoadedModel(model, cfg, path, tokenizer_model, train_state.get("latent_tokenizer"))

@@ -153,6 +153,11 @@ def export_packed(load: str, output: str, iteration: Optional[int] = None, dtype
     return path
 
 
+def is_packed_dir(path: str) -> bool:
+    """Whether `path` is a directory written by export_packed (rather than a training --save directory)."""
+    return all(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "weights.pt"))
+
+
 def read_packed_config(path: str) -> dict:
     meta_path = os.path.join(path, "config.json")
     if not os.path.isfile(meta_path):

@@ -101,7 +101,7 @@ class Trainer:
     def train_state(self) -> dict:
         return {"consumed_samples": self.train_loader.consumed_samples, "skipped": self.skipped, "nan": self.nan,
                 "model_config": asdict(self.cfg.model), "data_loader": self.train_loader.state_dict(),
-                "tokenizer_model": self.cfg.data.tokenizer_model}
+                "tokenizer_model": self.cfg.data.tokenizer_model, "latent_tokenizer": self.cfg.data.latent_tokenizer}
 
     def save(self) -> None:
         if self.cfg.checkpoint.save is None:
