@@ -177,6 +177,7 @@ def test_tp2_dp2_on_two_nodes(submit, two_nodes):
 # Every model family's batch script other than pretrain_gpt.sh (tested above), with its default tiny config.
 # (pretrain_latentlm.sh first trains its σ-VAE tokenizer when runs/vae-digits does not exist yet.)
 FAMILY_SCRIPTS = {"pretrain_longnet.sh": [], "pretrain_mhmoe.sh": [], "pretrain_latentlm.sh": [],
+                  "pretrain_longvit.sh": [], "pretrain_yoco.sh": [],
                   "pretrain_bitnet.sh": ["--lr-warmup-iters", "2", "--lr-two-stage-boundary-iter", "5"]}  # tiny: 30
 
 
