@@ -18,7 +18,7 @@ import torch
 
 from megalatent.config import Config, ConfigError, parse_args, validate
 from megalatent.distributed import checkpoint as ckpt
-from megalatent.distributed.env import DistEnv, discover, init_process_group, shutdown
+from megalatent.distributed.env import DistEnv, discover, exit_process, init_process_group
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.parallelize import parallelize
 from megalatent.distributed.pipeline import Pipeline, plan_pipeline
@@ -174,12 +174,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         traceback.print_exc()
         code = 1
     finally:
-        # Tear down explicitly and skip interpreter shutdown: after DeviceMesh/DTensor use, ranks
-        # sometimes abort at exit (see reference/platform.md), turning a good run into a failed job.
-        shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_process(code)
 
 
 if __name__ == "__main__":

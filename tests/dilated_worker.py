@@ -10,6 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megalatent.distributed.env import exit_process
 from megalatent.nn.dilated import DistributedDilatedAttention, dilated_attention
 
 
@@ -54,9 +55,7 @@ def main():
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump([e for per_rank in gathered for e in per_rank], f)
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    exit_process()
 
 
 if __name__ == "__main__":

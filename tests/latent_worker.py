@@ -7,7 +7,6 @@ Two steps, the roles swapped in the second. Rank 0 writes the largest gradient d
     torchrun --nproc-per-node 2 tests/latent_worker.py OUT.json
 """
 import json
-import os
 import sys
 
 import torch
@@ -16,6 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from megalatent.distributed.env import exit_process
 from megalatent.nn.diffusion_head import DiffusionHead
 
 LATENT, COND, N, BATCH_MUL = 4, 16, 3, 2
@@ -76,10 +76,7 @@ def main():
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(diffs, f)
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process()
 
 
 if __name__ == "__main__":

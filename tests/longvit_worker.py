@@ -2,12 +2,12 @@
 parallelism) against the same model in one process: logits and gradients (averaged over the ranks, as
 FSDP averages over dp x cp). Writes rank 0's errors as JSON."""
 import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
+from megalatent.distributed.env import exit_process
 from megalatent.config import parse_args
 from megalatent.distributed.context_parallel import apply_context_parallel
 from megalatent.models.registry import build_model
@@ -43,9 +43,7 @@ def main():
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(errors, f)
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    exit_process()
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ layouts and writes, per layout, the losses, grad norms, gathered gradients and f
 A layout is a dict of megalatent flags (e.g. {"tensor-model-parallel-size": 2, "sequence-parallel": true}).
 """
 import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
+from megalatent.distributed.env import exit_process
 from megalatent.config import parse_args, validate
 from megalatent.data.gpt_data import MicroBatchLoader
 from megalatent.distributed.env import discover, init_process_group
@@ -108,10 +108,7 @@ def main():
     results = [run_layout(layout, env, device) for layout in layouts]
     if env.rank == 0:
         torch.save(results, out_path)
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process()
 
 
 if __name__ == "__main__":

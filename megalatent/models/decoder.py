@@ -104,6 +104,20 @@ class OutputLayer(nn.Module):
         return F.linear(x, self.weight if self.weight is not None else tied_weight)
 
 
+def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Normal(0, std) for every matrix; projections into the residual stream scaled by 1/sqrt(2L)
+    (GPT-2/Megatron); biases zero; norm gains keep their ones."""
+    std = cfg.init_method_std
+    out_std = std / (2 * cfg.num_layers) ** 0.5
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            nn.init.zeros_(p)
+        elif p.dim() >= 2:
+            is_output_proj = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj",
+                                            "merge_proj.weight"))
+            nn.init.normal_(p, mean=0.0, std=out_std if is_output_proj else std)
+
+
 class Decoder(nn.Module):
     """tokens [b, s] (+ position_ids [b, s]) -> logits [b, s, padded_vocab]."""
 
@@ -130,18 +144,7 @@ class Decoder(nn.Module):
         return DecoderLayer(cfg, layer, spec)
 
     def reset_parameters(self) -> None:
-        """Normal(0, std) for every matrix; projections into the residual stream scaled by 1/sqrt(2L)
-        (GPT-2/Megatron); biases zero."""
-        std = self.cfg.init_method_std
-        out_std = std / (2 * self.cfg.num_layers) ** 0.5
-        for name, p in self.named_parameters():
-            if name.endswith(".bias"):
-                nn.init.zeros_(p)
-            if p.dim() < 2:
-                continue  # norm weights keep their ones
-            is_output_proj = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj",
-                                            "merge_proj.weight"))
-            nn.init.normal_(p, mean=0.0, std=out_std if is_output_proj else std)
+        init_weights(self, self.cfg)
 
     def positions(self, position_ids: torch.Tensor) -> Positions:
         return Positions(position_ids, self.rotary(position_ids) if self.rotary is not None else None)

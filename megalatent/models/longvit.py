@@ -22,7 +22,8 @@ from torch.distributed.nn.functional import all_reduce
 
 from megalatent.config import Config, ModelConfig
 from megalatent.data.image_classification import build_image_loaders, digits_errors
-from megalatent.models.decoder import BASELINE_SPEC, DecoderLayer, LayerSpec, default_attention, default_norm
+from megalatent.models.decoder import (BASELINE_SPEC, DecoderLayer, LayerSpec, default_attention, default_norm,
+                                       init_weights)
 from megalatent.models.longnet import DilatedCore
 from megalatent.models.longnet import validate as validate_dilated_patterns
 from megalatent.models.registry import ModelFamily, register
@@ -89,13 +90,7 @@ class LongViT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = self.cfg.init_method_std
-        out_std = std / (2 * self.cfg.num_layers) ** 0.5
-        for name, p in self.named_parameters():
-            if name.endswith(".bias"):
-                nn.init.zeros_(p)
-            elif p.dim() >= 2:
-                nn.init.normal_(p, std=out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std)
+        init_weights(self, self.cfg)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         grid = (images.shape[-2] // self.cfg.patch_dim, images.shape[-1] // self.cfg.patch_dim)

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from megalatent.nn.bitlinear import quantize_activations, quantize_weights, rms_norm
+
 
 @dataclass
 class Routing:
@@ -136,7 +138,6 @@ class Experts(nn.Module):
             self.hidden_norm = nn.Parameter(torch.ones(num_experts, ffn))
 
     def _quantized_input(self, x: torch.Tensor, norm: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        from megalatent.nn.bitlinear import quantize_activations, rms_norm
         expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)
         x_n = rms_norm(x, norm[expert_of_row], self.eps)
         x_int, scale = quantize_activations(x_n)
@@ -144,7 +145,6 @@ class Experts(nn.Module):
 
     @staticmethod
     def _quantized_weight(w: torch.Tensor) -> torch.Tensor:
-        from megalatent.nn.bitlinear import quantize_weights
         w_int, gamma = torch.vmap(quantize_weights)(w)  # one scale per expert
         return w + (w_int * gamma.view(-1, 1, 1) - w).detach()
 
