@@ -144,7 +144,7 @@ class TrainingConfig:
     micro_batch_size: int = _opt(4, "sequences per micro-batch per data-parallel rank")
     global_batch_size: int = _opt(16, "sequences per optimizer step over all data-parallel ranks")
     train_iters: int = _opt(100, "optimizer steps to train for")
-    seed: int = _opt(1234, "random seed for weights, data order and dropout")
+    seed: int = _opt(1234, "random seed for weights, data order and (LatentLM) diffusion noise")
     lr: float = _opt(3e-4, "peak learning rate")
     min_lr: float = _opt(3e-5, "learning rate at the end of the decay")
     lr_decay_style: str = _opt("cosine", "learning-rate schedule after warmup",

@@ -150,9 +150,6 @@ def run(argv: Optional[list[str]] = None) -> None:
     else:
         train_loader, valid_loader = build_data(cfg, layout, tokenizer, prefixes, weights)
     parts, pipeline = build_model_parts(cfg, layout, device)
-    # Every rank built the same weights from one seed; from here on (noise draws, e.g. LatentLM's diffusion
-    # loss) data-parallel ranks draw independently, model-parallel peers of one dp rank alike.
-    torch.manual_seed(cfg.training.seed + 100_003 * layout.dp_rank)
     trainer = Trainer(cfg, layout, device, parts, train_loader, valid_loader, family.flops_per_token(cfg.model),
                       stop, pipeline)
     if resume_path is not None:

@@ -76,10 +76,12 @@ def run_layout(layout_flags: dict, env, device) -> dict:
     parts, pipeline = build_model_parts(cfg, layout, device)
     t = cfg.training
     objective = MODEL_FAMILIES[cfg.model.model_family].objective
-    data = (latent_samples(cfg, STEPS * t.global_batch_size) if cfg.model.model_family == "latentlm"
-            else samples(STEPS * t.global_batch_size, seed=1))
-    loader = MicroBatchLoader(data, t.micro_batch_size, t.global_batch_size, layout.dp_rank, layout.dp,
-                              keys=objective.batch_keys)
+    if cfg.model.model_family == "latentlm":  # with the diffusion draws keyed by sample
+        from megalatent.data.latent_data import latent_loader
+        loader = latent_loader(latent_samples(cfg, STEPS * t.global_batch_size), cfg, layout)
+    else:
+        loader = MicroBatchLoader(samples(STEPS * t.global_batch_size, seed=1), t.micro_batch_size,
+                                  t.global_batch_size, layout.dp_rank, layout.dp, keys=objective.batch_keys)
     trainer = Trainer(cfg, layout, device, parts, loader, None, 1.0, pipeline=pipeline)
     result = {"loss": [], "grad_norm": [], "moe": []}
     for _ in range(STEPS):

@@ -61,7 +61,7 @@ def longvit_step(patches_per_side: int, patch: int, repeats: int, device: torch.
 
 
 def latentlm(repeats: int, steps_list: list[int], device: torch.device) -> dict:
-    from megalatent.data.latent_data import ClassConditionalLatents
+    from megalatent.data.latent_data import ClassConditionalLatents, class_prompts
     cfg = parse_args(["--config", "examples/tiny/latentlm.yaml", "--vocab-size", "16",
                       "--latent-tokenizer", "unused"]).model
     torch.manual_seed(0)
@@ -82,7 +82,8 @@ def latentlm(repeats: int, steps_list: list[int], device: torch.device) -> dict:
     for steps in steps_list:
         for cfg_scale in (1.0, 4.0):
             t0 = time.perf_counter()
-            model.sample_latents(torch.arange(4, device=device) % 10, 16, steps=steps, cfg_scale=cfg_scale)
+            prompt, uncond = class_prompts(torch.arange(4, device=device), 10)
+            model.sample_latents(prompt, 16, steps=steps, cfg_scale=cfg_scale, uncond_prompt=uncond)
             _sync(device)
             sampling.append({"solver_steps": steps, "cfg_scale": cfg_scale,
                              "ms_per_image": 1000 * (time.perf_counter() - t0) / 4})

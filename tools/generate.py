@@ -96,6 +96,7 @@ def sample_images(args, loaded) -> int:
     """Class-conditional images: latents one by one from the LatentLM, pixels from its σ-VAE."""
     from PIL import Image
 
+    from megalatent.data.latent_data import class_prompts
     from megalatent.models.sigma_vae import load_tokenizer
     tokenizer_dir = args.latent_tokenizer or loaded.latent_tokenizer
     if not args.classes or tokenizer_dir is None:
@@ -108,8 +109,9 @@ def sample_images(args, loaded) -> int:
     vae = load_tokenizer(tokenizer_dir).to(args.device).eval()
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
-    latents = loaded.model.sample_latents(torch.tensor(args.classes, device=args.device), vae.cfg.num_tokens,
-                                          args.solver_steps, args.cfg_scale, generator)
+    prompt, uncond = class_prompts(torch.tensor(args.classes, device=args.device), loaded.config.num_classes)
+    latents = loaded.model.sample_latents(prompt, vae.cfg.num_tokens, args.solver_steps, args.cfg_scale, uncond,
+                                          generator)
     images = vae.detokenize(latents).clamp(-1, 1)  # [n, C, H, W] in [-1, 1]
     seconds = time.perf_counter() - t0
     grid = torch.cat(list(images), dim=-1)  # side by side

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -189,6 +189,10 @@ class MicroBatchLoader:
     Sample ``g`` is ``dataset[g % len(dataset)]``: past its end the dataset repeats in the same
     order (build it with enough samples for the run, as Megatron does, to avoid that). The only
     state is ``consumed_samples``, saved by :meth:`state_dict`.
+
+    ``transform(sample, g)``, if given, completes sample ``g`` with what is keyed by its place in the run
+    rather than by its data (LatentLM's diffusion noise, `latent_data.DiffusionDraws`): ``g`` counts on
+    past the dataset's end, and does not depend on which rank reads the sample.
     """
 
     LM_KEYS = {
@@ -207,6 +211,7 @@ class MicroBatchLoader:
         dp_size: int,
         consumed_samples: int = 0,
         keys: dict[str, torch.dtype] | None = None,
+        transform: Callable[[dict, int], dict] | None = None,
     ) -> None:
         if len(dataset) == 0:
             raise ValueError("the dataset is empty")
@@ -227,6 +232,7 @@ class MicroBatchLoader:
         self.dp_size = dp_size
         self.consumed_samples = consumed_samples
         self.keys = keys if keys is not None else self.LM_KEYS  # what a sample holds (a family's objective)
+        self.transform = transform
 
     @property
     def num_micro_batches(self) -> int:
@@ -234,14 +240,15 @@ class MicroBatchLoader:
         return self.global_batch_size // (self.micro_batch_size * self.dp_size)
 
     def _micro_batch(self, first_sample: int) -> dict[str, torch.Tensor]:
-        samples = [
-            self.dataset[(first_sample + i) % len(self.dataset)]
-            for i in range(self.micro_batch_size)
-        ]
+        samples = [self._sample(first_sample + i) for i in range(self.micro_batch_size)]
         return {
             key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]).to(dtype)
             for key, dtype in self.keys.items()
         }
+
+    def _sample(self, g: int) -> dict:
+        sample = self.dataset[g % len(self.dataset)]
+        return sample if self.transform is None else self.transform(sample, g)
 
     def next_global_batch(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for the next optimizer step; advances ``consumed_samples``."""

@@ -13,9 +13,11 @@ latent position carries in `tokens` (never embedded: the latent replaces it).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from megalatent.config import Config
+from megalatent.nn.diffusion_head import NUM_TRAIN_STEPS
 
 
 def special_tokens(num_classes: int) -> dict[str, int]:
@@ -28,6 +30,14 @@ def vocab_size(num_classes: int) -> int:
 
 def sequence_length(num_latents: int) -> int:
     return num_latents + 3
+
+
+def class_prompts(classes: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What class-conditional sampling continues: (class, <boi>) per row [n, 2], and (null, <boi>) [1, 2],
+    the unconditional prompt of classifier-free guidance."""
+    ids = special_tokens(num_classes)
+    prompt = torch.stack([classes, torch.full_like(classes, ids["boi"])], dim=1)
+    return prompt, torch.tensor([[ids["null"], ids["boi"]]], device=classes.device)
 
 
 class ClassConditionalLatents:
@@ -79,16 +89,52 @@ def tokenize_digits(tokenizer_dir: str, split: str, seed: int) -> tuple[torch.Te
     return latents, data.labels
 
 
-def build_latent_loaders(cfg: Config, layout):
+class DiffusionDraws:
+    """The diffusion loss's random draws as part of the data: for every position of a sample, `batch_mul`
+    timesteps t ~ U{0..T-1} ("diffusion_t" [s, batch_mul]) and noises ε ~ N(0, I) ("diffusion_noise"
+    [s, batch_mul, latent_dim]), from a generator keyed by (seed, stream, the sample's index in the run).
+
+    Drawn with the data rather than inside the model, a sample's draws do not depend on the layout: on which
+    data-parallel rank reads it, how context or sequence parallelism splits its positions, which pipeline
+    stage holds the head. So a parallel run draws exactly what one process draws, which the equivalence tests
+    rely on; and no two samples of a run share draws (the index counts on past the dataset's end). Positions
+    whose next token is not a latent carry draws too (fixed shapes); the model reads the others only.
+    The generator is numpy's PCG64 seeded through a SeedSequence of the whole key (torch's CPU generator keeps
+    only 32 bits of its seed, which would make distinct keys collide)."""
+
+    def __init__(self, seed: int, batch_mul: int, latent_dim: int, stream: int = 0,
+                 num_steps: int = NUM_TRAIN_STEPS):
+        if not 0 <= stream <= 1:
+            raise ValueError(f"stream={stream}: 0 (training) or 1 (validation)")
+        self.seed, self.stream = seed, stream
+        self.batch_mul, self.latent_dim, self.num_steps = batch_mul, latent_dim, num_steps
+
+    def __call__(self, sample: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.stream, index])
+        s = sample["tokens"].shape[0]
+        t = rng.integers(0, self.num_steps, (s, self.batch_mul))
+        noise = rng.standard_normal((s, self.batch_mul, self.latent_dim), dtype=np.float32)
+        return {**sample, "diffusion_t": torch.from_numpy(t), "diffusion_noise": torch.from_numpy(noise)}
+
+
+def latent_loader(dataset, cfg: Config, layout, stream: int = 0):
+    """A data-parallel rank's micro-batches of LatentLM samples, with their diffusion draws (stream 0 for
+    training, 1 for validation, so the two never share draws)."""
     from megalatent.data.gpt_data import MicroBatchLoader
     from megalatent.training.objectives import LATENT_LM
 
+    t, m = cfg.training, cfg.model
+    return MicroBatchLoader(dataset, t.micro_batch_size, t.global_batch_size, layout.dp_rank, layout.dp,
+                            keys=LATENT_LM.batch_keys,
+                            transform=DiffusionDraws(t.seed, m.diffusion_batch_mul, m.latent_dim, stream))
+
+
+def build_latent_loaders(cfg: Config, layout):
     t, d = cfg.training, cfg.data
 
-    def loader(split: str):
+    def loader(split: str, stream: int):
         latents, labels = tokenize_digits(d.latent_tokenizer, split, t.seed)
         dataset = ClassConditionalLatents(latents, labels, cfg.model.num_classes, d.class_dropout, t.seed)
-        return MicroBatchLoader(dataset, t.micro_batch_size, t.global_batch_size, layout.dp_rank, layout.dp,
-                                keys=LATENT_LM.batch_keys)
+        return latent_loader(dataset, cfg, layout, stream)
 
-    return loader("train"), (loader("valid") if t.eval_interval else None)
+    return loader("train", 0), (loader("valid", 1) if t.eval_interval else None)

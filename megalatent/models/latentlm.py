@@ -9,15 +9,20 @@
 The trunk, its names and its tensor-parallel plan are the baseline decoder's; the latent projection and
 the diffusion head are small and replicated on every TP rank (they see the same hidden states there, so
 their gradients agree without communication); under pipeline parallelism they live on the first and the
-last stage. Sampling (`sample_images`) decodes latents one by one with
-classifier-free guidance against the null class, then the σ-VAE decodes them to pixels.
+last stage; under context parallelism each rank's head takes its own positions. The diffusion loss's
+noise comes with the data (`latent_data.DiffusionDraws`), so every layout trains on the same draws.
+Sampling (`sample_latents`) continues a prompt latent by latent against an inference cache, with
+classifier-free guidance against an unconditional prompt; the σ-VAE then decodes the latents to pixels.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import PrepareModuleOutput, RowwiseParallel
 
 from megalatent.config import Config, ModelConfig
 from megalatent.data import latent_data
@@ -27,34 +32,60 @@ from megalatent.nn.diffusion_head import DiffusionHead, sample
 from megalatent.training.objectives import LATENT_LM
 
 
+class LatentInput(nn.Linear):
+    """The latent projection, as the module that puts projected latents in place of the token embeddings at
+    latent positions: one module, so that a tensor-parallel plan can place the combined embeddings (under
+    sequence parallelism it scatters them over the sequence; see `LatentLM.tensor_parallel_plan`)."""
+
+    def __init__(self, latent_dim: int, hidden_size: int):
+        super().__init__(latent_dim, hidden_size, bias=False)
+
+    def project(self, latents: torch.Tensor) -> torch.Tensor:
+        return F.linear(latents, self.weight)
+
+    def forward(self, embedded: torch.Tensor, latents: torch.Tensor, latent_mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(latent_mask.unsqueeze(-1), self.project(latents).to(embedded.dtype), embedded)
+
+
 class LatentLM(Decoder):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.latent_in = nn.Linear(cfg.latent_dim, cfg.hidden_size, bias=False)
+        self.latent_in = LatentInput(cfg.latent_dim, cfg.hidden_size)
         nn.init.normal_(self.latent_in.weight, std=cfg.init_method_std)
         self.diffusion_head = DiffusionHead(cfg.latent_dim, cfg.hidden_size, depth=cfg.diffusion_head_layers)
 
     FIRST_STAGE = Decoder.FIRST_STAGE + ("latent_in",)
     LAST_STAGE = Decoder.LAST_STAGE + ("diffusion_head",)
 
+    def tensor_parallel_plan(self, stream, sequence_parallel: bool) -> dict:
+        """The latent projection and the diffusion head stay whole on every TP rank. Under sequence
+        parallelism the token embeddings are all-reduced whole (not reduce-scattered), the latents put in
+        place, and only then the sequence scattered; the head gets the gathered hidden states (`forward`)."""
+        if not sequence_parallel or self.embed_tokens is None:
+            return {}
+        return {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+                "latent_in": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=stream,
+                                                 use_local_output=True)}
+
     def embed(self, tokens, latents, latent_mask) -> torch.Tensor:
-        x = self.embed_tokens(tokens)
-        return torch.where(latent_mask.unsqueeze(-1), self.latent_in(latents).to(x.dtype), x)
+        return self.latent_in(self.embed_tokens(tokens), latents, latent_mask)
 
-    def hidden_states(self, tokens, position_ids, latents, latent_mask) -> torch.Tensor:
-        return self.norm(self.trunk(self.embed(tokens, latents, latent_mask), position_ids))
-
-    def diffusion_loss(self, hidden: torch.Tensor, target_latents: torch.Tensor, diffusion_mask: torch.Tensor):
-        """The weighted diffusion loss summed over the positions whose next token is a latent. The head's loss
-        is a mean over its targets' noise draws and channels; times the number of targets it is their sum,
-        the trainer's convention (no target: the head's zero "dummy" loss, so every rank runs the head)."""
+    def diffusion_loss(self, hidden: torch.Tensor, target_latents: torch.Tensor, diffusion_mask: torch.Tensor,
+                       diffusion_t: torch.Tensor | None = None, diffusion_noise: torch.Tensor | None = None):
+        """The weighted diffusion loss summed over the positions whose next token is a latent, with the draws
+        the data carries (t [b, s, mul], noise [b, s, mul, k]; None: the head draws them). The head's loss is
+        a mean over its targets' noise draws and channels; times the number of targets it is their sum, the
+        trainer's convention (no target: the head's zero "dummy" loss, so every rank runs the head)."""
         where = diffusion_mask.flatten() > 0
         condition = hidden.flatten(0, 1)[where]
         targets = target_latents.flatten(0, 1)[where].to(condition.dtype)
-        loss = self.diffusion_head.loss(condition, targets, self.cfg.diffusion_batch_mul) * condition.shape[0]
-        return self.cfg.diffusion_loss_weight * loss
+        t = None if diffusion_t is None else diffusion_t.flatten(0, 1)[where].flatten()
+        noise = None if diffusion_noise is None else diffusion_noise.flatten(0, 1)[where].flatten(0, 1)
+        loss = self.diffusion_head.loss(condition, targets, self.cfg.diffusion_batch_mul, t=t, noise=noise)
+        return self.cfg.diffusion_loss_weight * loss * condition.shape[0]
 
-    def forward(self, tokens, position_ids, latents=None, latent_mask=None, target_latents=None, diffusion_mask=None):
+    def forward(self, tokens, position_ids, latents=None, latent_mask=None, target_latents=None, diffusion_mask=None,
+                diffusion_t=None, diffusion_noise=None):
         """-> (logits [b, s, V], the weighted diffusion loss summed over the latent targets).
 
         As a pipeline stage: the first takes (tokens, positions, latents, latent mask), later ones the
@@ -65,32 +96,44 @@ class LatentLM(Decoder):
         if self.output is None:
             return x, position_ids
         h = self.norm(x)
+        # Under sequence parallelism h is sequence-sharded; the head, whole on every TP rank, takes all of it.
+        hidden = h.full_tensor() if isinstance(h, DTensor) else h
         if target_latents is None:
-            return self.head(h), h
-        return self.head(h), self.diffusion_loss(h, target_latents, diffusion_mask)
+            return self.head(h), hidden
+        return self.head(h), self.diffusion_loss(hidden, target_latents, diffusion_mask, diffusion_t, diffusion_noise)
+
+    def _continue(self, cache, tokens: torch.Tensor | None = None, latent: torch.Tensor | None = None):
+        """Continue the cached sequences with tokens [n, L] or one latent [n, k] per row; returns the last
+        position's normed hidden state [n, hidden]."""
+        x = self.embed_tokens(tokens) if latent is None else self.latent_in.project(latent).unsqueeze(1)
+        n, length = x.shape[:2]
+        positions = torch.arange(cache.length, cache.length + length, device=x.device).expand(n, length)
+        h = self.norm(self.trunk(x, positions, cache)[:, -1])
+        cache.length += length
+        return h
 
     @torch.no_grad()
-    def sample_latents(self, classes: torch.Tensor, num_latents: int, steps: int = 20,
-                       cfg_scale: float = 4.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Class-conditional latents [n, num_latents, latent_dim], one position at a time; with
-        cfg_scale != 1 each step also runs the null-class sequence for the unconditional condition."""
-        ids = latent_data.special_tokens(self.cfg.num_classes)
-        n = classes.shape[0]
-        rows = torch.cat([classes, torch.full_like(classes, ids["null"])]) if cfg_scale != 1 else classes
-        prefix = torch.stack([rows, torch.full_like(rows, ids["boi"])], dim=1)
-        latents = torch.zeros(rows.shape[0], 2 + num_latents, self.cfg.latent_dim, device=classes.device)
+    def sample_latents(self, prompt: torch.Tensor, num_latents: int, steps: int = 20, cfg_scale: float = 4.0,
+                       uncond_prompt: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents [n, num_latents, latent_dim] that continue `prompt` [n, P] (token ids ending in <boi>), one
+        position at a time against an inference cache (each new latent costs one position of the Transformer).
+        With cfg_scale != 1 a second cache continues `uncond_prompt` [n or 1, P'] (the null class, or no text)
+        with the same latents: its hidden state is the guidance's unconditional condition."""
+        n = prompt.shape[0]
+        if cfg_scale != 1 and uncond_prompt is None:
+            raise ValueError(f"cfg_scale={cfg_scale} needs uncond_prompt (the null class, or an empty text)")
+        prompts = [prompt] + ([uncond_prompt.expand(n, -1)] if cfg_scale != 1 else [])
+        caches = [self.new_cache() for _ in prompts]
+        hidden = [self._continue(cache, tokens=p) for cache, p in zip(caches, prompts)]
+        latents = []
         for i in range(num_latents):
-            s = 2 + i
-            tokens = torch.cat([prefix, torch.full((rows.shape[0], i), ids["latent"], device=classes.device)], dim=1)
-            positions = torch.arange(s, device=classes.device).expand(rows.shape[0], s)
-            h = self.hidden_states(tokens, positions, latents[:, :s], tokens == ids["latent"])[:, -1]
-            uncond = h[n:] if cfg_scale != 1 else None
-            z = sample(self.diffusion_head, h[:n], steps=steps, cfg_scale=cfg_scale, uncond_condition=uncond,
-                       generator=generator)
-            latents[:n, s] = z
-            if cfg_scale != 1:
-                latents[n:, s] = z  # the unconditional row continues from the same (guided) tokens
-        return latents[:n, 2:]
+            z = sample(self.diffusion_head, hidden[0], steps=steps, cfg_scale=cfg_scale,
+                       uncond_condition=hidden[1] if cfg_scale != 1 else None, generator=generator)
+            latents.append(z)
+            if i < num_latents - 1:
+                hidden = [self._continue(cache, latent=z) for cache in caches]
+        return torch.stack(latents, dim=1)
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
@@ -100,7 +143,7 @@ def flops_per_token(cfg: ModelConfig) -> float:
 
 
 def validate(cfg: Config) -> list[str]:
-    m, d, p = cfg.model, cfg.data, cfg.parallel
+    m, d = cfg.model, cfg.data
     e = []
     if d.latent_tokenizer is None:
         e.append("--model-family latentlm needs --latent-tokenizer DIR (train one: python tools/train_vae.py --save DIR)")
@@ -118,10 +161,6 @@ def validate(cfg: Config) -> list[str]:
                      f"({tokens} latents per image + class, <boi>, <eoi>), got {m.seq_length}")
     if m.vocab_size is not None and m.vocab_size < latent_data.vocab_size(m.num_classes):
         e.append(f"--vocab-size {m.vocab_size} is too small for {m.num_classes} classes and 4 special tokens")
-    if p.context_parallel_size > 1:
-        e.append("LatentLM does not support --context-parallel-size > 1 yet; use tensor, pipeline and data parallelism")
-    if p.sequence_parallel:
-        e.append("LatentLM does not support --sequence-parallel yet (the latent projection takes whole sequences)")
     if m.diffusion_batch_mul < 1 or m.diffusion_head_layers < 1:
         e.append("--diffusion-batch-mul and --diffusion-head-layers must be >= 1")
     if not 0 <= d.class_dropout < 1:

@@ -31,6 +31,7 @@ from megalatent.nn.mlp import SwiGLU
 from megalatent.nn.norms import RMSNorm
 
 PREDICTION_TYPES = ("epsilon", "v")
+NUM_TRAIN_STEPS = 1000  # DDPM training timesteps (the reference's)
 SOLVERS = ("dpm-solver++", "ddim")
 
 
@@ -45,7 +46,7 @@ class CosineSchedule:
     that no parallelize plan or checkpoint ever sees it (it is a function of T, not state).
     """
 
-    def __init__(self, num_steps: int = 1000, offset: float = 0.008, max_beta: float = 0.999):
+    def __init__(self, num_steps: int = NUM_TRAIN_STEPS, offset: float = 0.008, max_beta: float = 0.999):
         if num_steps < 1:
             raise ValueError(f"num_steps={num_steps} must be >= 1")
         self.num_steps = num_steps
@@ -141,7 +142,7 @@ class DiffusionHead(nn.Module):
     """
 
     def __init__(self, latent_dim: int, cond_dim: int, hidden: Optional[int] = None, depth: int = 3,
-                 ffn_ratio: float = 8 / 3, prediction: str = "v", num_train_steps: int = 1000,
+                 ffn_ratio: float = 8 / 3, prediction: str = "v", num_train_steps: int = NUM_TRAIN_STEPS,
                  norm_eps: float = 1e-6):
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"prediction={prediction!r}: choose one of {', '.join(PREDICTION_TYPES)}")
@@ -214,6 +215,7 @@ class DiffusionHead(nn.Module):
             t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), device=x0.device, generator=generator)
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        noise = noise.to(x0.dtype)
         if t.shape != (x0.shape[0],) or noise.shape != x0.shape:
             raise ValueError(f"t must be [{x0.shape[0]}] and noise {list(x0.shape)} (N·batch_mul rows), "
                              f"got {list(t.shape)} and {list(noise.shape)}")

@@ -81,20 +81,30 @@ IMAGE_CLASSIFICATION = Objective(
     shard=lambda b, cp_rank, cp, split: b,
 )
 
+def _latent_lm_pipeline_loss(stage: nn.Module, out, packed: torch.Tensor) -> torch.Tensor:
+    mul, k = stage.cfg.diffusion_batch_mul, stage.cfg.latent_dim
+    labels, loss_mask, diffusion_mask, t, target, noise = packed.split([1, 1, 1, mul, k, mul * k], dim=-1)
+    return (lm_loss_sum(out[0], labels[..., 0].long(), loss_mask[..., 0])
+            + stage.diffusion_loss(out[1], target, diffusion_mask[..., 0], t.long(), noise.unflatten(-1, (mul, k))))
+
+
 # LatentLM: cross-entropy on discrete positions plus the (weighted) diffusion loss on continuous ones;
-# the model returns (logits, summed diffusion loss), and the mean is over both kinds of predictions.
+# the model returns (logits, summed diffusion loss), and the mean is over both kinds of predictions. The
+# diffusion loss's timesteps and noises come with the data (latent_data.DiffusionDraws), so that every layout
+# draws the same ones.
 LATENT_LM = Objective(
     batch_keys={"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
                 "position_ids": torch.int64, "latents": torch.float32, "latent_mask": torch.bool,
-                "target_latents": torch.float32, "diffusion_mask": torch.float32},
+                "target_latents": torch.float32, "diffusion_mask": torch.float32,
+                "diffusion_t": torch.int64, "diffusion_noise": torch.float32},
     forward=lambda model, b: model(b["tokens"], b["position_ids"], b["latents"], b["latent_mask"],
-                                   b["target_latents"], b["diffusion_mask"]),
+                                   b["target_latents"], b["diffusion_mask"], b["diffusion_t"], b["diffusion_noise"]),
     loss_sum=lambda out, b: lm_loss_sum(out[0], b["labels"], b["loss_mask"]) + out[1],
     count=lambda b: b["loss_mask"].sum() + b["diffusion_mask"].sum(),
     shard=_shard_tokens,
     # The last stage returns (logits, normed hidden states); its diffusion head turns them into the loss.
     pipeline_inputs=lambda b: (b["tokens"], b["position_ids"], b["latents"], b["latent_mask"]),
-    pipeline_targets=lambda b: _pack(b["labels"], b["loss_mask"], b["diffusion_mask"], b["target_latents"]),
-    pipeline_loss=lambda stage, out, t: (lm_loss_sum(out[0], t[..., 0].long(), t[..., 1])
-                                         + stage.diffusion_loss(out[1], t[..., 3:], t[..., 2])),
+    pipeline_targets=lambda b: _pack(b["labels"], b["loss_mask"], b["diffusion_mask"], b["diffusion_t"],
+                                     b["target_latents"], b["diffusion_noise"].flatten(2)),
+    pipeline_loss=_latent_lm_pipeline_loss,
 )
