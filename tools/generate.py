@@ -1,10 +1,11 @@
 """Generate text from a checkpoint of any model family, with the family's inference cache; images
-from a LatentLM checkpoint.
+from a LatentLM checkpoint (class-conditional, or text-to-image for a run on interleaved documents).
 
     python tools/generate.py --load runs/yoco --prompt "def main(" --max-new-tokens 64
     python tools/generate.py --load runs/gpt --prompt "import os" --temperature 0.8 --top-p 0.9 --seed 1
     python tools/generate.py --load runs/bitnet-packed --prompt "import os"      # a tools/export_bitnet.py dir
     python tools/generate.py --load runs/latentlm --classes 0 1 2 3 --solver-steps 20 --cfg-scale 4 --output digits.png
+    python tools/generate.py --load runs/latentlm-docs --prompt "a handwritten seven." --num-images 4 --output 7.png
 
 The prompt is processed in one prefill (YOCO: the self-decoder over the prompt, then the cross-decoder
 for its last token only), then one token at a time against the cache. Greedy by default
@@ -17,6 +18,9 @@ import time
 
 import torch
 
+from megalatent.data import interleaved
+from megalatent.data.latent_data import class_prompts
+from megalatent.data.tokenizer import Tokenizer
 from megalatent.distributed.convert import ConvertError
 from megalatent.inference.generate import decode_step, prefill, sample
 from megalatent.inference.loading import load_for_inference
@@ -41,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True)
     images = p.add_argument_group("LatentLM (images)")
-    images.add_argument("--classes", type=int, nargs="+", help="sample one image per class id")
+    images.add_argument("--classes", type=int, nargs="+",
+                        help="class-conditional run: one image per class id (a run on documents takes --prompt)")
+    images.add_argument("--num-images", type=int, default=1, help="text-to-image: images drawn for the --prompt")
     images.add_argument("--solver-steps", type=int, default=20, help="DPM-Solver++ steps per latent")
     images.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance (1 = none)")
     images.add_argument("--latent-tokenizer", default=None, help="default: the σ-VAE the checkpoint records")
@@ -64,7 +70,6 @@ def main(argv=None) -> int:
     if loaded.tokenizer_model is None:
         print("error: the checkpoint's tokenizer is not on disk; pass --tokenizer-model", file=sys.stderr)
         return 2
-    from megalatent.data.tokenizer import Tokenizer
     tok = Tokenizer.load(loaded.tokenizer_model)
     model, cfg = loaded.model, loaded.config
     ids = tok.encode(args.prompt) if args.prompt else [tok.eod]
@@ -92,24 +97,41 @@ def main(argv=None) -> int:
     return 0
 
 
+def latent_prompts(args, loaded):
+    """(prompt [n, P], unconditional prompt [1, P']) of a LatentLM: (class, <boi>) against (null, <boi>) for a
+    class-conditional run; the text (after the end-of-document token, as a document starts in the training
+    windows) then <boi>, against <eod> <boi> (an image without text), for a run on interleaved documents."""
+    if loaded.tokenizer_model is None:  # trained class-conditionally
+        if not args.classes or any(not 0 <= c < loaded.config.num_classes for c in args.classes):
+            raise ValueError(f"this LatentLM was trained class-conditionally: give --classes in "
+                             f"[0, {loaded.config.num_classes}) (if it was trained on text, pass --tokenizer-model)")
+        return class_prompts(torch.tensor(args.classes, device=args.device), loaded.config.num_classes)
+    if args.classes:
+        raise ValueError("this LatentLM was trained on text+image documents: describe the image with --prompt")
+    tok = Tokenizer.load(loaded.tokenizer_model)
+    boi = interleaved.special_tokens(tok.vocab_size)["boi"]
+    prompt = torch.tensor([[tok.eod] + tok.encode(args.prompt) + [boi]], device=args.device)
+    return prompt.expand(args.num_images, -1), torch.tensor([[tok.eod, boi]], device=args.device)
+
+
 def sample_images(args, loaded) -> int:
-    """Class-conditional images: latents one by one from the LatentLM, pixels from its σ-VAE."""
+    """Images from a LatentLM: latents one by one after the prompt, pixels from its σ-VAE."""
     from PIL import Image
 
-    from megalatent.data.latent_data import class_prompts
     from megalatent.models.sigma_vae import load_tokenizer
     tokenizer_dir = args.latent_tokenizer or loaded.latent_tokenizer
-    if not args.classes or tokenizer_dir is None:
-        print("error: a LatentLM checkpoint samples images: give --classes and (unless the checkpoint records "
-              "it) --latent-tokenizer", file=sys.stderr)
+    if tokenizer_dir is None or args.solver_steps < 1 or args.num_images < 1:
+        print("error: a LatentLM samples images: need --latent-tokenizer (unless the checkpoint records it), "
+              "--solver-steps >= 1 and --num-images >= 1", file=sys.stderr)
         return 2
-    if any(not 0 <= c < loaded.config.num_classes for c in args.classes) or args.solver_steps < 1:
-        print(f"error: --classes must be in [0, {loaded.config.num_classes}) and --solver-steps >= 1", file=sys.stderr)
+    try:
+        prompt, uncond = latent_prompts(args, loaded)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     vae = load_tokenizer(tokenizer_dir).to(args.device).eval()
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
-    prompt, uncond = class_prompts(torch.tensor(args.classes, device=args.device), loaded.config.num_classes)
     latents = loaded.model.sample_latents(prompt, vae.cfg.num_tokens, args.solver_steps, args.cfg_scale, uncond,
                                           generator)
     images = vae.detokenize(latents).clamp(-1, 1)  # [n, C, H, W] in [-1, 1]
@@ -117,7 +139,7 @@ def sample_images(args, loaded) -> int:
     grid = torch.cat(list(images), dim=-1)  # side by side
     pixels = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(args.output)
-    print(f"{len(args.classes)} images ({args.solver_steps} solver steps, guidance {args.cfg_scale}) in {seconds:.2f} s "
+    print(f"{len(images)} images ({args.solver_steps} solver steps, guidance {args.cfg_scale}) in {seconds:.2f} s "
           f"-> {args.output}", file=sys.stderr)
     return 0
 

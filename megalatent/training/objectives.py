@@ -33,6 +33,11 @@ class Objective:
     pipeline_inputs: Optional[Callable[[Batch], tuple]] = None
     pipeline_targets: Optional[Callable[[Batch], torch.Tensor]] = None
     pipeline_loss: Optional[Callable[[nn.Module, object, torch.Tensor], torch.Tensor]] = None
+    # Additive parts of the loss the log reports on their own (LatentLM: cross-entropy and diffusion). With
+    # names here, `loss_sum` and `pipeline_loss` return one sum per part [n] (the loss is their total) and
+    # `part_counts` the items each part averages over [n].
+    loss_parts: tuple[str, ...] = ()
+    part_counts: Optional[Callable[[Batch], torch.Tensor]] = None
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -84,12 +89,14 @@ IMAGE_CLASSIFICATION = Objective(
 def _latent_lm_pipeline_loss(stage: nn.Module, out, packed: torch.Tensor) -> torch.Tensor:
     mul, k = stage.cfg.diffusion_batch_mul, stage.cfg.latent_dim
     labels, loss_mask, diffusion_mask, t, target, noise = packed.split([1, 1, 1, mul, k, mul * k], dim=-1)
-    return (lm_loss_sum(out[0], labels[..., 0].long(), loss_mask[..., 0])
-            + stage.diffusion_loss(out[1], target, diffusion_mask[..., 0], t.long(), noise.unflatten(-1, (mul, k))))
+    return torch.stack([lm_loss_sum(out[0], labels[..., 0].long(), loss_mask[..., 0]),
+                        stage.diffusion_loss(out[1], target, diffusion_mask[..., 0], t.long(),
+                                             noise.unflatten(-1, (mul, k)))])
 
 
 # LatentLM: cross-entropy on discrete positions plus the (weighted) diffusion loss on continuous ones;
-# the model returns (logits, summed diffusion loss), and the mean is over both kinds of predictions. The
+# the model returns (logits, summed diffusion loss), and the mean is over both kinds of predictions (the
+# log shows each part's own mean too). The
 # diffusion loss's timesteps and noises come with the data (latent_data.DiffusionDraws), so that every layout
 # draws the same ones.
 LATENT_LM = Objective(
@@ -99,7 +106,7 @@ LATENT_LM = Objective(
                 "diffusion_t": torch.int64, "diffusion_noise": torch.float32},
     forward=lambda model, b: model(b["tokens"], b["position_ids"], b["latents"], b["latent_mask"],
                                    b["target_latents"], b["diffusion_mask"], b["diffusion_t"], b["diffusion_noise"]),
-    loss_sum=lambda out, b: lm_loss_sum(out[0], b["labels"], b["loss_mask"]) + out[1],
+    loss_sum=lambda out, b: torch.stack([lm_loss_sum(out[0], b["labels"], b["loss_mask"]), out[1]]),
     count=lambda b: b["loss_mask"].sum() + b["diffusion_mask"].sum(),
     shard=_shard_tokens,
     # The last stage returns (logits, normed hidden states); its diffusion head turns them into the loss.
@@ -107,4 +114,6 @@ LATENT_LM = Objective(
     pipeline_targets=lambda b: _pack(b["labels"], b["loss_mask"], b["diffusion_mask"], b["diffusion_t"],
                                      b["target_latents"], b["diffusion_noise"].flatten(2)),
     pipeline_loss=_latent_lm_pipeline_loss,
+    loss_parts=("cross-entropy", "diffusion"),
+    part_counts=lambda b: torch.stack([b["loss_mask"].sum(), b["diffusion_mask"].sum()]),
 )

@@ -89,6 +89,7 @@ class Trainer:
         self.moe = MoEStepStats(self.parts, layout, cfg.model.num_layers, cfg.model.num_experts,
                                 cfg.model.moe_router_bias_update_rate)
         self.moe_stats: Optional[dict] = None  # the last step's, for logs
+        self.loss_parts: Optional[dict[str, float]] = None  # the last step's mean of each loss part, for logs
         self.start_time = time.time()
 
     @property
@@ -136,23 +137,27 @@ class Trainer:
 
     def _forward_backward(self, micro_batches, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """Runs the micro-batches (backward too when `scale` is given: the factor applied to each
-        micro-batch's summed loss). Returns this rank's summed token loss (0 off the last stage)."""
-        loss_sum = torch.zeros((), device=self.device)
+        micro-batch's summed loss). Returns this rank's summed loss (0 off the last stage), per part of the
+        objective's loss ([1] when it has no parts)."""
+        loss_sum = torch.zeros(max(1, len(self.objective.loss_parts)), device=self.device)
         train = scale is not None
         if self.pipeline is not None:
             last_stage = self.pipeline.last_stage(self.parts)
+            parts = []
 
             def loss_fn(output, target):
                 micro_loss = self.objective.pipeline_loss(last_stage, output, target)
-                return micro_loss * scale if train else micro_loss
+                parts.append(micro_loss.detach())
+                return micro_loss.sum() * scale if train else micro_loss.sum()
 
             batch = {k: torch.cat([mb[k] for mb in micro_batches]).to(self.device) for k in micro_batches[0]}
             with self.loss_context(), self.autocast():
-                losses = self.pipeline.run(self.parts, self.objective.pipeline_inputs(batch),
-                                           self.objective.pipeline_targets(batch), len(micro_batches), loss_fn,
-                                           train)
-            for micro_loss in losses:
-                loss_sum += micro_loss.detach() / scale if train else micro_loss.detach()
+                self.pipeline.run(self.parts, self.objective.pipeline_inputs(batch),
+                                  self.objective.pipeline_targets(batch), len(micro_batches), loss_fn, train)
+            # Only the last stage computes losses (and only the step's last micro-batches are the step's, as in
+            # moe_stats: the first step's shape inference may run more).
+            for micro_loss in parts[-len(micro_batches):]:
+                loss_sum += micro_loss
             return loss_sum
         for i, mb in enumerate(micro_batches):
             if train:
@@ -163,7 +168,7 @@ class Trainer:
                     output = self.objective.forward(self.model, mb)
                 micro_loss = self.objective.loss_sum(output, mb)
                 if train:
-                    (micro_loss * scale).backward()
+                    (micro_loss.sum() * scale).backward()
             loss_sum += micro_loss.detach()
         return loss_sum
 
@@ -177,8 +182,19 @@ class Trainer:
         """This rank's loss-bearing items (tokens, images) in these micro-batches."""
         return sum(self.objective.count(mb) for mb in micro_batches).to(self.device, torch.float32)
 
-    def _global_tokens(self, micro_batches) -> torch.Tensor:
-        return self.layout.all_reduce_sum(self._count(micro_batches).reshape(1), ("dp", "cp"))[0]
+    def _global_counts(self, micro_batches) -> torch.Tensor:
+        """[the loss's items, then each loss part's] over every data/context-parallel rank, in one reduction."""
+        counts = [self._count(micro_batches).reshape(1)]
+        if self.objective.loss_parts:
+            counts.append(sum(self.objective.part_counts(mb) for mb in micro_batches).to(self.device, torch.float32))
+        return self.layout.all_reduce_sum(torch.cat(counts), ("dp", "cp"))
+
+    def _part_means(self, part_sums: torch.Tensor, counts: torch.Tensor) -> Optional[dict[str, float]]:
+        """Each loss part's mean over its own items (a part without items in the step: 0), for the log."""
+        if not self.objective.loss_parts:
+            return None
+        means = (part_sums / counts[1:].clamp(min=1)).tolist()
+        return dict(zip(self.objective.loss_parts, means))
 
     def train_step(self, micro_batches) -> tuple[float, float]:
         for part in self.parts:
@@ -186,13 +202,16 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         micro_batches = self._local_tokens(micro_batches)
-        global_tokens = self._global_tokens(micro_batches)
+        counts = self._global_counts(micro_batches)
+        global_tokens = counts[0]
         self.moe.start_step(len(micro_batches))
         # Gradient reduction over the data- and context-parallel ranks averages; scaling by their
         # number makes it the sum, so the step's gradient is that of the mean loss over every token
         # of the global batch.
         loss_sum = self._forward_backward(micro_batches, scale=self.layout.dp * self.layout.cp / global_tokens)
-        loss = (self.layout.all_reduce_sum(loss_sum.reshape(1), ("pp", "dp", "cp"))[0] / global_tokens).item()
+        loss_sum = self.layout.all_reduce_sum(loss_sum, ("pp", "dp", "cp"))
+        loss = (loss_sum.sum() / global_tokens).item()
+        self.loss_parts = self._part_means(loss_sum, counts)
         self.moe_stats = self.moe.gather(self.device)
         grad_norm = clip_grad_norm(self.parts, self.cfg.training.clip_grad,
                                    self.layout.group("pp") if self.layout.pp > 1 else None)
@@ -221,7 +240,7 @@ class Trainer:
         tokens = torch.zeros((), device=self.device)
         for _ in range(self.cfg.training.eval_iters):
             micro_batches = self._local_tokens(self.valid_loader.next_global_batch())
-            loss_sum += self._forward_backward(micro_batches, scale=None)
+            loss_sum += self._forward_backward(micro_batches, scale=None).sum()
             tokens += self._count(micro_batches)
         loss_sum = self.layout.all_reduce_sum(loss_sum.reshape(1), ("pp",))
         both = self.layout.all_reduce_sum(torch.cat([loss_sum, tokens.reshape(1)]), ("dp", "cp"))
@@ -301,9 +320,11 @@ class Trainer:
                   "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
                   "lr": self.schedule(self.iteration - 1), "global_batch_size": self.cfg.training.global_batch_size,
                   "loss": loss, "grad_norm": grad_norm, "skipped": self.skipped, "nan": self.nan,
-                  "peak_mem_gb": peak_memory_gb(self.device), "moe": self.moe_stats}
+                  "peak_mem_gb": peak_memory_gb(self.device), "moe": self.moe_stats, "loss_parts": self.loss_parts}
         log(iteration_line(self.iteration, self.cfg.training.train_iters, values))
         scalars = {"tokens-per-second": tokens_per_s, "tflops-per-gpu": tflops}
+        if self.loss_parts is not None:
+            scalars.update({f"lm-loss/{name}": v for name, v in self.loss_parts.items()})
         if self.moe_stats is not None:
             scalars.update({"moe/load-balancing-loss": self.moe_stats["balance_loss"],
                             "moe/z-loss": self.moe_stats["z_loss"], "moe/max-expert-load": self.moe_stats["max_load"]})
