@@ -144,6 +144,19 @@ def test_round_trip_every_window(tmp_path, tokenizers):
     for a, b in zip(summary.files[:3], again.files[:3]):
         assert open(a, "rb").read() == open(b, "rb").read()
 
+    # Ids past int32 (announced by num_images) are stored as int64 and read back the same way.
+    wide = write_interleaved(docs, str(tmp_path / "wide"), tokenizer, vae_dir, seed=SEED, num_images=2 ** 31)
+    assert IndexedDataset(wide.data_prefix).index.dtype == np.int64
+    train, _ = build_interleaved_datasets([wide.data_prefix], None, "100,0,0", seq_length, 3, tokenizer,
+                                          (10, 0, 0), None, vae_dir)
+    check_windows(train, entries, tokenizer, seq_length)
+
+    # The samples pickle (DataLoader workers) without copying the store, and read the same after.
+    import pickle
+    clone = pickle.loads(pickle.dumps(train))
+    assert isinstance(clone.stores[0].latents, np.memmap)
+    torch.testing.assert_close(clone[1], train[1])
+
 
 def test_blend_reads_each_samples_latents_from_its_own_store(tmp_path, tokenizers):
     vae_dir, tokenizer = tokenizers
@@ -183,6 +196,12 @@ def test_errors(tmp_path, tokenizers):
         store.check(make_vae_dir(tmp_path / "other", hidden_size=32))
     with pytest.raises(ValueError, match="fingerprint.*other latent statistics"):
         store.check(make_vae_dir(tmp_path / "restat", mean=0.5))
+    from megalatent.data.tokenizer import Tokenizer, train_sentencepiece
+    other_text = Tokenizer.load(train_sentencepiece(["some other text, with other pieces"] * 50,
+                                                    str(tmp_path / "other_text"), vocab_size=290))
+    with pytest.raises(ValueError, match="text vocabulary: --tokenizer-model .* has 290 ids, the store was made "
+                                         "with 320"):
+        store.check(text_tokenizer=other_text)
 
     # A token stream paired with another run's (smaller) store: caught at the first latent beyond its rows.
     small = write_interleaved([["a cat", img] for img in images(1, 0)], str(tmp_path / "small"), tokenizer, vae_dir,

@@ -303,6 +303,14 @@ class LatentStore:
                              + "; ".join(problems) + f". Train with the tokenizers it was made with, or re-make it "
                              "with these (tools/preprocess_interleaved.py)")
 
+    # Pickled (e.g. into DataLoader workers) without the memory map, which would be copied whole; reopened.
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "latents": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.latents = np.load(self.npy_path, mmap_mode="r")
+
     def gather(self, rows: np.ndarray) -> torch.Tensor:
         """Latents of ``rows`` (int64 array), [len(rows), latent_dim]."""
         return torch.from_numpy(np.ascontiguousarray(self.latents[rows]))
