@@ -15,7 +15,7 @@ from megalatent.data.interleaved import (
     InterleavedDataset, LatentStore, build_interleaved_datasets, latent_base, open_latent_stores, special_tokens,
     store_paths, vocab_size, write_interleaved,
 )
-from megalatent.data.interleaved_sources import scan_jsonl
+from megalatent.data.interleaved_sources import iter_jsonl_documents, scan_jsonl
 from megalatent.models.sigma_vae import SigmaVAE, SigmaVAEConfig, load_tokenizer, save_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,6 +223,10 @@ def test_errors(tmp_path, tokenizers):
     jsonl.write_text('{"segments": [{"image": "missing.png"}]}\n')
     with pytest.raises(FileNotFoundError, match="missing.png not found"):
         scan_jsonl([str(jsonl)])
+    with pytest.raises(ValueError, match=r"document 0: image values span \[0, 255\]"):
+        write_interleaved([[torch.full((1, 8, 8), 255.0).index_fill_(1, torch.tensor([0]), 0.0)]],
+                          str(tmp_path / "range"), tokenizer, vae_dir, seed=0)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("range")]  # nothing left behind
 
 
 def run_tool(*args):
@@ -249,7 +253,13 @@ def test_tool_digits_demo_and_jsonl_with_images(tmp_path, tokenizers):
     (tmp_path / "docs.jsonl").write_text(
         json.dumps({"segments": [{"text": "a cat"}, {"image": "c.png"}, {"text": "sat"}]}) + "\n\n"
         + json.dumps({"segments": [{"image": "g.png"}]}) + "\n")
-    run_tool("--input", str(tmp_path / "docs.jsonl"), "--output-prefix", str(tmp_path / "out" / "docs"), *common)
+    run_tool("--input", str(tmp_path / "docs.jsonl"), "--output-prefix", str(tmp_path / "out" / "docs"),
+             "--workers", "2", *common)
     store = LatentStore(str(tmp_path / "out" / "docs_text_document"))
     assert (store.meta["documents"], store.meta["images"], store.rows) == (2, 2, 8)
     store.check(vae_dir, tokenizer)
+    # The same latents as the documents written in-process from the decoded files (order kept across workers).
+    docs = list(iter_jsonl_documents([str(tmp_path / "docs.jsonl")], 8, 1))
+    assert docs[0][0] == "a cat" and docs[0][1].shape == (1, 8, 8) and docs[1][0].abs().max() == 1  # black: -1
+    again = write_interleaved(docs, str(tmp_path / "again"), tokenizer, vae_dir, seed=1234)
+    torch.testing.assert_close(LatentStore(again.data_prefix).gather(np.arange(8)), store.gather(np.arange(8)))

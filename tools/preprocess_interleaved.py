@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--caption-dropout", type=float, default=0.1,
                         help="--demo digits: share of images written without their caption")
     parser.add_argument("--batch-size", type=int, default=256, help="images per σ-VAE batch")
+    parser.add_argument("--workers", type=int, default=1, help="--input: image decoding processes")
     parser.add_argument("--device", default="cpu", help="where the σ-VAE runs (cpu, cuda); CPU and GPU draw "
                                                          "different latent noise")
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
@@ -67,8 +68,9 @@ def check_paths(args) -> list[str]:
             errors.append(f"--input {path} not found")
     if not 0 <= args.caption_dropout <= 1:
         errors.append(f"--caption-dropout must be in [0, 1], got {args.caption_dropout}")
-    if args.batch_size < 1:
-        errors.append(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag in ("batch_size", "workers"):
+        if getattr(args, flag) < 1:
+            errors.append(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     return errors
 
 
@@ -78,7 +80,7 @@ def main(argv=None) -> None:
     if errors:
         sys.exit("error: " + "\n       ".join(errors))
 
-    from megalatent.data.interleaved import write_interleaved
+    from megalatent.data.interleaved import vocab_size, write_interleaved
     from megalatent.data.interleaved_sources import digits_documents, iter_jsonl_documents, scan_jsonl
     from megalatent.data.tokenizer import Tokenizer
     from megalatent.models.sigma_vae import read_tokenizer_config
@@ -90,7 +92,7 @@ def main(argv=None) -> None:
             num_documents, num_images = scan_jsonl(args.input)  # every line and image file, before work
         except (ValueError, FileNotFoundError) as err:
             sys.exit(f"error: {err}")
-        documents = iter_jsonl_documents(args.input, size, channels)
+        documents = iter_jsonl_documents(args.input, size, channels, args.workers)
     else:
         documents, num_images = digits_documents(size, channels, args.caption_dropout, args.seed)
     model_path = args.tokenizer_model
@@ -109,6 +111,8 @@ def main(argv=None) -> None:
           f"{summary.latent_rows} latent rows in {time.perf_counter() - start:.1f} s; wrote")
     for path in summary.files:
         print(f"  {path}")
+    print(f"LatentLM vocabulary: {tokenizer.vocab_size} text ids + <boi>, <eoi>, latent = "
+          f"{vocab_size(tokenizer.vocab_size)}")
     print(f"train with: --data-path {summary.data_prefix} --tokenizer-model {model_path} "
           f"--latent-tokenizer {args.latent_tokenizer}")
 

@@ -172,6 +172,10 @@ def write_interleaved(documents: Iterable[Sequence[Segment]], output_prefix: str
                         what = list(segment.shape) if isinstance(segment, torch.Tensor) else type(segment).__name__
                         raise ValueError(f"document {number}: a segment is text (str) or an image tensor "
                                          f"{list(image_shape)} (the σ-VAE's channels and size), got {what}")
+                    low, high = segment.min().item(), segment.max().item()
+                    if low < -1.001 or high > 1.001:
+                        raise ValueError(f"document {number}: image values span [{low:g}, {high:g}]; images must be "
+                                         "in [-1, 1] (x / 127.5 - 1 for 8-bit pixels)")
                     first = base + counts["images"] * t
                     if not wide and first + t - 1 > _INT32_MAX:
                         raise ValueError(f"more than {(_INT32_MAX - base) // t} images do not fit int32 token "
@@ -283,10 +287,10 @@ class LatentStore:
                                 f"store has {self.latents_per_image} {made_with}")
             elif tokenizer_fingerprint(latent_tokenizer) != self.meta["latent_tokenizer_fingerprint"]:
                 stored = self.meta.get("latent_tokenizer_config", {})
-                fields = sorted(f for f in set(config) | set(stored) if config.get(f) != stored.get(f))
-                what = (f"its config differs in {', '.join(f'{f} ({stored.get(f)} -> {config.get(f)})' for f in fields)}"
-                        if fields else "same config, other latent statistics (a retrained tokenizer or "
-                                       "re-estimated statistics)")
+                diffs = [f"{f} ({stored.get(f)} -> {config.get(f)})" for f in sorted(set(config) | set(stored))
+                         if config.get(f) != stored.get(f)]
+                what = (f"its config differs in {', '.join(diffs)}" if diffs else
+                        "same config, other latent statistics (retrained, or its statistics re-estimated)")
                 problems.append(f"σ-VAE tokenizer fingerprint: --latent-tokenizer {latent_tokenizer} is not the "
                                 f"tokenizer the store was made with {made_with}: {what}")
         if text_tokenizer is not None:

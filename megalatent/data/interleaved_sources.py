@@ -11,6 +11,7 @@ image file exists before any image is decoded, so a bad line or a missing file s
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from typing import Iterator, Sequence
 
@@ -66,9 +67,10 @@ def scan_jsonl(inputs: Sequence[str]) -> tuple[int, int]:
     return documents, images
 
 
-def load_image(path: str, image_size: int, channels: int) -> torch.Tensor:
-    """A PNG/JPEG as [channels, S, S] in [-1, 1]: the shorter side resized to S (PIL's antialiased bicubic,
-    so large photos do not alias), the centre S x S crop, grey or RGB, x / 127.5 - 1 (as data/images.py)."""
+def load_image(path: str, image_size: int, channels: int) -> np.ndarray:
+    """A PNG/JPEG as float32 [channels, S, S] in [-1, 1]: the shorter side resized to S (PIL's antialiased
+    bicubic, so large photos do not alias), the centre S x S crop, grey or RGB, x / 127.5 - 1 (as
+    data/images.py)."""
     from PIL import Image
 
     with Image.open(path) as image:
@@ -80,14 +82,29 @@ def load_image(path: str, image_size: int, channels: int) -> torch.Tensor:
         left, top = (rw - image_size) // 2, (rh - image_size) // 2
         image = image.crop((left, top, left + image_size, top + image_size))
         array = np.asarray(image, dtype=np.float32).reshape(image_size, image_size, -1)
-    return torch.from_numpy(array.transpose(2, 0, 1).copy()) / 127.5 - 1.0
+    return np.ascontiguousarray(array.transpose(2, 0, 1)) / np.float32(127.5) - np.float32(1.0)
 
 
-def iter_jsonl_documents(inputs: Sequence[str], image_size: int, channels: int) -> Iterator[list]:
-    """The documents of ``inputs`` (checked by :func:`scan_jsonl` first), images decoded one by one."""
-    for path, line_number, line in _lines(inputs):
-        yield [value if kind == "text" else load_image(value, image_size, channels)
-               for kind, value in _segments(path, line_number, line)]
+def _load_document(job: tuple[str, int, str, int, int]) -> list:
+    """One JSONL line's segments, images decoded (numpy: what crosses a process boundary cheaply)."""
+    path, line_number, line, image_size, channels = job
+    return [value if kind == "text" else load_image(value, image_size, channels)
+            for kind, value in _segments(path, line_number, line)]
+
+
+def iter_jsonl_documents(inputs: Sequence[str], image_size: int, channels: int, workers: int = 1) -> Iterator[list]:
+    """The documents of ``inputs`` (check them with :func:`scan_jsonl` first), in file order; with
+    ``workers`` > 1 the images are decoded in that many processes (the order, and so the output, is the same)."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    jobs = ((path, number, line, image_size, channels) for path, number, line in _lines(inputs))
+    if workers == 1:
+        documents = map(_load_document, jobs)
+        yield from ([s if isinstance(s, str) else torch.from_numpy(s) for s in doc] for doc in documents)
+        return
+    with multiprocessing.Pool(workers) as pool:
+        for doc in pool.imap(_load_document, jobs, chunksize=16):
+            yield [s if isinstance(s, str) else torch.from_numpy(s) for s in doc]
 
 
 def digits_documents(image_size: int, channels: int, caption_dropout: float, seed: int) -> tuple[list, int]:
