@@ -80,7 +80,10 @@ def _tokenizer_identity(directory: str) -> tuple[dict, dict]:
 def tokenizer_fingerprint(directory: str) -> str:
     """A digest of the σ-VAE tokenizer's config and latent statistics. Retraining (or re-estimating the
     statistics) changes it, so a store made with another tokenizer of the same shape is still caught."""
-    config, stats = _tokenizer_identity(directory)
+    return _fingerprint(*_tokenizer_identity(directory))
+
+
+def _fingerprint(config: dict, stats: dict) -> str:
     blob = json.dumps({"config": config, "stats": stats}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -135,6 +138,9 @@ def write_interleaved(documents: Iterable[Sequence[Segment]], output_prefix: str
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # The identity recorded in the metadata is read beside the weights, before any work.
+    config, stats = _tokenizer_identity(latent_tokenizer)
+    fingerprint = _fingerprint(config, stats)
     vae = load_tokenizer(latent_tokenizer, map_location=device).eval()
     cfg = vae.cfg
     t, k = cfg.num_tokens, cfg.latent_dim
@@ -201,14 +207,13 @@ def write_interleaved(documents: Iterable[Sequence[Segment]], output_prefix: str
         rows = counts["images"] * t
         builder.finalize(idx_tmp)
         _write_npy_from_raw(raw_tmp, npy_tmp, rows, k)
-        config, stats = _tokenizer_identity(latent_tokenizer)
         metadata = {
             "format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION,
             "latent_dim": k, "latents_per_image": t, "rows": rows, "images": counts["images"],
             "documents": counts["documents"], "tokens": counts["tokens"], "token_dtype": np.dtype(dtype).name,
             "text_vocab_size": v, "latent_base": base, "special_tokens": ids, "eod": text_tokenizer.eod,
             "latent_tokenizer": os.path.abspath(latent_tokenizer),
-            "latent_tokenizer_fingerprint": tokenizer_fingerprint(latent_tokenizer),
+            "latent_tokenizer_fingerprint": fingerprint,
             "latent_tokenizer_config": config,
             "text_tokenizer_model": os.path.abspath(text_tokenizer.model_path),
             "text_tokenizer_md5": text_tokenizer.unique_identifiers.get("model_md5"),
@@ -278,14 +283,15 @@ class LatentStore:
         if latent_tokenizer is not None:
             config, stats = _tokenizer_identity(latent_tokenizer)
             made_with = f"(made with {self.meta['latent_tokenizer']})"
-            tokens = (config["image_size"] // config["patch_size"]) ** 2
+            from megalatent.models.sigma_vae import SigmaVAEConfig
+            tokens = SigmaVAEConfig(**config).num_tokens
             if config["latent_dim"] != self.latent_dim:
                 problems.append(f"latent_dim: --latent-tokenizer {latent_tokenizer} has {config['latent_dim']}, "
                                 f"the store {self.latent_dim} {made_with}")
             elif tokens != self.latents_per_image:
                 problems.append(f"latents per image: --latent-tokenizer {latent_tokenizer} gives {tokens}, the "
                                 f"store has {self.latents_per_image} {made_with}")
-            elif tokenizer_fingerprint(latent_tokenizer) != self.meta["latent_tokenizer_fingerprint"]:
+            elif _fingerprint(config, stats) != self.meta["latent_tokenizer_fingerprint"]:
                 stored = self.meta.get("latent_tokenizer_config", {})
                 diffs = [f"{f} ({stored.get(f)} -> {config.get(f)})" for f in sorted(set(config) | set(stored))
                          if config.get(f) != stored.get(f)]
