@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# LatentLM pretraining (class-conditional next-token diffusion over σ-VAE latents of the embedded digits). Any arguments are passed to the trainer (python -m megalatent.pretrain).
+# LatentLM pretraining: next-token diffusion over σ-VAE latents of the embedded digits, class-conditional, or
+# with LATENTLM_DATA=documents on interleaved text+image documents (captioned digits). Any arguments are
+# passed to the trainer (python -m megalatent.pretrain).
 #   mkdir -p runs/logs && sbatch launch/pretrain_latentlm.sh [--train-iters 100 ...]   # SLURM batch job
 #     (from the repo root: --output is relative to it, and SLURM fails a job whose log dir is missing)
 #   bash launch/pretrain_latentlm.sh [...]                          # local: torchrun, NPROC_PER_NODE procs
@@ -16,7 +18,12 @@
 #SBATCH --signal=B:USR1@120
 #SBATCH --time=04:00:00
 set -uo pipefail
-CONFIG=${CONFIG:-examples/tiny/latentlm.yaml}
+LATENTLM_DATA=${LATENTLM_DATA:-classes}
+case $LATENTLM_DATA in
+    classes) CONFIG=${CONFIG:-examples/tiny/latentlm.yaml} ;;
+    documents) CONFIG=${CONFIG:-examples/tiny/latentlm-docs.yaml} ;;
+    *) echo "[megalatent] LATENTLM_DATA must be classes or documents, got '$LATENTLM_DATA'" >&2; exit 2 ;;
+esac
 # sbatch runs a copy of this script from the spool dir: find the repo via the submitted path.
 for _r in "${MEGALATENT_ROOT:-}" "$(dirname "${BASH_SOURCE[0]}")/.." "$(dirname "$(scontrol show job \
     "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=//p')")/.." "${SLURM_SUBMIT_DIR:-.}"; do
@@ -31,5 +38,22 @@ if [[ " $* " != *" --latent-tokenizer"* ]]; then
         (cd "$_r" && OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "${PYTHON:-python}" tools/train_vae.py --save "$LATENT_TOKENIZER") || exit 1
     fi
     set -- "$@" --latent-tokenizer "$LATENT_TOKENIZER"
+    # Documents: DOCUMENTS (default runs/digit-docs) from tools/preprocess_interleaved.py --demo digits, written
+    # first if missing, unless the arguments name the data with --data-path (and then --tokenizer-model).
+    if [[ $LATENTLM_DATA == documents && " $* " != *" --data-path"* ]]; then
+        DOCUMENTS=${DOCUMENTS:-$_r/runs/digit-docs}
+        if [[ ! -f ${DOCUMENTS}_text_document_latents.json ]]; then
+            echo "[megalatent] writing the captioned digits as interleaved documents into $DOCUMENTS"
+            (cd "$_r" && "${PYTHON:-python}" tools/preprocess_interleaved.py --demo digits --no-progress \
+                --latent-tokenizer "$LATENT_TOKENIZER" --output-prefix "$DOCUMENTS") || exit 1
+        fi
+        _text_model=$("${PYTHON:-python}" -c 'import json, sys; print(json.load(open(sys.argv[1]))["text_tokenizer_model"])' \
+            "${DOCUMENTS}_text_document_latents.json") || exit 1
+        set -- "$@" --data-path "${DOCUMENTS}_text_document" --tokenizer-model "$_text_model"
+    fi
+elif [[ $LATENTLM_DATA == documents && " $* " != *" --data-path"* ]]; then
+    echo "[megalatent] with --latent-tokenizer, LATENTLM_DATA=documents needs --data-path and --tokenizer-model" \
+         "(tools/preprocess_interleaved.py prints them)" >&2
+    exit 2
 fi
 source "$_r/launch/common.sh"

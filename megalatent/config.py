@@ -63,7 +63,7 @@ class ModelConfig:
     img_w: int = _opt(224, "LongViT: image width in pixels the position embeddings are learned for")
     patch_dim: int = _opt(16, "LongViT: patch size in pixels")
     num_channels: int = _opt(3, "LongViT: image channels")
-    num_classes: int = _opt(1000, "LongViT: classes of the classification head")
+    num_classes: int = _opt(1000, "LongViT: classes of the classification head; LatentLM: classes of its class-conditional images")
     latent_dim: int = _opt(8, "LatentLM: width of a continuous (latent) token; must equal the σ-VAE tokenizer's")
     diffusion_head_layers: int = _opt(3, "LatentLM: adaLN blocks of the diffusion head")
     diffusion_batch_mul: int = _opt(4, "LatentLM: noise draws per latent per step (only the head reruns)")

@@ -9,7 +9,6 @@ checked before a process group, a tensor or a dataset index is made.
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import asdict
 from typing import Optional
@@ -31,13 +30,9 @@ _NON_ARCHITECTURAL = {"seq_length", "max_position_embeddings", "init_method_std"
                       "sliding_window_size", "retention_chunk_size"}
 
 
-def default_cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "megalatent")
-
-
 def resolve_data(cfg: Config):
     """(tokenizer, dataset prefixes, weights); builds the default stdlib corpus on first use."""
-    from megalatent.data.gpt_data import parse_data_path
+    from megalatent.data.gpt_data import default_cache_dir, parse_data_path
     from megalatent.data.stdlib_corpus import prepare_default_corpus
     from megalatent.data.tokenizer import Tokenizer
 
@@ -78,7 +73,7 @@ def setup(argv: Optional[list[str]] = None) -> tuple[Config, DistEnv, ParallelLa
     family = MODEL_FAMILIES[cfg.model.model_family]
     if family.build_data is not None:  # a family with data of its own (images), no text tokenizer
         if cfg.model.vocab_size is None and family.vocab_size is not None:
-            cfg.model.vocab_size = family.vocab_size(cfg.model)
+            cfg.model.vocab_size = family.vocab_size(cfg)
         return cfg, env, layout, None, None, None
     tokenizer, prefixes, weights = resolve_data(cfg)
     cfg.data.tokenizer_model = tokenizer.model_path  # recorded in checkpoints (HF export finds it there)
@@ -91,19 +86,17 @@ def setup(argv: Optional[list[str]] = None) -> tuple[Config, DistEnv, ParallelLa
 
 
 def build_data(cfg: Config, layout: ParallelLayout, tokenizer, prefixes, weights):
-    from megalatent.data.gpt_data import MicroBatchLoader, build_gpt_datasets
+    from megalatent.data.gpt_data import MicroBatchLoader, build_gpt_datasets, index_cache_dir, samples_per_split
 
     t = cfg.training
-    evals = (t.train_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval else 0
-    num_samples = (t.train_iters * t.global_batch_size, evals * t.global_batch_size, 0)
-    cache = os.path.join(cfg.data.data_cache_path or default_cache_dir(), "index-cache")
+    num_samples = samples_per_split(cfg)
     train_ds, valid_ds, _ = build_gpt_datasets(prefixes, weights, cfg.data.split, cfg.model.seq_length, t.seed,
-                                               tokenizer, num_samples, cache)
+                                               tokenizer, num_samples, index_cache_dir(cfg))
 
     def loader(ds):
         return MicroBatchLoader(ds, t.micro_batch_size, t.global_batch_size, layout.dp_rank, layout.dp)
 
-    return loader(train_ds), (loader(valid_ds) if valid_ds is not None and evals else None)
+    return loader(train_ds), (loader(valid_ds) if valid_ds is not None and num_samples[1] else None)
 
 
 def build_model_parts(cfg: Config, layout: ParallelLayout, device: torch.device):

@@ -36,10 +36,18 @@ def test_defaults_validate_and_examples_parse(tmp_path):
     vae = SigmaVAE(SigmaVAEConfig(image_size=16, patch_size=4, latent_dim=8, hidden_size=16, num_layers=1))
     vae.set_latent_stats(torch.zeros(8), torch.ones(8), 1)
     save_tokenizer(vae, str(tmp_path / "vae"))
+    # ... and the documents config its data: one captioned image, made with that tokenizer.
+    from megalatent.data.interleaved import write_interleaved
+    from megalatent.data.tokenizer import Tokenizer, train_sentencepiece
+    text = Tokenizer.load(train_sentencepiece(["a handwritten seven."] * 50, str(tmp_path / "text"), 300))
+    docs = write_interleaved([["a handwritten seven.", torch.zeros(1, 16, 16)]], str(tmp_path / "docs"), text,
+                             str(tmp_path / "vae"), seed=0)
     examples = sorted(glob.glob("examples/**/*.yaml", recursive=True))
     assert examples, "no example configs found"
     for path in examples:
         extra = ["--latent-tokenizer", str(tmp_path / "vae")] if "latentlm" in path else []
+        if "latentlm-docs" in path:
+            extra += ["--data-path", docs.data_prefix, "--tokenizer-model", text.model_path]
         # A cluster config may fix a parallel layout (e.g. 8 expert-parallel ranks): it must be valid at some
         # power-of-two world size; the error shown is that of one process.
         errors = None

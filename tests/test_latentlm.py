@@ -145,3 +145,46 @@ def test_train_then_sample_images_with_generate_tool(corpus_cache, tmp_path, tok
                           "--solver-steps", "3", "--output", png], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert Image.open(png).size == (2 * 24, 24)  # two 24 x 24 digits side by side
+
+
+def test_train_on_documents_then_generate_text_to_image(corpus_cache, tmp_path, tokenizer_dir):
+    """Interleaved documents end to end as the README says: tools/preprocess_interleaved.py writes the captioned
+    digits, the trainer reads them through --data-path (the log line shows both parts of the loss, validation
+    runs), and tools/generate.py draws images for a text prompt from the checkpoint; a class id is refused."""
+    import re
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import REPO, losses, run_trainer
+    from megalatent.data.tokenizer import train_sentencepiece
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    text_model = train_sentencepiece([f"a handwritten {w}." for w in words] * 30, str(tmp_path / "text"), 300)
+
+    def tool(*args):
+        out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        return out
+
+    made = tool("tools/preprocess_interleaved.py", "--demo", "digits", "--latent-tokenizer", tokenizer_dir,
+                "--tokenizer-model", text_model, "--output-prefix", str(tmp_path / "docs"), "--no-progress")
+    assert made.returncode == 0, made.stderr[-3000:]
+    data = ["--data-path", str(tmp_path / "docs_text_document"), "--tokenizer-model", text_model]
+    with pytest.raises(ConfigError, match="--data-path needs --tokenizer-model"):
+        validate(parse_args([f"--{k}={v}" for k, v in latent_flags(tokenizer_dir).items()] + data[:2]))
+    save = str(tmp_path / "ckpt")
+    out = run_trainer(["--config", "examples/tiny/latentlm-docs.yaml", "--latent-tokenizer", tokenizer_dir,
+                       "--latent-dim", "4", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size",
+                       "8", "--train-iters", "3", "--lr-warmup-iters", "1", "--log-interval", "1",
+                       "--eval-interval", "3", "--eval-iters", "1", "--save", save, *data], corpus_cache)
+    assert sorted(losses(out.stdout)) == [1, 2, 3]
+    parts = re.findall(r"\| lm loss: (\S+) \| cross-entropy loss: (\S+) \| diffusion loss: (\S+) \|", out.stdout)
+    assert len(parts) == 3 and all(float(ce) > 0 and float(diffusion) > 0 for _, ce, diffusion in parts)
+    assert "validation loss at iteration 3" in out.stdout
+    png = str(tmp_path / "seven.png")
+    gen = tool("tools/generate.py", "--load", save, "--prompt", "a handwritten seven.", "--num-images", "2",
+               "--solver-steps", "3", "--output", png)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert Image.open(png).size == (2 * 24, 24)
+    refused = tool("tools/generate.py", "--load", save, "--classes", "7", "--output", png)
+    assert refused.returncode == 2 and "trained on text+image documents" in refused.stderr

@@ -97,10 +97,11 @@ def submit(tmp_path):
     """submit(name, sbatch_args, trainer_args) -> Job; jobs still queued at teardown are cancelled."""
     jobs: list[Job] = []
 
-    def _submit(name: str, sbatch_args: list[str], trainer_args: list[str], script: Path = SCRIPT) -> Job:
+    def _submit(name: str, sbatch_args: list[str], trainer_args: list[str], script: Path = SCRIPT,
+                env: dict[str, str] | None = None) -> Job:
         run_dir = tmp_path / name
         log = tmp_path / f"{name}-%j.out"
-        env = f"ALL,RUN_DIR={run_dir},PYTHON={sys.executable}"
+        env = ",".join([f"ALL,RUN_DIR={run_dir},PYTHON={sys.executable}"] + [f"{k}={v}" for k, v in (env or {}).items()])
         cmd = ["sbatch", "--parsable", f"--export={env}", f"--output={log}", f"--job-name=ml-test-{name}",
                *sbatch_args, str(script), *trainer_args]
         r = _run(cmd)
@@ -181,11 +182,15 @@ FAMILY_SCRIPTS = {"pretrain_longnet.sh": [], "pretrain_mhmoe.sh": [], "pretrain_
                   "pretrain_bitnet.sh": ["--lr-warmup-iters", "2", "--lr-two-stage-boundary-iter", "5"]}  # tiny: 30
 
 
-def test_every_family_batch_script_trains(submit):
-    """`sbatch launch/pretrain_<family>.sh` as the README says: all submitted at once, each must finish."""
+def test_every_family_batch_script_trains(submit, tmp_path):
+    """`sbatch launch/pretrain_<family>.sh` as the README says: all submitted at once, each must finish; and
+    LatentLM on documents (its own tokenizer and documents, made by the script, so no two jobs write one dir)."""
     iters = 10
     jobs = {name: submit(name.removesuffix(".sh"), [], ["--train-iters", str(iters), *TINY, *extra],
                          script=ROOT / "launch" / name) for name, extra in FAMILY_SCRIPTS.items()}
+    jobs["LATENTLM_DATA=documents"] = submit(
+        "latentlm-documents", [], ["--train-iters", str(iters), *TINY], script=ROOT / "launch" / "pretrain_latentlm.sh",
+        env={"LATENTLM_DATA": "documents", "LATENT_TOKENIZER": tmp_path / "vae", "DOCUMENTS": tmp_path / "docs"})
     for name, job in jobs.items():
         assert_completed(job, wait_done(job, FIRST_JOB_TIMEOUT), iters)
 

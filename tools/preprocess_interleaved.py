@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     model_path = args.tokenizer_model
     if model_path is None:
         from megalatent.data.stdlib_corpus import prepare_default_corpus
-        from megalatent.pretrain import default_cache_dir
+        from megalatent.data.gpt_data import default_cache_dir
         model_path, _ = prepare_default_corpus(args.data_cache_path or default_cache_dir(),
                                                args.default_corpus_vocab_size)
     tokenizer = Tokenizer.load(model_path)

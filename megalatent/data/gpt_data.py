@@ -21,6 +21,25 @@ _PREPROCESS_HINT = (
 )
 
 
+def default_cache_dir() -> str:
+    """Where the default corpus and the dataset index caches live unless --data-cache-path says otherwise."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "megalatent")
+
+
+def index_cache_dir(cfg) -> str:
+    """Where rank 0 saves megatron-core's dataset indices for the other ranks and later runs."""
+    return os.path.join(cfg.data.data_cache_path or default_cache_dir(), "index-cache")
+
+
+def samples_per_split(cfg) -> tuple[int, int, int]:
+    """The (train, valid, test) samples a run reads, as Megatron-LM asks its datasets for: every training
+    step's global batch, and --eval-iters global batches at each of the evaluations (none without
+    --eval-interval)."""
+    t = cfg.training
+    evals = (t.train_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval else 0
+    return t.train_iters * t.global_batch_size, evals * t.global_batch_size, 0
+
+
 class _NoCacheWarningFilter(logging.Filter):
     """Drops megatron-core's per-dataset warning that indices are not saved without a cache path.
 

@@ -130,7 +130,21 @@ def latent_loader(dataset, cfg: Config, layout, stream: int = 0):
 
 
 def build_latent_loaders(cfg: Config, layout):
+    """Interleaved text+image documents when --data-path is given (megalatent.data.interleaved), else the
+    embedded digits as class-conditional sequences through the --latent-tokenizer."""
     t, d = cfg.training, cfg.data
+    if d.data_path is not None:
+        from megalatent.data.gpt_data import index_cache_dir, parse_data_path, samples_per_split
+        from megalatent.data.interleaved import build_interleaved_datasets
+        from megalatent.data.tokenizer import Tokenizer
+
+        prefixes, weights = parse_data_path(d.data_path)
+        num_samples = samples_per_split(cfg)
+        train, valid = build_interleaved_datasets(prefixes, weights, d.split, cfg.model.seq_length, t.seed,
+                                                  Tokenizer.load(d.tokenizer_model), num_samples,
+                                                  index_cache_dir(cfg), d.latent_tokenizer)
+        return (latent_loader(train, cfg, layout, 0),
+                latent_loader(valid, cfg, layout, 1) if valid is not None and num_samples[1] else None)
 
     def loader(split: str, stream: int):
         latents, labels = tokenize_digits(d.latent_tokenizer, split, t.seed)

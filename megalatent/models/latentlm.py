@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import PrepareModuleOutput, RowwiseParallel
 
 from megalatent.config import Config, ModelConfig
-from megalatent.data import latent_data
+from megalatent.data import interleaved, latent_data
 from megalatent.models.decoder import Decoder, dense_decoder_flops_per_token
 from megalatent.models.registry import ModelFamily, register
 from megalatent.nn.diffusion_head import DiffusionHead, sample
@@ -145,29 +145,63 @@ def flops_per_token(cfg: ModelConfig) -> float:
 def validate(cfg: Config) -> list[str]:
     m, d = cfg.model, cfg.data
     e = []
-    if d.latent_tokenizer is None:
-        e.append("--model-family latentlm needs --latent-tokenizer DIR (train one: python tools/train_vae.py --save DIR)")
-    elif not os.path.isfile(os.path.join(d.latent_tokenizer, "config.json")):
-        e.append(f"--latent-tokenizer {d.latent_tokenizer} is not a σ-VAE tokenizer directory (no config.json); "
-                 "train one with python tools/train_vae.py --save DIR")
-    else:
-        from megalatent.models.sigma_vae import read_tokenizer_config
-        vae = read_tokenizer_config(d.latent_tokenizer)["config"]
-        tokens = (vae["image_size"] // vae["patch_size"]) ** 2
-        if m.latent_dim != vae["latent_dim"]:
-            e.append(f"--latent-dim {m.latent_dim} differs from the tokenizer's latent_dim {vae['latent_dim']}")
-        if m.seq_length != latent_data.sequence_length(tokens):
-            e.append(f"--seq-length must be {latent_data.sequence_length(tokens)} for this tokenizer "
-                     f"({tokens} latents per image + class, <boi>, <eoi>), got {m.seq_length}")
-    if m.vocab_size is not None and m.vocab_size < latent_data.vocab_size(m.num_classes):
-        e.append(f"--vocab-size {m.vocab_size} is too small for {m.num_classes} classes and 4 special tokens")
     if m.diffusion_batch_mul < 1 or m.diffusion_head_layers < 1:
         e.append("--diffusion-batch-mul and --diffusion-head-layers must be >= 1")
+    if d.latent_tokenizer is None:
+        return e + ["--model-family latentlm needs --latent-tokenizer DIR (train one: python tools/train_vae.py "
+                    "--save DIR)"]
+    if not os.path.isfile(os.path.join(d.latent_tokenizer, "config.json")):
+        return e + [f"--latent-tokenizer {d.latent_tokenizer} is not a σ-VAE tokenizer directory (no config.json); "
+                    "train one with python tools/train_vae.py --save DIR"]
+    from megalatent.models.sigma_vae import read_tokenizer_config
+    vae = read_tokenizer_config(d.latent_tokenizer)["config"]
+    if m.latent_dim != vae["latent_dim"]:
+        e.append(f"--latent-dim {m.latent_dim} differs from the tokenizer's latent_dim {vae['latent_dim']}")
+    if d.data_path is not None:
+        return e + _document_errors(cfg)
+    tokens = (vae["image_size"] // vae["patch_size"]) ** 2
+    if m.seq_length != latent_data.sequence_length(tokens):
+        e.append(f"--seq-length must be {latent_data.sequence_length(tokens)} for this tokenizer "
+                 f"({tokens} latents per image + class, <boi>, <eoi>), got {m.seq_length}")
+    if m.vocab_size is not None and m.vocab_size < latent_data.vocab_size(m.num_classes):
+        e.append(f"--vocab-size {m.vocab_size} is too small for {m.num_classes} classes and 4 special tokens")
     if not 0 <= d.class_dropout < 1:
         e.append(f"--class-dropout must be in [0, 1), got {d.class_dropout}")
     return e
 
 
+def _document_errors(cfg: Config) -> list[str]:
+    """--data-path: interleaved text+image documents (tools/preprocess_interleaved.py), whose latent stores
+    must have been made with this run's tokenizers."""
+    from megalatent.data.gpt_data import parse_data_path
+    from megalatent.data.interleaved import open_latent_stores
+    from megalatent.data.tokenizer import Tokenizer
+
+    d = cfg.data
+    if d.tokenizer_model is None:
+        return ["--data-path needs --tokenizer-model (the text tokenizer the documents were made with; "
+                "tools/preprocess_interleaved.py prints the training flags)"]
+    if not os.path.isfile(d.tokenizer_model):
+        return []  # config.validate reports the missing file
+    try:
+        prefixes, _ = parse_data_path(d.data_path)
+        open_latent_stores(prefixes, d.latent_tokenizer, Tokenizer.load(d.tokenizer_model))
+    except (ValueError, FileNotFoundError) as err:
+        return [str(err)]
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab_size(cfg):
+        return [f"--vocab-size {cfg.model.vocab_size} is too small for the text tokenizer's ids and <boi>, <eoi> "
+                f"and the latent placeholder ({vocab_size(cfg)}); leave it out"]
+    return []
+
+
+def vocab_size(cfg: Config) -> int:
+    """Class-conditional: the classes, the null class and 3 special ids; on documents: the text tokenizer's
+    ids and 3 special ids."""
+    if cfg.data.data_path is None:
+        return latent_data.vocab_size(cfg.model.num_classes)
+    from megalatent.data.tokenizer import Tokenizer
+    return interleaved.vocab_size(Tokenizer.load(cfg.data.tokenizer_model).vocab_size)
+
+
 register(ModelFamily(name="latentlm", build=LatentLM, flops_per_token=flops_per_token, validate=validate,
-                     objective=LATENT_LM, build_data=latent_data.build_latent_loaders,
-                     vocab_size=lambda m: latent_data.vocab_size(m.num_classes)))
+                     objective=LATENT_LM, build_data=latent_data.build_latent_loaders, vocab_size=vocab_size))

@@ -30,7 +30,7 @@ class ModelFamily:
     # (cfg, layout) -> (train loader, valid loader or None); None: the Megatron language-modelling data.
     build_data: Optional[Callable] = None
     # With build_data: the vocabulary that data needs, used when --vocab-size is not given.
-    vocab_size: Optional[Callable[[ModelConfig], int]] = None
+    vocab_size: Optional[Callable[[Config], int]] = None
 
 
 MODEL_FAMILIES: dict[str, ModelFamily] = {}
