@@ -145,6 +145,17 @@ def test_train_then_sample_images_with_generate_tool(corpus_cache, tmp_path, tok
                           "--solver-steps", "3", "--output", png], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert Image.open(png).size == (2 * 24, 24)  # two 24 x 24 digits side by side
+    # The conditioning benchmark runs on it (an untrained σ-VAE: the numbers mean nothing, their form does).
+    result = str(tmp_path / "eval.json")
+    ev = subprocess.run([sys.executable, "tools/eval_digits.py", "--load", save, "--samples-per-digit", "1",
+                         "--solver-steps", "2", "--output", result], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    import json
+    report = json.load(open(result))
+    assert report["condition"] == "class" and report["real_digits_accuracy"] > 0.9
+    assert [(r["solver_steps"], r["cfg_scale"]) for r in report["runs"]] == [(2, 4.0)]
+    assert 0 <= report["runs"][0]["accuracy"] <= 1
 
 
 def test_train_on_documents_then_generate_text_to_image(corpus_cache, tmp_path, tokenizer_dir):

@@ -18,8 +18,6 @@ import time
 
 import torch
 
-from megalatent.data import interleaved
-from megalatent.data.latent_data import class_prompts
 from megalatent.data.tokenizer import Tokenizer
 from megalatent.distributed.convert import ConvertError
 from megalatent.inference.generate import decode_step, prefill, sample
@@ -66,7 +64,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if loaded.config.model_family == "latentlm":
-        return sample_images(args, loaded)
+        return images_from_latentlm(args, loaded)
     if loaded.tokenizer_model is None:
         print("error: the checkpoint's tokenizer is not on disk; pass --tokenizer-model", file=sys.stderr)
         return 2
@@ -97,27 +95,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def latent_prompts(args, loaded):
-    """(prompt [n, P], unconditional prompt [1, P']) of a LatentLM: (class, <boi>) against (null, <boi>) for a
-    class-conditional run; the text (after the end-of-document token, as a document starts in the training
-    windows) then <boi>, against <eod> <boi> (an image without text), for a run on interleaved documents."""
-    if loaded.tokenizer_model is None:  # trained class-conditionally
-        if not args.classes or any(not 0 <= c < loaded.config.num_classes for c in args.classes):
-            raise ValueError(f"this LatentLM was trained class-conditionally: give --classes in "
-                             f"[0, {loaded.config.num_classes}) (if it was trained on text, pass --tokenizer-model)")
-        return class_prompts(torch.tensor(args.classes, device=args.device), loaded.config.num_classes)
-    if args.classes:
-        raise ValueError("this LatentLM was trained on text+image documents: describe the image with --prompt")
-    tok = Tokenizer.load(loaded.tokenizer_model)
-    boi = interleaved.special_tokens(tok.vocab_size)["boi"]
-    prompt = torch.tensor([[tok.eod] + tok.encode(args.prompt) + [boi]], device=args.device)
-    return prompt.expand(args.num_images, -1), torch.tensor([[tok.eod, boi]], device=args.device)
-
-
-def sample_images(args, loaded) -> int:
-    """Images from a LatentLM: latents one by one after the prompt, pixels from its σ-VAE."""
+def images_from_latentlm(args, loaded) -> int:
+    """Images from a LatentLM: latents one by one after the prompt (a class, or text), pixels from its σ-VAE."""
     from PIL import Image
 
+    from megalatent.inference.images import image_prompts, sample_images
     from megalatent.models.sigma_vae import load_tokenizer
     tokenizer_dir = args.latent_tokenizer or loaded.latent_tokenizer
     if tokenizer_dir is None or args.solver_steps < 1 or args.num_images < 1:
@@ -125,16 +107,14 @@ def sample_images(args, loaded) -> int:
               "--solver-steps >= 1 and --num-images >= 1", file=sys.stderr)
         return 2
     try:
-        prompt, uncond = latent_prompts(args, loaded)
+        prompt, uncond = image_prompts(loaded, args.device, args.classes, args.prompt, args.num_images)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     vae = load_tokenizer(tokenizer_dir).to(args.device).eval()
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
-    latents = loaded.model.sample_latents(prompt, vae.cfg.num_tokens, args.solver_steps, args.cfg_scale, uncond,
-                                          generator)
-    images = vae.detokenize(latents).clamp(-1, 1)  # [n, C, H, W] in [-1, 1]
+    images = sample_images(loaded, vae, prompt, uncond, args.solver_steps, args.cfg_scale, generator)
     seconds = time.perf_counter() - t0
     grid = torch.cat(list(images), dim=-1)  # side by side
     pixels = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()

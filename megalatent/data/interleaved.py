@@ -37,6 +37,8 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from megalatent.formats import read_format_json
+
 STORE_FORMAT = "megalatent-interleaved-latents"
 STORE_FORMAT_VERSION = 1
 _INT32_MAX = np.iinfo(np.int32).max
@@ -255,14 +257,7 @@ class LatentStore:
                 f"interleaved text+image dataset ({_REMAKE_HINT}, which writes {data_prefix}.bin/.idx, "
                 f"{os.path.basename(self.npy_path)} and {os.path.basename(self.json_path)}; a text dataset from "
                 "tools/preprocess_data.py has none)")
-        with open(self.json_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != STORE_FORMAT:
-            raise ValueError(f"{self.json_path}: format {meta.get('format')!r} is not {STORE_FORMAT!r}")
-        if meta.get("format_version", 0) > STORE_FORMAT_VERSION:
-            raise ValueError(f"{self.json_path}: format version {meta['format_version']} is newer than this code "
-                             f"reads ({STORE_FORMAT_VERSION}); update megalatent")
-        self.meta = meta
+        self.meta = meta = read_format_json(self.json_path, STORE_FORMAT, STORE_FORMAT_VERSION)
         self.latent_dim: int = meta["latent_dim"]
         self.latents_per_image: int = meta["latents_per_image"]
         self.rows: int = meta["rows"]

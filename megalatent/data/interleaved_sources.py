@@ -107,6 +107,11 @@ def iter_jsonl_documents(inputs: Sequence[str], image_size: int, channels: int, 
             yield [s if isinstance(s, str) else torch.from_numpy(s) for s in doc]
 
 
+def digit_caption(label: int) -> str:
+    """The caption of a digit in the demo documents (and the prompt that asks for one)."""
+    return f"a handwritten {DIGIT_NAMES[label]}."
+
+
 def digits_documents(image_size: int, channels: int, caption_dropout: float, seed: int) -> tuple[list, int]:
     """One document per embedded digit (all 1,797, in data set order): "a handwritten seven." then the image;
     a ``caption_dropout`` share of them (drawn from ``seed``) is the image alone, the unconditional examples
@@ -118,6 +123,6 @@ def digits_documents(image_size: int, channels: int, caption_dropout: float, see
     data = DigitsDataset("all", image_size=image_size)
     images = data.images.expand(-1, channels, -1, -1) if channels != 1 else data.images
     drop = torch.rand(len(images), generator=torch.Generator().manual_seed(seed)) < caption_dropout
-    documents = [[image] if dropped else [f"a handwritten {DIGIT_NAMES[label]}.", image]
+    documents = [[image] if dropped else [digit_caption(label), image]
                  for image, label, dropped in zip(images, data.labels.tolist(), drop.tolist())]
     return documents, len(documents)

@@ -41,6 +41,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from megalatent.formats import read_format_json
+
 TOKENIZER_FORMAT = "megalatent-sigma-vae"
 TOKENIZER_FORMAT_VERSION = 1
 CONFIG_FILE, STATS_FILE, WEIGHTS_FILE = "config.json", "latent_stats.json", "model.pt"
@@ -310,14 +312,7 @@ def read_tokenizer_config(directory: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory} is not a σ-VAE tokenizer directory: {CONFIG_FILE} is missing "
                                 f"(write one with tools/train_vae.py)")
-    with open(path) as f:
-        info = json.load(f)
-    if info.get("format") != TOKENIZER_FORMAT:
-        raise ValueError(f"{path}: format {info.get('format')!r} is not {TOKENIZER_FORMAT!r}")
-    if info.get("format_version", 0) > TOKENIZER_FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {info['format_version']} is newer than this code reads "
-                         f"({TOKENIZER_FORMAT_VERSION}); update megalatent")
-    return info
+    return read_format_json(path, TOKENIZER_FORMAT, TOKENIZER_FORMAT_VERSION)
 
 
 def load_tokenizer(directory: str, map_location="cpu") -> SigmaVAE:
