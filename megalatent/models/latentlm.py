@@ -96,8 +96,10 @@ class LatentLM(Decoder):
         if self.output is None:
             return x, position_ids
         h = self.norm(x)
-        # Under sequence parallelism h is sequence-sharded; the head, whole on every TP rank, takes all of it.
-        hidden = h.full_tensor() if isinstance(h, DTensor) else h
+        hidden = h
+        if isinstance(h, DTensor):  # sequence parallel: gathered once, for the output layer and the diffusion head
+            h = h.redistribute(placements=[Replicate()])
+            hidden = h.to_local()
         if target_latents is None:
             return self.head(h), hidden
         return self.head(h), self.diffusion_loss(hidden, target_latents, diffusion_mask, diffusion_t, diffusion_noise)
