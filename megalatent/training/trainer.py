@@ -178,16 +178,12 @@ class Trainer:
             return micro_batches
         return [self.objective.shard(mb, self.layout.cp_rank, self.layout.cp, self.cp_split) for mb in micro_batches]
 
-    def _count(self, micro_batches) -> torch.Tensor:
-        """This rank's loss-bearing items (tokens, images) in these micro-batches."""
-        return sum(self.objective.count(mb) for mb in micro_batches).to(self.device, torch.float32)
-
-    def _global_counts(self, micro_batches) -> torch.Tensor:
-        """[the loss's items, then each loss part's] over every data/context-parallel rank, in one reduction."""
-        counts = [self._count(micro_batches).reshape(1)]
+    def _counts(self, micro_batches) -> torch.Tensor:
+        """This rank's loss-bearing items (tokens, images) in these micro-batches, then each loss part's."""
+        counts = [sum(self.objective.count(mb) for mb in micro_batches).reshape(1)]
         if self.objective.loss_parts:
-            counts.append(sum(self.objective.part_counts(mb) for mb in micro_batches).to(self.device, torch.float32))
-        return self.layout.all_reduce_sum(torch.cat(counts), ("dp", "cp"))
+            counts.append(sum(self.objective.part_counts(mb) for mb in micro_batches))
+        return torch.cat(counts).to(self.device, torch.float32)
 
     def _part_means(self, part_sums: torch.Tensor, counts: torch.Tensor) -> Optional[dict[str, float]]:
         """Each loss part's mean over its own items (a part without items in the step: 0), for the log."""
@@ -202,7 +198,7 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         micro_batches = self._local_tokens(micro_batches)
-        counts = self._global_counts(micro_batches)
+        counts = self.layout.all_reduce_sum(self._counts(micro_batches), ("dp", "cp"))
         global_tokens = counts[0]
         self.moe.start_step(len(micro_batches))
         # Gradient reduction over the data- and context-parallel ranks averages; scaling by their
@@ -229,22 +225,25 @@ class Trainer:
         return loss, grad_norm
 
     @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
-        """Mean validation loss over --eval-iters global batches, always the same ones."""
+    def evaluate(self) -> Optional[tuple[float, Optional[dict[str, float]]]]:
+        """(mean validation loss, each loss part's mean or None) over --eval-iters global batches, always the
+        same ones."""
         if self.valid_loader is None:
             return None
         for part in self.parts:
             part.eval()
         self.valid_loader.load_state_dict({"consumed_samples": 0})
-        loss_sum = torch.zeros((), device=self.device)
-        tokens = torch.zeros((), device=self.device)
+        parts = len(self.objective.loss_parts)
+        loss_sum = torch.zeros(max(1, parts), device=self.device)
+        counts = torch.zeros(1 + parts, device=self.device)
         for _ in range(self.cfg.training.eval_iters):
             micro_batches = self._local_tokens(self.valid_loader.next_global_batch())
-            loss_sum += self._forward_backward(micro_batches, scale=None).sum()
-            tokens += self._count(micro_batches)
-        loss_sum = self.layout.all_reduce_sum(loss_sum.reshape(1), ("pp",))
-        both = self.layout.all_reduce_sum(torch.cat([loss_sum, tokens.reshape(1)]), ("dp", "cp"))
-        return (both[0] / both[1]).item()
+            loss_sum += self._forward_backward(micro_batches, scale=None)
+            counts += self._counts(micro_batches)
+        loss_sum = self.layout.all_reduce_sum(loss_sum, ("pp",))
+        both = self.layout.all_reduce_sum(torch.cat([loss_sum, counts]), ("dp", "cp"))
+        loss_sum, counts = both[:len(loss_sum)], both[len(loss_sum):]
+        return (loss_sum.sum() / counts[0]).item(), self._part_means(loss_sum, counts)
 
     # ---------------------------------------------------------------- the loop
     def _should_stop(self) -> Optional[str]:
@@ -334,9 +333,12 @@ class Trainer:
         self.writer.scalars(scalars, self.iteration)
 
     def _log_validation(self) -> None:
-        loss = self.evaluate()
-        if loss is None or not self.is_logger:
+        result = self.evaluate()
+        if result is None or not self.is_logger:
             return
+        loss, parts = result
         ppl = math.exp(min(loss, 20.0))
-        log(f" validation loss at iteration {self.iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |")
-        self.writer.scalars({"validation/lm-loss": loss, "validation/lm-loss-ppl": ppl}, self.iteration)
+        line = f" validation loss at iteration {self.iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
+        log(line + "".join(f" {name} loss: {v:.6E} |" for name, v in (parts or {}).items()))
+        self.writer.scalars({"validation/lm-loss": loss, "validation/lm-loss-ppl": ppl,
+                             **{f"validation/lm-loss/{name}": v for name, v in (parts or {}).items()}}, self.iteration)
