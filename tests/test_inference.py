@@ -132,3 +132,27 @@ def test_generate_tool_from_a_trained_checkpoint(tmp_path, corpus_cache):
     tok = Tokenizer.load(loaded.tokenizer_model)
     ids = generate(loaded.model, torch.tensor([tok.encode("import os")]), 8, vocab_size=tok.vocab_size)
     assert out.stdout.rstrip("\n") == "import os" + tok.decode(ids[0, len(tok.encode("import os")):].tolist())
+
+
+def test_kv_cache_appends_in_place_into_doubling_buffers():
+    """The cache returns exactly the concatenation of everything appended, while its buffers grow by doubling
+    (few reallocations, never more than twice the tokens held)."""
+    from megalatent.nn.rotary import Positions
+
+    torch.manual_seed(0)
+    cache, ks, vs, reallocations, buffer = KVCache(), [], [], 0, None
+    for step, n in enumerate([3] + [1] * 20):
+        k, v = torch.randn(2, 2, n, 4), torch.randn(2, 2, n, 4)
+        ids = torch.arange(cache.length, cache.length + n).expand(2, n)
+        ks.append(k)
+        vs.append(v)
+        keys, values, positions = cache.update(k, v, Positions(ids, None))
+        torch.testing.assert_close(keys, torch.cat(ks, dim=2), rtol=0, atol=0)
+        torch.testing.assert_close(values, torch.cat(vs, dim=2), rtol=0, atol=0)
+        if step:
+            assert positions.key_ids.tolist() == [list(range(cache.length))] * 2
+        reallocations += cache._k.data_ptr() != buffer
+        buffer = cache._k.data_ptr()
+        assert cache.length <= cache._k.shape[2] <= 2 * cache.length
+    assert reallocations == 4  # 3 -> 6 -> 12 -> 24 tokens
+    assert cache.nbytes() == 2 * 23 * 2 * 2 * 4 * 4
