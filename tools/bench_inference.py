@@ -1,5 +1,5 @@
 """Benchmark (not a test): YOCO against the baseline decoder of the same size at inference — the cache
-after prefill (bytes) and the prefill time, over context lengths, as JSON.
+after prefill (bytes), the prefill time and the decoding speed after it, over context lengths, as JSON.
 
     python tools/bench_inference.py --lengths 1024 4096 16384 65536 --output benchmarks/results/inference-cpu.json
 
@@ -29,7 +29,7 @@ import torch
 
 import megalatent.models  # noqa: F401  (registers the families)
 from megalatent.config import ModelConfig
-from megalatent.inference.generate import prefill
+from megalatent.inference.generate import decode_step, prefill
 from megalatent.models.registry import build_model
 
 PAPER = {"memory_ratio_1m": 9.4, "prefill_speedup_1m": 71.8, "prefill_speedup_32k": 2.87, "memory_ratio_32k": 2.0}
@@ -45,24 +45,31 @@ def model_configs(args) -> tuple[ModelConfig, ModelConfig]:
     return yoco, ModelConfig(model_family="gpt", **shape)
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
-def measure_prefill(model, length: int, device, repeats: int) -> tuple[int, float]:
-    """(cache bytes after prefill, median prefill seconds) for a random prompt of `length` tokens."""
+def measure(model, length: int, device, repeats: int, decode_tokens: int) -> tuple[int, float, float]:
+    """(cache bytes after prefill, median prefill seconds, decode tokens/s) for a random prompt of `length`
+    tokens; decoding runs `decode_tokens` greedy steps against the last prefill's cache."""
     prompt = torch.randint(0, 1000, (1, length), device=device)
     prefill(model, prompt[:, :256], model.new_cache())  # warm up (allocator, kernels)
-    times, nbytes = [], 0
+    times, cache, logits = [], None, None
     for _ in range(repeats):
         cache = model.new_cache()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
-        prefill(model, prompt, cache)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        logits = prefill(model, prompt, cache)
+        _sync(device)
         times.append(time.perf_counter() - t0)
-        nbytes = cache.nbytes()
-        del cache
-    return nbytes, sorted(times)[len(times) // 2]
+    nbytes = cache.nbytes()
+    t0 = time.perf_counter()
+    for _ in range(decode_tokens):
+        logits = decode_step(model, logits.argmax(-1), cache)
+    _sync(device)
+    return nbytes, sorted(times)[len(times) // 2], decode_tokens / max(time.perf_counter() - t0, 1e-9)
 
 
 # ---------------------------------------------------------------- analytic: the paper's 3B
@@ -134,6 +141,7 @@ def main() -> None:
     p.add_argument("--retention-form", choices=["chunkwise", "triton"], default="chunkwise",
                    help="YOCO gRet prefill: the PyTorch chunkwise form or the Triton kernel (GPU)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--decode-tokens", type=int, default=32, help="greedy decoding steps timed after the prefill")
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop growing a model's length past this")
     p.add_argument("--paper-lengths", type=int, nargs="+", default=[32768, 131072, 524288, 1048576])
     p.add_argument("--output", help="write the records as JSON here")
@@ -151,14 +159,14 @@ def main() -> None:
     print(f"parameters: yoco ({args.self_attention}) {params['yoco']:,}, baseline {params['gpt']:,}; {device}, {dtype}")
     records, too_slow = [], set()
     print(f"{'length':>8} {'yoco cache MiB':>15} {'gpt cache MiB':>14} {'ratio':>7} {'yoco prefill s':>15} "
-          f"{'gpt prefill s':>14} {'speed-up':>9}")
+          f"{'gpt prefill s':>14} {'speed-up':>9} {'yoco decode tok/s':>18} {'gpt decode tok/s':>17}")
     for n in sorted(args.lengths):
         row = {"length": n}
         for family, model in models.items():
             if family in too_slow:
                 continue
-            nbytes, seconds = measure_prefill(model, n, device, args.repeats)
-            row[family] = {"cache_bytes": nbytes, "prefill_s": seconds}
+            nbytes, seconds, decode = measure(model, n, device, args.repeats, args.decode_tokens)
+            row[family] = {"cache_bytes": nbytes, "prefill_s": seconds, "decode_tokens_per_s": decode}
             if seconds > args.max_seconds:
                 too_slow.add(family)
         records.append(row)
@@ -169,7 +177,8 @@ def main() -> None:
         ratio = f"{row['gpt']['cache_bytes'] / row['yoco']['cache_bytes']:>7.1f}" if both else f"{'-':>7}"
         speed = f"{row['gpt']['prefill_s'] / row['yoco']['prefill_s']:>9.1f}" if both else f"{'-':>9}"
         print(f"{n:>8} {fmt('yoco', 'cache_bytes', 2**20, 15)} {fmt('gpt', 'cache_bytes', 2**20, 14)} {ratio} "
-              f"{fmt('yoco', 'prefill_s', 1, 15)} {fmt('gpt', 'prefill_s', 1, 14)} {speed}", flush=True)
+              f"{fmt('yoco', 'prefill_s', 1, 15)} {fmt('gpt', 'prefill_s', 1, 14)} {speed} "
+              f"{fmt('yoco', 'decode_tokens_per_s', 1, 18)} {fmt('gpt', 'decode_tokens_per_s', 1, 17)}", flush=True)
 
     analysis = paper_3b_analysis(args.paper_lengths)
     print("\nYOCO-3B vs a 3B Transformer of the same shape, analytic (bf16 weights + cache; prefill forward FLOPs):")
