@@ -329,7 +329,8 @@ def test_export_packs_and_packed_generation_equals_the_fake_quantised_model(tmp_
                                                   for n in ("gate_proj", "up_proj", "down_proj")]
     assert all(c.dtype == torch.uint8 for c in codes)
     latent = [m.weight for m in trained.modules() if isinstance(m, BitLinear)] + [
-        getattr(m, n) for m in trained.modules() if isinstance(m, Experts) for n in ("gate_proj", "up_proj", "down_proj")]
+        getattr(m, n) for m in trained.modules() if isinstance(m, Experts) for n in ("gate_proj", "up_proj",
+                                                                                     "down_proj")]
     assert nbytes(codes) * 16 == nbytes(latent)  # 2 bits against fp32's 32, experts included
     if moe:  # the packed directory: the embedding, head and routers dominate what is not 2-bit
         latent_file = nbytes(trained.state_dict().values())
@@ -354,8 +355,9 @@ def test_export_packs_and_packed_generation_equals_the_fake_quantised_model(tmp_
         torch.testing.assert_close(load_packed_model(out)(prompt), packed(prompt), rtol=0, atol=0)
     else:
         problems = export_problems(small_cfg(model_family="bitnet", num_experts=4, moe_router_topk=2,
-                                             moe_ffn_hidden_size=30, moe_num_heads=4))  # sub-tokens of width 8
-        assert len(problems) == 1 and "--moe-ffn-hidden-size" in problems[0] and "30" in problems[0]
+                                             moe_ffn_hidden_size=30, moe_num_heads=16))  # sub-tokens of width 2
+        assert len(problems) == 2 and "input width 2 (--hidden-size / --moe-num-heads)" in problems[0]
+        assert "width 30 (--moe-ffn-hidden-size" in problems[1]
 
 
 def nbytes(tensors):

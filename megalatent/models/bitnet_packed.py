@@ -213,7 +213,7 @@ def export_problems(cfg) -> list[str]:
                         f"{CODES_PER_BYTE} (4 codes per byte): choose --hidden-size or --moe-num-heads so that it is")
     if ffns:
         problems.append(f"the experts' width {ffns[0]} (--moe-ffn-hidden-size, default the dense MLP's) is not "
-                        f"divisible by {CODES_PER_BYTE} (4 codes per byte): choose --moe-ffn-hidden-size divisible by 4")
+                        f"divisible by {CODES_PER_BYTE} (4 codes per byte): choose --moe-ffn-hidden-size so that it is")
     return problems
 
 
@@ -280,8 +280,9 @@ def read_packed_config(path: str) -> dict:
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
         raise convert.ConvertError(f"{meta_path} is format {meta.get('format')!r} version {meta.get('version')}; "
-                                   f"this megalatent reads {FORMAT!r} versions {', '.join(map(str, READABLE_VERSIONS))}")
+                                   f"this megalatent reads {FORMAT!r} versions {readable}")
     meta.setdefault("packed_experts", [])  # version 1: BitLinear layers only
     return meta
 
@@ -290,8 +291,9 @@ def load_packed_model(path: str, device: torch.device | str = "cpu") -> nn.Modul
     """The model of a packed directory, in eval mode on `device`: forward(tokens [b, s]) -> logits.
 
     The model is built by its family (so any decoder family with BitLinear layers loads), then each
-    BitLinear is replaced by a PackedBitLinear and each ternary Experts by a PackedExperts. The build allocates the full-precision latent weights
-    once, on the host, before they are dropped; only the packed model goes to `device`.
+    BitLinear is replaced by a PackedBitLinear and each ternary Experts by a PackedExperts. The build
+    allocates the full-precision latent weights once, on the host, before they are dropped; only the
+    packed model goes to `device`.
     """
     meta = read_packed_config(path)
     cfg = convert.model_config(meta)
