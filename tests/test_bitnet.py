@@ -1,6 +1,7 @@
 """BitNet b1.58: BitLinear against its formulas (grids, STE), the family's structure and rules, TP/PP
 against one process, the two-stage schedule, packing and the Triton kernels against their references,
 and the packed export decoding the fake-quantised model's tokens."""
+import json
 import os
 
 import pytest
@@ -16,8 +17,8 @@ from megalatent.config import ConfigError, ModelConfig, TrainingConfig, parse_ar
 from megalatent.data.gpt_data import MicroBatchLoader  # noqa: E402
 from megalatent.distributed.layout import ParallelLayout  # noqa: E402
 from megalatent.kernels import bitnet as kernels  # noqa: E402
-from megalatent.models.bitnet_packed import (PackedBitLinear, export_problems, load_packed_model,  # noqa: E402
-                                             read_packed_config)
+from megalatent.models.bitnet_packed import (PackedBitLinear, PackedExperts, export_problems,  # noqa: E402
+                                             load_packed_model, read_packed_config)
 from megalatent.models.registry import build_model  # noqa: E402
 from megalatent.nn.bitlinear import (BitLinear, _TernaryLinear, quantize_activations, quantize_weights,  # noqa: E402
                                      rms_norm)
@@ -263,15 +264,27 @@ def greedy(model, prompt, steps):
     return tokens, torch.stack(logits)
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the trainer's save, single process
-def test_export_packs_and_packed_generation_equals_the_fake_quantised_model(tmp_path):
-    import sys
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import export_bitnet
+def test_packed_experts_equal_the_ternary_experts():
+    """Uneven blocks, an expert with no rows: the packed experts compute the training experts' output up to
+    float rounding (PackedExperts.forward says why not bit-exactly)."""
+    from megalatent.nn.moe import Experts
+    torch.manual_seed(0)
+    experts = Experts(4, 16, 24, ternary=True)
+    for p in experts.parameters():
+        nn.init.normal_(p, mean=1.0 if p.dim() == 2 else 0.0, std=0.3 if p.dim() == 2 else 0.05)
+    packed = PackedExperts.from_experts(experts)
+    assert all(getattr(packed, n).packed_weight.dtype == torch.uint8 for n in ("gate_proj", "up_proj", "down_proj"))
+    assert packed.gate_proj.packed_weight.shape == (4, 24, 4) and packed.down_proj.packed_weight.shape == (4, 16, 6)
+    counts = torch.tensor([5, 0, 1, 9])
+    x = torch.randn(15, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x, counts), experts(x, counts), rtol=1e-5, atol=1e-5)
+        assert packed(x[:0], torch.zeros(4, dtype=torch.long)).shape == (0, 16)
 
-    save, out = str(tmp_path / "ckpt"), str(tmp_path / "packed")
-    cfg = parse_args(MODEL + ["--model-family", "bitnet", "--num-layers", "2", "--train-iters", "3",
-                              "--save", save, "--lr", "3e-3"])
+
+def trained_checkpoint(save, flags):
+    """Three steps of the trainer on a 2-layer model, saved as a training run leaves it; the trainer."""
+    cfg = parse_args(MODEL + ["--num-layers", "2", "--train-iters", "3", "--save", save, "--lr", "3e-3"] + flags)
     validate(cfg)
     layout = ParallelLayout(world_size=1)
     torch.manual_seed(0)
@@ -281,24 +294,71 @@ def test_export_packs_and_packed_generation_equals_the_fake_quantised_model(tmp_
     for _ in range(3):
         trainer.train_step(loader.next_global_batch())
         trainer.iteration += 1
-    trainer.save()  # the trainer's own checkpoint, as a training run leaves it
+    trainer.save()
+    return trainer
+
+
+# MH-MoE on layer 0 (its head/merge projections are BitLinear), a dense BitNet MLP on layer 1.
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-layer-freq", "2", "--moe-num-heads", "2"]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the trainer's save, single process
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_export_packs_and_packed_generation_equals_the_fake_quantised_model(tmp_path, moe):
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import export_bitnet
+    from megalatent.nn.moe import Experts
+
+    save, out = str(tmp_path / "ckpt"), str(tmp_path / "packed")
+    trainer = trained_checkpoint(save, ["--model-family", "bitnet"] + (MOE if moe else []))
 
     assert export_bitnet.main(["--load", save, "--output", out]) == 0
     assert export_bitnet.main(["--load", save, "--output", out]) == 2  # exists: needs --force
     meta = read_packed_config(out)
-    assert meta["iteration"] == 3 and len(meta["packed_layers"]) == 2 * 7
+    # Dense: 7 BitLinear per layer. MoE layer 0: 4 attention + head/merge projections, its experts packed whole.
+    assert meta["iteration"] == 3 and len(meta["packed_layers"]) == (7 + 6 if moe else 2 * 7)
+    assert meta["packed_experts"] == (["layers.0.mlp.experts"] if moe else [])
     packed = load_packed_model(out)
     linears = [m for m in packed.modules() if isinstance(m, (BitLinear, PackedBitLinear))]
-    assert len(linears) == 14 and all(isinstance(m, PackedBitLinear) for m in linears)
+    assert len(linears) == len(meta["packed_layers"]) and all(isinstance(m, PackedBitLinear) for m in linears)
+    assert not any(isinstance(m, Experts) for m in packed.modules())
+    packed_experts = [m for m in packed.modules() if isinstance(m, PackedExperts)]
     trained = trainer.model.eval()
-    packed_bytes = sum(b.numel() * b.element_size() for m in linears for b in (m.packed_weight,))
-    latent_bytes = sum(m.weight.numel() * m.weight.element_size() for m in trained.modules() if isinstance(m, BitLinear))
-    assert packed_bytes * 16 == latent_bytes  # 2 bits against fp32's 32
+    codes = [m.packed_weight for m in linears] + [getattr(m, n).packed_weight for m in packed_experts
+                                                  for n in ("gate_proj", "up_proj", "down_proj")]
+    assert all(c.dtype == torch.uint8 for c in codes)
+    latent = [m.weight for m in trained.modules() if isinstance(m, BitLinear)] + [
+        getattr(m, n) for m in trained.modules() if isinstance(m, Experts) for n in ("gate_proj", "up_proj",
+                                                                                     "down_proj")]
+    assert nbytes(codes) * 16 == nbytes(latent)  # 2 bits against fp32's 32, experts included
+    if moe:  # the packed directory: the embedding, head and routers dominate what is not 2-bit
+        latent_file = nbytes(trained.state_dict().values())
+        assert os.path.getsize(os.path.join(out, "weights.pt")) < 0.45 * latent_file
 
     prompt = torch.tensor([[5, 17, 42, 7], [100, 3, 3, 150]])
     tokens, logits = greedy(packed, prompt, 8)
     tokens_ref, logits_ref = greedy(trained, prompt, 8)
     assert torch.equal(tokens, tokens_ref)
-    torch.testing.assert_close(logits, logits_ref, rtol=1e-6, atol=1e-6)
+    # Dense BitNet is bit-exact up to the order of sums; the experts are equal up to float rounding.
+    tolerance = 1e-5 if moe else 1e-6
+    torch.testing.assert_close(logits, logits_ref, rtol=tolerance, atol=tolerance)
 
     assert any("no BitLinear" in p for p in export_problems(ModelConfig(vocab_size=100)))  # a gpt model
+    if not moe:  # a directory of format version 1 (before packed experts) still loads
+        meta_path = os.path.join(out, "config.json")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        del meta["packed_experts"]
+        with open(meta_path, "w") as f:
+            json.dump({**meta, "version": 1}, f)
+        torch.testing.assert_close(load_packed_model(out)(prompt), packed(prompt), rtol=0, atol=0)
+    else:
+        problems = export_problems(small_cfg(model_family="bitnet", num_experts=4, moe_router_topk=2,
+                                             moe_ffn_hidden_size=30, moe_num_heads=16))  # sub-tokens of width 2
+        assert len(problems) == 2 and "input width 2 (--hidden-size / --moe-num-heads)" in problems[0]
+        assert "width 30 (--moe-ffn-hidden-size" in problems[1]
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)

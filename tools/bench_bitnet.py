@@ -30,17 +30,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_parallel import environment  # noqa: E402  (machine, date, git commit, command, load average)
 
 from megalatent.config import ModelConfig
-from megalatent.models.bitnet_packed import PackedBitLinear, pack_model
+from megalatent.models.bitnet_packed import PackedBitLinear, PackedExperts, pack_experts, pack_model
 from megalatent.models.registry import build_model
 import megalatent.models  # noqa: F401  (registers the families)
 
 VOCAB = 32000  # LLaMA's tokenizer, as in the paper
-# hidden, GLU width, heads, layers; 700M/1.3B/3B are arXiv 2402.17764 Tab. 1.
+# hidden, GLU width (each expert's for MoE), heads, layers[, experts, top-k]; 700M/1.3B/3B are arXiv
+# 2402.17764 Tab. 1. "700m-moe8" (not in the paper): the 700M shape with 8 top-2 experts in every layer.
 SHAPES = {
     "220m": (1024, 2816, 16, 12),
     "700m": (1536, 4096, 24, 24),
     "1.3b": (2048, 5460, 32, 24),
     "3b": (3200, 8640, 32, 26),
+    "700m-moe8": (1536, 4096, 24, 24, 8, 2),
 }
 # The paper's Tab. 1-3 (FasterTransformer + Ladder 2-bit kernel, A100): LLaMA fp16 -> BitNet b1.58.
 PAPER = {"700m": {"memory_gb": (2.08, 0.80), "latency_ms": (1.18, 0.96)},
@@ -49,10 +51,17 @@ PAPER = {"700m": {"memory_gb": (2.08, 0.80), "latency_ms": (1.18, 0.96)},
 
 
 def shape_config(shape: str, family: str) -> ModelConfig:
-    hidden, ffn, heads, layers = SHAPES[shape]
+    hidden, ffn, heads, layers, *moe = SHAPES[shape]
+    experts = dict(num_experts=moe[0], moe_router_topk=moe[1]) if moe else {}
     return ModelConfig(model_family=family, num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
                        num_attention_heads=heads, vocab_size=VOCAB, seq_length=2048,
-                       untie_embeddings_and_output_weights=True)
+                       untie_embeddings_and_output_weights=True, **experts)
+
+
+def pack(model) -> None:
+    """The export's packing: every BitLinear and every ternary MoE expert group."""
+    pack_model(model)
+    pack_experts(model)
 
 
 def nbytes(tensors, bytes_per_element=None) -> int:
@@ -63,13 +72,16 @@ def weight_memory(shape: str) -> dict:
     with torch.device("meta"):
         baseline = build_model(shape_config(shape, "gpt"))
         packed = build_model(shape_config(shape, "bitnet"))
-        pack_model(packed)
+        pack(packed)
     params = list(baseline.parameters())
     layers = [m for m in packed.modules() if isinstance(m, PackedBitLinear)]
-    codes = nbytes(m.packed_weight for m in layers)
-    scales = nbytes(m.weight_scale for m in layers)
-    norms = nbytes((m.norm_weight for m in layers), 2)
-    full_precision = nbytes((p for n, p in packed.named_parameters()), 2)  # embedding, final norm, head (bf16)
+    experts = [m for m in packed.modules() if isinstance(m, PackedExperts)]
+    stacks = layers + [getattr(x, n) for x in experts for n in ("gate_proj", "up_proj", "down_proj")]
+    codes = nbytes(m.packed_weight for m in stacks)
+    scales = nbytes(m.weight_scale for m in stacks)
+    norms = nbytes([m.norm_weight for m in layers] + [t for x in experts for t in (x.input_norm, x.hidden_norm)], 2)
+    # The embedding, final norm, head (and MoE routers) in bf16: what packing leaves as parameters.
+    full_precision = nbytes((p for n, p in packed.named_parameters()), 2)
     bf16 = nbytes(params, 2)
     out = {"parameters": sum(p.numel() for p in params), "fp32_bytes": nbytes(params, 4), "bf16_bytes": bf16,
            "packed_bytes": codes + scales + norms + full_precision,
@@ -98,7 +110,7 @@ def latency(shape: str, device: torch.device, repeats: int, warmup: int = 2) -> 
     models = {name: build_model(shape_config(shape, "gpt")).to(device=device, dtype=dtype).eval()
               for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     packed = build_model(shape_config(shape, "bitnet")).eval()
-    pack_model(packed)  # quantise and pack on the host; only the packed model goes to the device
+    pack(packed)  # quantise and pack on the host; only the packed model goes to the device
     packed = packed.to(device)
     if device.type == "cuda":  # the full-precision parts in bf16 like the baseline's; γ stays fp32
         for part in (packed.embed_tokens, packed.norm, packed.output):

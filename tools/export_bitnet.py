@@ -2,7 +2,8 @@
 
 Reads the newest complete checkpoint of --load (or --iteration N), whatever layout wrote it; needs no
 GPU and no process group. The logic lives in megalatent/models/bitnet_packed.py, whose
-`load_packed_model(DIR)` runs the result (2-bit weights, 8-bit activations).
+`load_packed_model(DIR)` runs the result (2-bit weights, 8-bit activations). Every BitLinear layer and
+every ternary MoE expert group (a BitNet trained with --num-experts) is packed.
 
     python tools/export_bitnet.py --load runs/bitnet --output runs/bitnet-packed
     python tools/export_bitnet.py --load runs/bitnet --output runs/bitnet-packed --dtype bfloat16 --force

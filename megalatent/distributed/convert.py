@@ -393,7 +393,7 @@ def _resolve_tokenizer(cfg: ModelConfig, tokenizer_model: Optional[str], data_ca
                                "give the tokenizer with --tokenizer-model")
         tokenizer_model = found[0]
     if tokenizer_model is None:
-        from megalatent.pretrain import default_cache_dir
+        from megalatent.data.gpt_data import default_cache_dir
 
         found = find_default_tokenizer(default_cache_dir(), cfg.vocab_size)
         hint = (f"; the default cache has {', '.join(found)}: add --data-cache-path {default_cache_dir()} if the "
