@@ -121,6 +121,10 @@ def test_flags_are_validated():
     assert "contradicts" in errors("--model-family", "bitnet", "--linear-impl", "linear")
     assert "--hidden-size 130 must be divisible by 4" in errors("--linear-impl", "bitlinear", "--hidden-size", "130",
                                                                "--num-attention-heads", "2")
+    moe = ("--model-family", "bitnet", "--num-experts", "4", "--moe-router-topk", "2")
+    assert "--moe-ffn-hidden-size 66 must be divisible by 4" in errors(*moe, "--moe-ffn-hidden-size", "66")
+    assert "--hidden-size / --moe-num-heads 6 must be divisible by 4" in errors(
+        *moe, "--hidden-size", "24", "--num-attention-heads", "2", "--moe-num-heads", "4")
     assert "--lr-second-stage needs --lr-decay-style two-stage" in errors("--lr-second-stage", "1e-4")
     assert "needs --lr-second-stage" in errors("--lr-decay-style", "two-stage")
     assert "--lr-two-stage-boundary-iter 100 must be" in errors(

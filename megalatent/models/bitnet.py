@@ -25,8 +25,12 @@ def build(cfg: ModelConfig) -> Decoder:
 def packable_width_errors(m: ModelConfig) -> list[str]:
     """The packed export stores 4 ternary codes per byte along each BitLinear's input: checked before
     training, not after it."""
+    widths = [("hidden-size", m.hidden_size), ("ffn-hidden-size", m.mlp_width)]
+    if m.num_experts is not None:  # ternary experts: their (sub-token) input and their own width
+        widths += [("hidden-size / --moe-num-heads", m.hidden_size // max(1, m.moe_num_heads)),
+                   ("moe-ffn-hidden-size", m.expert_width)]
     return [f"--{flag} {width} must be divisible by 4 for the packed BitNet export (4 ternary weights per byte)"
-            for flag, width in (("hidden-size", m.hidden_size), ("ffn-hidden-size", m.mlp_width)) if width % 4]
+            for flag, width in widths if width % 4]
 
 
 def validate(cfg: Config) -> list[str]:
