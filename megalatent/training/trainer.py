@@ -337,8 +337,13 @@ class Trainer:
         if result is None or not self.is_logger:
             return
         loss, parts = result
-        ppl = math.exp(min(loss, 20.0))
-        line = f" validation loss at iteration {self.iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
-        log(line + "".join(f" {name} loss: {v:.6E} |" for name, v in (parts or {}).items()))
-        self.writer.scalars({"validation/lm-loss": loss, "validation/lm-loss-ppl": ppl,
-                             **{f"validation/lm-loss/{name}": v for name, v in (parts or {}).items()}}, self.iteration)
+        line = f" validation loss at iteration {self.iteration} | lm loss value: {loss:.6E} |"
+        scalars = {"validation/lm-loss": loss}
+        if parts is None:  # a perplexity is exp of a cross-entropy, not of a mixed loss (LatentLM's)
+            scalars["validation/lm-loss-ppl"] = ppl = math.exp(min(loss, 20.0))
+            line += f" lm loss PPL: {ppl:.6E} |"
+        else:
+            line += "".join(f" {name} loss: {v:.6E} |" for name, v in parts.items())
+            scalars.update({f"validation/lm-loss/{name}": v for name, v in parts.items()})
+        log(line)
+        self.writer.scalars(scalars, self.iteration)
