@@ -65,15 +65,14 @@ def main() -> int:
               "through_vae_accuracy": classifier.score(features(through_vae), valid.labels.numpy()), "runs": []}
     print(f"classifier on held-out real digits: {result['real_digits_accuracy']:.3f}; after the σ-VAE: "
           f"{result['through_vae_accuracy']:.3f} ({result['condition']}-conditioned checkpoint {loaded.checkpoint})")
+    n = args.samples_per_digit
+    prompts = [image_prompts(loaded, args.device, text=digit_caption(digit), num_images=n) if trained_on_text(loaded)
+               else image_prompts(loaded, args.device, classes=[digit] * n) for digit in range(DIGITS_NUM_CLASSES)]
     for steps in args.solver_steps:
         for cfg_scale in args.cfg_scale:
             generator = torch.Generator(device=args.device).manual_seed(args.seed)
             correct, start = 0, time.perf_counter()
-            for digit in range(DIGITS_NUM_CLASSES):
-                n = args.samples_per_digit
-                prompt, uncond = (image_prompts(loaded, args.device, text=digit_caption(digit), num_images=n)
-                                  if trained_on_text(loaded) else
-                                  image_prompts(loaded, args.device, classes=[digit] * n))
+            for digit, (prompt, uncond) in enumerate(prompts):
                 images = sample_images(loaded, vae, prompt, uncond, steps, cfg_scale, generator)
                 correct += int((classifier.predict(features(images)) == digit).sum())
             seconds = time.perf_counter() - start

@@ -154,8 +154,9 @@ class Trainer:
             with self.loss_context(), self.autocast():
                 self.pipeline.run(self.parts, self.objective.pipeline_inputs(batch),
                                   self.objective.pipeline_targets(batch), len(micro_batches), loss_fn, train)
-            # Only the last stage computes losses (and only the step's last micro-batches are the step's, as in
-            # moe_stats: the first step's shape inference may run more).
+            # Only the last stage computes losses; on the first step torch.distributed.pipelining's metadata
+            # inference runs the loss too (checked: counting it changes step 1's loss), so keep the step's last
+            # micro-batches, as moe_stats does.
             for micro_loss in parts[-len(micro_batches):]:
                 loss_sum += micro_loss
             return loss_sum
