@@ -1,9 +1,15 @@
 """Run configuration: dataclasses, YAML files and Megatron-named command-line flags.
 
 One flat namespace of keys, spelled like Megatron-LM's flags (`num_layers` <-> `--num-layers`), grouped
-into sections only for readability. A YAML file gives any of the keys (dashes or underscores); flags
-given on the command line override the file; `validate` checks every rule before a process group or a
-tensor exists and reports every broken rule at once, each naming the flag and the fix.
+into sections: the architecture every model family shares (`ModelConfig`, which a family extends with a
+section of its own flags: a subclass), data, training, parallel, checkpoint and logging. A YAML file
+gives any of the keys (dashes or underscores); flags given on the command line override the file.
+
+This module knows no family: `parse_args` is handed the families' config classes, and the rules here
+(`config_errors`) are the ones every run shares. `megalatent.families` puts the two together
+(`families.parse_args`, `families.validate`); the layout's rules live with the layout
+(distributed/layout.py). Every rule is checked before a process group or a tensor exists, and every
+broken rule is reported at once, each naming the flag and the fix.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import difflib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, get_args, get_origin, get_type_hints
+from typing import Any, Mapping, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -26,72 +32,75 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
-def _opt(default, help: str, choices=None, nargs=None):
-    return field(default=default, metadata={"help": help, "choices": choices, "nargs": nargs})
+def flag(default, help: str, choices=None, nargs=None, architectural: bool = True, group: Optional[str] = None):
+    """A config field and its command-line flag. `architectural=False`: the value does not change the
+    parameters' shapes, so a checkpoint may be resumed with another one. `group`: the --help section, when it
+    is not the dataclass's own (e.g. the MoE flags of ModelConfig)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "nargs": nargs,
+                                            "architectural": architectural, "group": group})
 
 
 @dataclass
 class ModelConfig:
-    model_family: str = _opt("gpt", "model family from the registry (megalatent.models)")
-    num_layers: int = _opt(2, "number of transformer layers")
-    hidden_size: int = _opt(128, "model width")
-    ffn_hidden_size: Optional[int] = _opt(
+    """The architecture every model family shares. A family with flags of its own subclasses this (its
+    section of the configuration: `--help` lists it under the family's name) and is registered in
+    megalatent/families/."""
+    model_family: str = flag("gpt", "model family (megalatent/families/)")
+    num_layers: int = flag(2, "number of transformer layers")
+    hidden_size: int = flag(128, "model width")
+    ffn_hidden_size: Optional[int] = flag(
         None, "MLP width; default 4*hidden, or 2/3 of that rounded up to a multiple of 64 with --swiglu")
-    num_attention_heads: int = _opt(4, "number of query heads")
-    group_query_attention: bool = _opt(False, "use grouped-query attention with --num-query-groups K/V heads")
-    num_query_groups: Optional[int] = _opt(None, "number of K/V heads under --group-query-attention")
-    seq_length: int = _opt(256, "training sequence length in tokens")
-    max_position_embeddings: Optional[int] = _opt(None, "longest sequence the model supports; default --seq-length")
-    vocab_size: Optional[int] = _opt(None, "vocabulary size; default: the tokenizer's")
-    make_vocab_size_divisible_by: int = _opt(128, "pad the embedding table to a multiple of this")
-    normalization: str = _opt("RMSNorm", "normalization layer", choices=["RMSNorm", "LayerNorm"])
-    norm_epsilon: float = _opt(1e-5, "epsilon of the normalization layers")
-    swiglu: bool = _opt(True, "SwiGLU MLP (LLaMA); --no-swiglu gives a GELU MLP")
-    position_embedding_type: str = _opt("rope", "position embedding", choices=["rope", "none"])
-    rotary_base: float = _opt(10000.0, "RoPE base (theta)")
-    untie_embeddings_and_output_weights: bool = _opt(False, "separate input embedding and output head weights")
-    init_method_std: float = _opt(0.02, "standard deviation of the normal weight initialisation")
-    linear_impl: Optional[str] = _opt(
-        None, "linear layers of the attention and MLP blocks: nn.Linear, or BitNet b1.58's BitLinear (ternary "
+    num_attention_heads: int = flag(4, "number of query heads")
+    group_query_attention: bool = flag(False, "use grouped-query attention with --num-query-groups K/V heads")
+    num_query_groups: Optional[int] = flag(None, "number of K/V heads under --group-query-attention")
+    seq_length: int = flag(256, "training sequence length in tokens", architectural=False)
+    max_position_embeddings: Optional[int] = flag(None, "longest sequence the model supports; default --seq-length",
+                                                  architectural=False)
+    vocab_size: Optional[int] = flag(None, "vocabulary size; default: the tokenizer's")
+    make_vocab_size_divisible_by: int = flag(128, "pad the embedding table to a multiple of this")
+    normalization: str = flag("RMSNorm", "normalization layer", choices=["RMSNorm", "LayerNorm"])
+    norm_epsilon: float = flag(1e-5, "epsilon of the normalization layers")
+    swiglu: bool = flag(True, "SwiGLU MLP (LLaMA); --no-swiglu gives a GELU MLP")
+    position_embedding_type: str = flag("rope", "position embedding", choices=["rope", "none"])
+    rotary_base: float = flag(10000.0, "RoPE base (theta)")
+    untie_embeddings_and_output_weights: bool = flag(False, "separate input embedding and output head weights")
+    init_method_std: float = flag(0.02, "standard deviation of the normal weight initialisation", architectural=False)
+    linear_impl: Optional[str] = flag(
+        None, "linear layers of the attention and MLP blocks: nn.Linear, or the b1.58 BitLinear (ternary "
         "weights, 8-bit activations, its own input RMSNorm, so the blocks' pre-norms are dropped); default: "
-        "bitlinear for --model-family bitnet, linear for the others", choices=["linear", "bitlinear"])
-    segment_lengths: Optional[list[int]] = _opt(
-        None, "LongNet: segment length w_i of each dilated-attention pattern, increasing", nargs="+")
-    dilated_ratios: Optional[list[int]] = _opt(
-        None, "LongNet: dilation r_i of each pattern (same count as --segment-lengths), non-decreasing", nargs="+")
-    img_h: int = _opt(224, "LongViT: image height in pixels the position embeddings are learned for")
-    img_w: int = _opt(224, "LongViT: image width in pixels the position embeddings are learned for")
-    patch_dim: int = _opt(16, "LongViT: patch size in pixels")
-    num_channels: int = _opt(3, "LongViT: image channels")
-    num_classes: int = _opt(1000, "LongViT: classes of the classification head; LatentLM: classes of its class-conditional images")
-    latent_dim: int = _opt(8, "LatentLM: width of a continuous (latent) token; must equal the σ-VAE tokenizer's")
-    diffusion_head_layers: int = _opt(3, "LatentLM: adaLN blocks of the diffusion head")
-    diffusion_batch_mul: int = _opt(4, "LatentLM: noise draws per latent per step (only the head reruns)")
-    diffusion_loss_weight: float = _opt(1.0, "LatentLM: weight of the diffusion loss against the cross-entropy")
-    num_experts: Optional[int] = _opt(None, "MoE: experts per MoE layer (unset: dense MLPs)")
-    moe_layer_freq: int = _opt(1, "MoE: layers 0, k, 2k, ... are MoE layers (as Megatron); 1 = every layer")
-    moe_ffn_hidden_size: Optional[int] = _opt(None, "MoE: width of each expert's SwiGLU; default the dense MLP's "
-                                                    "width (as Megatron)")
-    moe_router_topk: int = _opt(2, "MoE: experts per (sub-)token")
-    moe_num_heads: int = _opt(1, "MH-MoE: sub-tokens per token (head/merge projections when > 1)")
-    moe_router_type: str = _opt("linear", "MoE router: linear softmax, or X-MoE's low-dimensional cosine router",
-                                choices=["linear", "xmoe"])
-    moe_router_pre_softmax: bool = _opt(False, "MoE: combine weights are the full softmax's probabilities of the "
-                                               "selected experts (default: softmax over the top-k logits)")
-    moe_aux_loss_coeff: float = _opt(0.0, "MoE: weight of the load-balancing loss (statistics over the global batch)")
-    moe_z_loss_coeff: Optional[float] = _opt(None, "MoE: weight of the router z-loss")
-    moe_expert_capacity_factor: Optional[float] = _opt(None, "MoE: cap each expert at factor x assignments / experts "
-                                                             "(dropless when unset)")
-    moe_token_drop_policy: str = _opt("probs", "MoE with a capacity: drop an expert's lowest-weight assignments "
-                                               "(probs) or its latest tokens (position)", choices=["probs", "position"])
-    moe_router_enable_expert_bias: bool = _opt(False, "MoE: auxiliary-loss-free balancing with a per-expert "
-                                                      "selection bias updated after every step")
-    moe_router_bias_update_rate: float = _opt(1e-3, "MoE: step size of the expert-bias update")
-    yoco_self_attention: str = _opt("gret", "YOCO: the self-decoder's efficient attention: gated retention or "
-                                    "sliding-window attention", choices=["gret", "swa"])
-    sliding_window_size: Optional[int] = _opt(
-        None, "YOCO with --yoco-self-attention swa: the window C (a query sees itself and the C-1 tokens before)")
-    retention_chunk_size: int = _opt(256, "YOCO gated retention: chunk length of the chunkwise form")
+        "the family's (linear for most)", choices=["linear", "bitlinear"])
+    attention_backend: str = flag(
+        "auto", "implementation of the attention cores that have a Triton kernel (dilated attention, gated "
+        "retention): auto (the kernels on a GPU, PyTorch on CPU), triton (the kernels, or an error saying why "
+        "not), torch (the plain-PyTorch references)", choices=["auto", "triton", "torch"], architectural=False)
+    num_experts: Optional[int] = flag(None, "experts per MoE layer (unset: dense MLPs)", group="moe")
+    moe_layer_freq: int = flag(1, "layers 0, k, 2k, ... are MoE layers (as Megatron); 1 = every layer", group="moe")
+    moe_ffn_hidden_size: Optional[int] = flag(None, "width of each expert's SwiGLU; default the dense MLP's width "
+                                                    "(as Megatron)", group="moe")
+    moe_router_topk: int = flag(2, "experts per (sub-)token", group="moe")
+    moe_num_heads: int = flag(1, "multi-head MoE: sub-tokens per token (head/merge projections when > 1)",
+                              group="moe")
+    moe_router_type: str = flag("linear", "router: linear softmax, or X-MoE's low-dimensional cosine router",
+                                choices=["linear", "xmoe"], group="moe")
+    moe_router_pre_softmax: bool = flag(False, "combine weights are the full softmax's probabilities of the "
+                                               "selected experts (default: softmax over the top-k logits)", group="moe")
+    moe_aux_loss_coeff: float = flag(0.0, "weight of the load-balancing loss (statistics over the global batch)",
+                                     group="moe")
+    moe_z_loss_coeff: Optional[float] = flag(None, "weight of the router z-loss", group="moe")
+    moe_expert_capacity_factor: Optional[float] = flag(None, "cap each expert at factor x assignments / experts "
+                                                             "(dropless when unset)", group="moe")
+    moe_token_drop_policy: str = flag("probs", "with a capacity: drop an expert's lowest-weight assignments "
+                                               "(probs) or its latest tokens (position)", choices=["probs", "position"],
+                                      group="moe")
+    moe_router_enable_expert_bias: bool = flag(False, "auxiliary-loss-free balancing with a per-expert "
+                                                      "selection bias updated after every step", group="moe")
+    moe_router_bias_update_rate: float = flag(1e-3, "step size of the expert-bias update", group="moe")
+
+    @classmethod
+    def section_fields(cls) -> list[dataclasses.Field]:
+        """The family's own flags: the fields a subclass adds to ModelConfig."""
+        shared = {f.name for f in dataclasses.fields(ModelConfig)}
+        return [f for f in dataclasses.fields(cls) if f.name not in shared]
 
     @property
     def padded_vocab_size(self) -> int:
@@ -126,127 +135,148 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data_path: Optional[list[str]] = _opt(
+    data_path: Optional[list[str]] = flag(
         None, "dataset prefixes, optionally weighted: 'p' or 'w1 p1 w2 p2 ...'; default: the embedded "
         "Python-stdlib corpus", nargs="+")
-    split: str = _opt("969,30,1", "train,valid,test proportions of each dataset")
-    tokenizer_model: Optional[str] = _opt(None, "sentencepiece model; required with --data-path")
-    data_cache_path: Optional[str] = _opt(
+    split: str = flag("969,30,1", "train,valid,test proportions of each dataset")
+    tokenizer_model: Optional[str] = flag(None, "sentencepiece model; required with --data-path")
+    data_cache_path: Optional[str] = flag(
         None, "where index caches and the default corpus live; default ~/.cache/megalatent")
-    default_corpus_vocab_size: int = _opt(8192, "vocabulary of the tokenizer trained on the default corpus")
-    latent_tokenizer: Optional[str] = _opt(None, "LatentLM: σ-VAE tokenizer directory (tools/train_vae.py --save)")
-    class_dropout: float = _opt(0.1, "LatentLM: fraction of images whose class is replaced by the null class "
-                                     "(classifier-free guidance)")
+    default_corpus_vocab_size: int = flag(8192, "vocabulary of the tokenizer trained on the default corpus")
 
 
 @dataclass
 class TrainingConfig:
-    micro_batch_size: int = _opt(4, "sequences per micro-batch per data-parallel rank")
-    global_batch_size: int = _opt(16, "sequences per optimizer step over all data-parallel ranks")
-    train_iters: int = _opt(100, "optimizer steps to train for")
-    seed: int = _opt(1234, "random seed for weights, data order and (LatentLM) diffusion noise")
-    lr: float = _opt(3e-4, "peak learning rate")
-    min_lr: float = _opt(3e-5, "learning rate at the end of the decay")
-    lr_decay_style: str = _opt("cosine", "learning-rate schedule after warmup",
+    micro_batch_size: int = flag(4, "sequences per micro-batch per data-parallel rank")
+    global_batch_size: int = flag(16, "sequences per optimizer step over all data-parallel ranks")
+    train_iters: int = flag(100, "optimizer steps to train for")
+    seed: int = flag(1234, "random seed for weights, data order and any noise the data carries")
+    lr: float = flag(3e-4, "peak learning rate")
+    min_lr: float = flag(3e-5, "learning rate at the end of the decay")
+    lr_decay_style: str = flag("cosine", "learning-rate schedule after warmup",
                                choices=["constant", "linear", "cosine", "WSD", "inverse-square-root", "two-stage"])
-    lr_warmup_iters: int = _opt(0, "linear warmup steps")
-    lr_warmup_fraction: Optional[float] = _opt(None, "warmup as a fraction of --lr-decay-iters (overrides iters)")
-    lr_decay_iters: Optional[int] = _opt(None, "steps over which the lr decays; default --train-iters")
-    lr_wsd_decay_iters: Optional[int] = _opt(None, "WSD: length of the final decay phase; default 10%% of decay")
-    lr_wsd_decay_style: str = _opt("linear", "WSD: shape of the final decay", choices=["linear", "cosine", "exponential"])
-    lr_two_stage_boundary_iter: Optional[int] = _opt(
-        None, "two-stage (BitNet b1.58): the first step of the second stage; default: halfway from the end of "
+    lr_warmup_iters: int = flag(0, "linear warmup steps")
+    lr_warmup_fraction: Optional[float] = flag(None, "warmup as a fraction of --lr-decay-iters (overrides iters)")
+    lr_decay_iters: Optional[int] = flag(None, "steps over which the lr decays; default --train-iters")
+    lr_wsd_decay_iters: Optional[int] = flag(None, "WSD: length of the final decay phase; default 10%% of decay")
+    lr_wsd_decay_style: str = flag("linear", "WSD: shape of the final decay", choices=["linear", "cosine", "exponential"])
+    lr_two_stage_boundary_iter: Optional[int] = flag(
+        None, "two-stage (the b1.58 ternary recipe): the first step of the second stage; default: halfway from the end of "
         "the warmup to --lr-decay-iters")
-    lr_second_stage: Optional[float] = _opt(
+    lr_second_stage: Optional[float] = flag(
         None, "two-stage: the lr at the start of the second stage, from which it decays linearly to --min-lr "
         "at --lr-decay-iters (the first stage decays linearly from --lr on the line to --min-lr)")
-    weight_decay: float = _opt(0.1, "AdamW weight decay (not applied to norms and biases)")
-    weight_decay_second_stage: Optional[float] = _opt(
-        None, "two-stage: the weight decay from the second stage on; default 0 (BitNet b1.58: decay on the "
+    weight_decay: float = flag(0.1, "AdamW weight decay (not applied to norms and biases)")
+    weight_decay_second_stage: Optional[float] = flag(
+        None, "two-stage: the weight decay from the second stage on; default 0 (ternary weights: decay on the "
         "latent weights keeps flipping ternary values late in training)")
-    adam_beta1: float = _opt(0.9, "AdamW beta1")
-    adam_beta2: float = _opt(0.95, "AdamW beta2")
-    adam_eps: float = _opt(1e-8, "AdamW epsilon")
-    clip_grad: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
-    bf16: Optional[bool] = _opt(None, "bf16 autocast; default on with a GPU, off on CPU (fp32)")
-    exit_duration_in_mins: Optional[float] = _opt(None, "save and exit after this many minutes")
-    exit_signal_handler: bool = _opt(True, "on SIGUSR1/SIGTERM save a checkpoint and exit at the next step")
-    eval_interval: int = _opt(1000, "run validation every this many steps (0 disables)")
-    eval_iters: int = _opt(10, "global batches per validation")
+    adam_beta1: float = flag(0.9, "AdamW beta1")
+    adam_beta2: float = flag(0.95, "AdamW beta2")
+    adam_eps: float = flag(1e-8, "AdamW epsilon")
+    clip_grad: float = flag(1.0, "clip the global gradient norm to this (0 disables)")
+    bf16: Optional[bool] = flag(None, "bf16 autocast; default on with a GPU, off on CPU (fp32)")
+    exit_duration_in_mins: Optional[float] = flag(None, "save and exit after this many minutes")
+    exit_signal_handler: bool = flag(True, "on SIGUSR1/SIGTERM save a checkpoint and exit at the next step")
+    eval_interval: int = flag(1000, "run validation every this many steps (0 disables)")
+    eval_iters: int = flag(10, "global batches per validation")
 
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = _opt(1, "tensor-parallel ranks (adjacent ranks, keep inside a node)")
-    sequence_parallel: bool = _opt(False, "shard norms/residual activations along the sequence over the "
+    tensor_model_parallel_size: int = flag(1, "tensor-parallel ranks (adjacent ranks, keep inside a node)")
+    sequence_parallel: bool = flag(False, "shard norms/residual activations along the sequence over the "
                                           "tensor-parallel ranks")
-    pipeline_model_parallel_size: int = _opt(1, "pipeline stages (across nodes is fine)")
-    context_parallel_size: int = _opt(1, "ranks that split each sequence (load-balanced, K/V all-gathered)")
-    expert_model_parallel_size: int = _opt(1, "ranks that split each MoE layer's experts (carved out of the data- "
+    pipeline_model_parallel_size: int = flag(1, "pipeline stages (across nodes is fine)")
+    context_parallel_size: int = flag(1, "ranks that split each sequence (load-balanced, K/V all-gathered)")
+    expert_model_parallel_size: int = flag(1, "ranks that split each MoE layer's experts (carved out of the data- "
                                               "and context-parallel ranks; tokens move by all-to-all)")
-    num_layers_per_virtual_pipeline_stage: Optional[int] = _opt(
+    num_layers_per_virtual_pipeline_stage: Optional[int] = flag(
         None, "layers per virtual stage: each rank holds several non-adjacent stages (interleaved 1F1B)")
-    pipeline_schedule: Optional[str] = _opt(
+    pipeline_schedule: Optional[str] = flag(
         None, "pipeline schedule; default 1F1B, or Interleaved1F1B with virtual stages",
         choices=["1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"])
-    decoder_first_pipeline_num_layers: Optional[int] = _opt(
+    decoder_first_pipeline_num_layers: Optional[int] = flag(
         None, "layers on the first pipeline stage (it also holds the embedding); default: an even split")
-    decoder_last_pipeline_num_layers: Optional[int] = _opt(
+    decoder_last_pipeline_num_layers: Optional[int] = flag(
         None, "layers on the last pipeline stage (it also holds the head); default: an even split")
-    data_parallel_sharding_strategy: str = _opt(
+    data_parallel_sharding_strategy: str = flag(
         "optim_grads_params", "what FSDP2 shards over the data-parallel ranks: optimizer state (ZeRO-1), "
         "+gradients (ZeRO-2), +parameters (ZeRO-3)", choices=["optim", "optim_grads", "optim_grads_params"])
-    recompute_granularity: Optional[str] = _opt(
+    recompute_granularity: Optional[str] = flag(
         None, "activation recomputation: full (whole layers) or selective (the attention core)",
         choices=["full", "selective"])
 
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = _opt(None, "directory to save checkpoints to")
-    load: Optional[str] = _opt(None, "directory to resume from (the newest complete checkpoint)")
-    save_interval: Optional[int] = _opt(None, "save every this many steps; default: only at the end")
-    no_load_optim: bool = _opt(False, "load weights only; start the optimizer and schedule fresh")
-    no_load_rng: bool = _opt(False, "do not restore random-number-generator states")
+    save: Optional[str] = flag(None, "directory to save checkpoints to")
+    load: Optional[str] = flag(None, "directory to resume from (the newest complete checkpoint)")
+    save_interval: Optional[int] = flag(None, "save every this many steps; default: only at the end")
+    no_load_optim: bool = flag(False, "load weights only; start the optimizer and schedule fresh")
+    no_load_rng: bool = flag(False, "do not restore random-number-generator states")
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = _opt(10, "print a log line every this many steps")
-    tensorboard_dir: Optional[str] = _opt(None, "write tensorboard events here")
-    wandb_project: Optional[str] = _opt(None, "also log to this wandb project (when wandb is installed)")
-    peak_tflops: Optional[float] = _opt(None, "per-device peak TFLOP/s for MFU; default: known GPUs' dense bf16 peak")
+    log_interval: int = flag(10, "print a log line every this many steps")
+    tensorboard_dir: Optional[str] = flag(None, "write tensorboard events here")
+    wandb_project: Optional[str] = flag(None, "also log to this wandb project (when wandb is installed)")
+    peak_tflops: Optional[float] = flag(None, "per-device peak TFLOP/s for MFU; default: known GPUs' dense bf16 peak")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig,
-            "parallel": ParallelConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+GENERIC_SECTIONS = {"data": DataConfig, "training": TrainingConfig, "parallel": ParallelConfig,
+                    "checkpoint": CheckpointConfig, "logging": LoggingConfig}
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the family's subclass of it
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Problems found while reading the flags that `config_errors` reports with every other rule (a flag of
+    # another family, an unknown family).
+    flag_errors: list[str] = field(default_factory=list, repr=False)
 
     def to_flat_dict(self) -> dict[str, Any]:
-        return {k: v for section in SECTIONS for k, v in dataclasses.asdict(getattr(self, section)).items()}
+        return {k: v for section in ("model", *GENERIC_SECTIONS) for k, v in dataclasses.asdict(getattr(self, section)).items()}
 
 
-def _key_index() -> dict[str, tuple[str, dataclasses.Field, type]]:
-    """Flat key -> (section, field, type); keys are unique across sections by construction."""
-    index = {}
-    for section, cls in SECTIONS.items():
+@dataclass(frozen=True)
+class Key:
+    section: str  # "model" or one of GENERIC_SECTIONS
+    field: dataclasses.Field
+    type: Any
+    group: str  # where --help lists it: the section, "moe", or the family's name
+    owners: tuple[str, ...] = ()  # the families whose section has it (empty for shared keys)
+
+
+def key_index(families: Mapping[str, type[ModelConfig]]) -> dict[str, Key]:
+    """Flat key -> where it lives, for the shared sections and every family's section. A key two families
+    both have (two families built on the same attention, say) is one flag; it must mean the same in both."""
+    index: dict[str, Key] = {}
+    hints = get_type_hints(ModelConfig)
+    for f in dataclasses.fields(ModelConfig):
+        index[f.name] = Key("model", f, hints[f.name], f.metadata["group"] or "model")
+    for name, cls in families.items():
+        hints = get_type_hints(cls)
+        for f in cls.section_fields():
+            known = index.get(f.name)
+            if known is None:
+                index[f.name] = Key("model", f, hints[f.name], name, (name,))
+            elif known.owners and known.field.default == f.default:
+                index[f.name] = dataclasses.replace(known, owners=known.owners + (name,))
+            else:
+                raise ValueError(f"--model-family {name}: its flag {f.name} clashes with a flag of "
+                                 f"{known.owners or 'every family'}")
+    for section, cls in GENERIC_SECTIONS.items():
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
             assert f.name not in index, f"config key {f.name} defined twice"
-            index[f.name] = (section, f, hints[f.name])
+            index[f.name] = Key(section, f, hints[f.name], section)
     return index
-
-
-KEYS = _key_index()
 
 
 def _scalar_type(tp) -> type:
@@ -280,7 +310,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
         raise ConfigError([f"'{key}' must be {base.__name__}, got {value!r}"]) from None
 
 
-def load_yaml(path: str) -> dict[str, Any]:
+def load_yaml(path: str, keys: Mapping[str, Key]) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError([f"--config: file {path} does not exist"])
     with open(path) as f:
@@ -290,8 +320,8 @@ def load_yaml(path: str) -> dict[str, Any]:
     values, errors = {}, []
     for k, v in raw.items():
         key = str(k).replace("-", "_")
-        if key not in KEYS:
-            close = difflib.get_close_matches(key, KEYS, n=1)
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
             hint = f" (did you mean '{close[0].replace('_', '-')}'?)" if close else ""
             errors.append(f"{path}: unknown key '{k}'{hint}")
             continue
@@ -301,124 +331,111 @@ def load_yaml(path: str) -> dict[str, Any]:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(families: Mapping[str, type[ModelConfig]]) -> argparse.ArgumentParser:
+    """Every flag of every section, grouped in --help: the shared model flags, MoE, each family's own,
+    then data, training, parallel, checkpoint, logging."""
     parser = argparse.ArgumentParser(
         prog="megalatent-pretrain",
-        description="Pretrain a model of the megalatent family. A YAML --config gives defaults; "
+        description="Pretrain a model of the megalatent families. A YAML --config gives defaults; "
                     "flags (Megatron-LM names) override it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of keys (flag names without '--')")
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(section)
-        for f in dataclasses.fields(cls):
-            tp = KEYS[f.name][2]
-            flag = "--" + f.name.replace("_", "-")
-            kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"] + f" (default: {f.default})")
-            if _scalar_type(tp) is bool:
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                kwargs["type"] = _scalar_type(tp)
-                if f.metadata.get("choices"):
-                    kwargs["choices"] = f.metadata["choices"]
-                if f.metadata.get("nargs"):
-                    kwargs["nargs"] = f.metadata["nargs"]
-            group.add_argument(flag, **kwargs)
+    keys = key_index(families)
+    groups = {}
+    for group in ("model", "moe", *families, *GENERIC_SECTIONS):
+        title = f"--model-family {group}" if group in families else group
+        groups[group] = parser.add_argument_group(title)
+    for name, key in keys.items():
+        f, tp = key.field, key.type
+        help = f.metadata["help"]
+        if len(key.owners) > 1:
+            help += f" (--model-family {', '.join(key.owners)})"
+        kwargs = dict(dest=name, default=argparse.SUPPRESS, help=help + f" (default: {f.default})")
+        if _scalar_type(tp) is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _scalar_type(tp)
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            if f.metadata.get("nargs"):
+                kwargs["nargs"] = f.metadata["nargs"]
+        groups[key.group].add_argument("--" + name.replace("_", "-"), **kwargs)
     return parser
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
+def config_from_dict(values: dict[str, Any], families: Mapping[str, type[ModelConfig]]) -> Config:
+    """A Config from flat keys: the model section is the chosen family's class. Keys of another family's
+    section are not applied; they are reported (`Config.flag_errors`) with the other rules."""
+    keys = key_index(families)
+    family = values.get("model_family", ModelConfig.model_family)
     cfg = Config()
+    if family in families:
+        cfg.model = families[family]()
+    else:
+        cfg.flag_errors.append(f"--model-family {family!r} is unknown; choose one of {sorted(families)}")
+    own = {f.name for f in dataclasses.fields(cfg.model)}
     errors = []
     for key, value in values.items():
-        section, _, tp = KEYS[key]
+        k = keys[key]
         try:
-            setattr(getattr(cfg, section), key, _coerce(key, value, tp))
+            value = _coerce(key, value, k.type)
         except ConfigError as e:
             errors.extend(e.errors)
+            continue
+        if k.section == "model" and key not in own:
+            if family in families:
+                owners = ", ".join(k.owners)
+                cfg.flag_errors.append(f"--{key.replace('_', '-')} configures --model-family {owners}, not "
+                                       f"{family}: drop it, or choose --model-family {k.owners[0]}")
+            continue
+        setattr(getattr(cfg, k.section), key, value)
     if errors:
         raise ConfigError(errors)
     return cfg
 
 
-def parse_args(argv: Optional[list[str]] = None) -> Config:
-    """Flags -> YAML defaults overridden by flags -> a Config (call `validate` before using it)."""
-    args = vars(build_parser().parse_args(argv))
+def parse_args(argv: Optional[list[str]], families: Mapping[str, type[ModelConfig]]) -> Config:
+    """Flags -> YAML defaults overridden by flags -> a Config (validate it before using it).
+    `families`: every family's config class by name (megalatent.families passes the registry's)."""
+    args = vars(build_parser(families).parse_args(argv))
     config_path = args.pop("config")
-    values = load_yaml(config_path) if config_path else {}
+    values = load_yaml(config_path, key_index(families)) if config_path else {}
     values.update(args)
-    return config_from_dict(values)
+    return config_from_dict(values, families)
 
 
-def _parallel_errors(cfg: Config, world_size: int) -> tuple[list[str], int]:
-    """The layout rules: every parallel size must divide what it splits. Returns (errors, dp size)."""
-    m, t, p = cfg.model, cfg.training, cfg.parallel
-    e: list[str] = []
-    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    for flag, size in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp),
-                       ("context-parallel-size", cp)):
-        if size < 1:
-            e.append(f"--{flag} must be >= 1, got {size}")
-    if e:
-        return e, 1
-    if world_size % (tp * pp * cp):
-        e.append(f"the world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-                 f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp}; launch a multiple of "
-                 f"{tp * pp * cp} processes")
-        return e, 1
-    dp = world_size // (tp * pp * cp)
-    if cp > 1 and m.seq_length % (2 * cp):
-        e.append(f"--context-parallel-size {cp}: --seq-length {m.seq_length} must be divisible by 2 x {cp} "
-                 "(each rank holds two chunks, one early and one late, to balance causal attention)")
+def model_config_from_saved(saved: Mapping[str, Any], families: Mapping[str, type[ModelConfig]],
+                            fallback: Mapping[str, Any] = {}) -> tuple[ModelConfig, list[str]]:
+    """The model config a checkpoint recorded (a flat dict), as its family's class. Returns (config, problems).
 
-    for key, value in (("num_attention_heads", m.num_attention_heads), ("make_vocab_size_divisible_by",
-                       m.make_vocab_size_divisible_by), ("ffn_hidden_size", m.mlp_width)):
-        if value >= 1 and value % tp:
-            e.append(f"--{key.replace('_', '-')} {value} must be divisible by --tensor-model-parallel-size {tp}")
-    if m.group_query_attention and m.num_query_groups and m.num_query_groups % tp:
-        e.append(f"--num-query-groups {m.num_query_groups} must be divisible by --tensor-model-parallel-size "
-                 f"{tp} (each tensor-parallel rank holds whole K/V heads)")
-    ep = p.expert_model_parallel_size
-    if ep < 1:
-        e.append(f"--expert-model-parallel-size must be >= 1, got {ep}")
-    elif ep > 1 and (dp * cp) % ep:
-        e.append(f"--expert-model-parallel-size {ep} must divide data-parallel size {dp} x --context-parallel-size "
-                 f"{cp} = {dp * cp} (expert parallelism is carved out of those ranks)")
-    elif ep > 1 and (m.num_experts is None or m.num_experts % ep):
-        e.append(f"--expert-model-parallel-size {ep} needs --num-experts divisible by it (each rank holds "
-                 f"--num-experts / {ep} experts), got --num-experts {m.num_experts}")
-    if m.num_experts is not None and tp > 1 and (m.seq_length // cp) % tp:
-        e.append(f"--num-experts with --tensor-model-parallel-size {tp}: each TP rank routes 1/{tp} of the tokens, so "
-                 f"the tokens per context-parallel rank (--seq-length {m.seq_length} / {cp}) must be divisible by {tp}")
-    if p.sequence_parallel and tp == 1:
-        e.append("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards over the TP ranks)")
-    elif p.sequence_parallel and (m.seq_length // cp) % tp:
-        e.append(f"--sequence-parallel: the tokens per context-parallel rank (--seq-length {m.seq_length} / "
-                 f"{cp}) must be divisible by --tensor-model-parallel-size {tp}")
+    Checkpoints written before the families had sections of their own recorded every family's fields;
+    another family's field is ignored when it holds that field's default, and is a problem otherwise. A
+    field the record lacks takes `fallback`'s value (where an older version kept it, e.g. at the top of its
+    train state), else its default (a flag added since).
+    """
+    family = saved.get("model_family")
+    if family not in families:
+        return ModelConfig(), [f"model family {family!r} is unknown here (known: {sorted(families)})"]
+    cls = families[family]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    defaults = {(f.name, repr(f.default)) for c in families.values() for f in dataclasses.fields(c)}
+    values, problems = {}, []
+    for name, value in saved.items():
+        if name in fields:
+            values[name] = value
+        elif (name, repr(value)) not in defaults:
+            problems.append(f"{name}={value!r} is not a field of --model-family {family}")
+    for name in fields - set(values):
+        if name in fallback:
+            values[name] = fallback[name]
+    return cls(**values), problems
 
-    pipeline_flags = {"num_layers_per_virtual_pipeline_stage": p.num_layers_per_virtual_pipeline_stage,
-                      "pipeline_schedule": p.pipeline_schedule,
-                      "decoder_first_pipeline_num_layers": p.decoder_first_pipeline_num_layers,
-                      "decoder_last_pipeline_num_layers": p.decoder_last_pipeline_num_layers}
-    if pp == 1:
-        for key, value in pipeline_flags.items():
-            if value is not None:
-                e.append(f"--{key.replace('_', '-')} needs --pipeline-model-parallel-size > 1")
-        return e, dp
-    if not m.untie_embeddings_and_output_weights:
-        e.append("pipeline parallelism puts the embedding and the output head on different stages: add "
-                 "--untie-embeddings-and-output-weights (tied weights across stages are not supported yet)")
-    from megalatent.distributed.pipeline import PipelinePlanError, plan_pipeline  # late: imports torch
-    try:
-        plan = plan_pipeline(cfg, pp)
-    except PipelinePlanError as err:
-        return e + [str(err)], dp
-    if t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * dp) == 0:
-        n_micro = t.global_batch_size // (t.micro_batch_size * dp)
-        if n_micro < pp or (plan.stages_per_rank > 1 and n_micro % pp):
-            e.append(f"{plan.schedule} over {pp} pipeline stages needs a number of micro-batches per step "
-                     f"(--global-batch-size / (--micro-batch-size x data-parallel size) = {n_micro}) that is "
-                     f">= {pp}" + (f" and a multiple of {pp}" if plan.stages_per_rank > 1 else ""))
-    return e, dp
+
+def architectural_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
+    """The fields that change the parameters (see `flag`) on which a checkpoint's model and this run's differ."""
+    return [f"{f.name}: checkpoint {getattr(saved, f.name)!r}, this run {getattr(current, f.name)!r}"
+            for f in dataclasses.fields(current) if f.metadata.get("architectural", True)
+            and getattr(saved, f.name, None) != getattr(current, f.name)]
 
 
 def _moe_errors(m: ModelConfig) -> list[str]:
@@ -457,7 +474,7 @@ def _two_stage_errors(t: TrainingConfig, warmup: int, decay: int) -> list[str]:
     e = []
     if t.lr_second_stage is None:
         e.append("--lr-decay-style two-stage needs --lr-second-stage, the lr the second stage starts from "
-                 "(BitNet b1.58 700M: --lr 1.5e-3 --lr-second-stage 1e-3)")
+                 "(the b1.58 700M recipe: --lr 1.5e-3 --lr-second-stage 1e-3)")
     elif not t.min_lr <= t.lr_second_stage <= t.lr:
         e.append(f"--lr-second-stage {t.lr_second_stage} must be between --min-lr {t.min_lr} and --lr {t.lr}")
     boundary = t.lr_two_stage_boundary_iter
@@ -469,24 +486,12 @@ def _two_stage_errors(t: TrainingConfig, warmup: int, decay: int) -> list[str]:
     return e
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Every rule a run must satisfy before anything is allocated; raises ConfigError listing all."""
-    m, d, t, p, c, log = cfg.model, cfg.data, cfg.training, cfg.parallel, cfg.checkpoint, cfg.logging
-    e: list[str] = []
-
-    parallel_errors, dp = _parallel_errors(cfg, world_size)
-    e += parallel_errors
-
-    from megalatent.models import registry  # late import: the registry imports model code
-
-    family = registry.MODEL_FAMILIES.get(m.model_family)
-    if family is None:
-        e.append(f"--model-family {m.model_family!r} is unknown; choose one of {sorted(registry.MODEL_FAMILIES)}")
-    else:
-        e += family.validate(cfg)
-        if cfg.parallel.pipeline_model_parallel_size > 1 and family.objective.pipeline_loss is None:
-            e.append(f"--model-family {m.model_family} does not support pipeline parallelism yet")
-    text_data = family is None or family.build_data is None  # families with data of their own check it
+def config_errors(cfg: Config, dp: int, text_data: bool = True) -> list[str]:
+    """The rules every run shares (not the layout's, not a family's own), one message per broken rule.
+    `dp`: the data-parallel size; `text_data`: whether the run reads Megatron language-modelling data (a
+    family with data of its own checks that itself)."""
+    m, d, t, c, log = cfg.model, cfg.data, cfg.training, cfg.checkpoint, cfg.logging
+    e: list[str] = list(cfg.flag_errors)
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "make_vocab_size_divisible_by"):
         if getattr(m, key) < 1:
             e.append(f"--{key.replace('_', '-')} must be >= 1, got {getattr(m, key)}")
@@ -502,8 +507,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                      f"--num-query-groups {m.num_query_groups}")
     elif m.num_query_groups is not None:
         e.append("--num-query-groups is set but --group-query-attention is not; add --group-query-attention")
-    if m.linear_impl == "bitlinear" and m.model_family != "bitnet":  # (bitnet's own rules include this one)
-        from megalatent.models.bitnet import packable_width_errors
+    if m.linear_impl == "bitlinear":
         e += packable_width_errors(m)
     if m.ffn_hidden_size is not None and m.ffn_hidden_size < 1:
         e.append(f"--ffn-hidden-size must be >= 1, got {m.ffn_hidden_size}")
@@ -526,12 +530,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             raise ValueError
     except ValueError:
         e.append(f"--split {d.split!r} must be up to three non-negative numbers 'train,valid,test' with train > 0")
-    if text_data and d.data_path is not None:
-        from megalatent.data.gpt_data import parse_data_path
-        try:
-            parse_data_path(d.data_path)
-        except ValueError as err:
-            e.append(str(err))
     if d.default_corpus_vocab_size < 512:
         e.append(f"--default-corpus-vocab-size must be >= 512 (byte fallback alone takes 256 ids), "
                  f"got {d.default_corpus_vocab_size}")
@@ -581,5 +579,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         e.append(f"--log-interval must be >= 1, got {log.log_interval}")
     if log.peak_tflops is not None and log.peak_tflops <= 0:
         e.append(f"--peak-tflops must be > 0, got {log.peak_tflops}")
-    if e:
-        raise ConfigError(e)
+    return e
+
+
+def packable_width_errors(m: ModelConfig) -> list[str]:
+    """BitLinear layers are exported 4 ternary codes per byte along their input (the packed export):
+    checked before training, not after it."""
+    widths = [("hidden-size", m.hidden_size), ("ffn-hidden-size", m.mlp_width)]
+    if m.num_experts is not None:  # ternary experts: their (sub-token) input and their own width
+        widths += [("hidden-size / --moe-num-heads", m.hidden_size // max(1, m.moe_num_heads)),
+                   ("moe-ffn-hidden-size", m.expert_width)]
+    return [f"--{flag} {width} must be divisible by 4 for the packed ternary export (4 weights per byte)"
+            for flag, width in widths if width % 4]

@@ -10,24 +10,20 @@ checked before a process group, a tensor or a dataset index is made.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
 from typing import Optional
 
 import torch
 
-from megalatent.config import Config, ConfigError, parse_args, validate
+from megalatent.config import Config, ConfigError, architectural_differences
 from megalatent.distributed import checkpoint as ckpt
 from megalatent.distributed.env import DistEnv, discover, exit_process, init_process_group
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.parallelize import parallelize
 from megalatent.distributed.pipeline import Pipeline, plan_pipeline
-from megalatent.models.registry import MODEL_FAMILIES, build_model
+from megalatent.families import build_model, get_family, model_config_from_saved, parse_args, validate
 from megalatent.training.metrics import log
+from megalatent.training.moe_stats import moe_step_hooks
 from megalatent.training.trainer import StopRequest, Trainer, uses_bf16
-
-# Config fields that do not change parameter shapes: a checkpoint may be resumed with other values.
-_NON_ARCHITECTURAL = {"seq_length", "max_position_embeddings", "init_method_std", "segment_lengths", "dilated_ratios",
-                      "sliding_window_size", "retention_chunk_size"}
 
 
 def resolve_data(cfg: Config):
@@ -54,10 +50,10 @@ def check_resumable(cfg: Config) -> Optional[str]:
     path = ckpt.find_loadable(cfg.checkpoint.load)
     if path is None:
         return None
-    saved = ckpt.read_train_state(path)["model_config"]
-    current = asdict(cfg.model)
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in current.items()
-             if k not in _NON_ARCHITECTURAL and saved.get(k) != v]
+    train_state = ckpt.read_train_state(path)
+    saved, problems = model_config_from_saved(train_state["model_config"], fallback=train_state)
+    diffs = problems + ([f"model_family: checkpoint {saved.model_family!r}, this run {cfg.model.model_family!r}"]
+                        if saved.model_family != cfg.model.model_family else architectural_differences(saved, cfg.model))
     if diffs:
         raise ConfigError([f"--load {cfg.checkpoint.load}: checkpoint {path} was written by a different model "
                            f"({'; '.join(diffs)}); use that model's flags or another --load directory"])
@@ -70,10 +66,10 @@ def setup(argv: Optional[list[str]] = None) -> tuple[Config, DistEnv, ParallelLa
     cfg = parse_args(argv)
     validate(cfg, world_size=env.world_size)
     layout = ParallelLayout.from_config(cfg, env.world_size, env.rank)
-    family = MODEL_FAMILIES[cfg.model.model_family]
-    if family.build_data is not None:  # a family with data of its own (images), no text tokenizer
-        if cfg.model.vocab_size is None and family.vocab_size is not None:
-            cfg.model.vocab_size = family.vocab_size(cfg)
+    family = get_family(cfg.model.model_family)
+    if family.data is not None:  # a family with data of its own (images), no text tokenizer
+        if cfg.model.vocab_size is None and family.data.vocab_size is not None:
+            cfg.model.vocab_size = family.data.vocab_size(cfg)
         return cfg, env, layout, None, None, None
     tokenizer, prefixes, weights = resolve_data(cfg)
     cfg.data.tokenizer_model = tokenizer.model_path  # recorded in checkpoints (HF export finds it there)
@@ -103,7 +99,7 @@ def build_model_parts(cfg: Config, layout: ParallelLayout, device: torch.device)
     """The model, split into this rank's pipeline stages when pp > 1, each parallelized.
     Returns (parts, pipeline or None). Every rank builds the same full model from the same seed first,
     so any layout starts from the weights a single process would have."""
-    family = MODEL_FAMILIES[cfg.model.model_family]
+    family = get_family(cfg.model.model_family)
     model = build_model(cfg.model).to(device)
     if layout.rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
@@ -111,13 +107,24 @@ def build_model_parts(cfg: Config, layout: ParallelLayout, device: torch.device)
     pipeline, parts = None, [model]
     if layout.pp > 1:
         plan = plan_pipeline(cfg, layout.pp)
-        pipeline = Pipeline(plan, layout.pp_rank, layout.group("pp"), device)
+        pipeline = Pipeline(plan, family.parallel.pipeline, layout.pp_rank, layout.group("pp"), device)
         parts = pipeline.split(model)
         if layout.tp_rank == 0 and layout.dp_rank == 0:
             print(f"[layout] pp rank {layout.pp_rank}: {plan.schedule}, stages {pipeline.stage_ids} with layers "
                   f"{[plan.stage_layers[s] for s in pipeline.stage_ids]}", flush=True)
     param_dtype = torch.bfloat16 if uses_bf16(cfg, device) else None
-    return [parallelize(part, layout, cfg.parallel, param_dtype) for part in parts], pipeline
+    return [parallelize(part, layout, cfg.parallel, family.parallel, cfg.model.seq_length, param_dtype)
+            for part in parts], pipeline
+
+
+def make_trainer(cfg: Config, layout: ParallelLayout, device: torch.device, parts, train_loader, valid_loader,
+                 pipeline: Optional[Pipeline] = None, stop: Optional[StopRequest] = None) -> Trainer:
+    """The trainer of this rank's parts, with what the model's family and features bring to it: the
+    objective, the context-parallel split, the FLOPs, and the step hooks (mixture-of-experts bookkeeping)."""
+    family = get_family(cfg.model.model_family)
+    return Trainer(cfg, layout, device, parts, train_loader, valid_loader, family.flops_per_token(cfg.model), stop,
+                   pipeline, objective=family.objective, cp_split=family.parallel.context_parallel_split,
+                   hooks=tuple(moe_step_hooks(parts, layout, cfg.model)))
 
 
 def run(argv: Optional[list[str]] = None) -> None:
@@ -137,14 +144,13 @@ def run(argv: Optional[list[str]] = None) -> None:
     if layout.world_size > 1:
         print(f"[layout] {layout.coordinates()}", flush=True)
 
-    family = MODEL_FAMILIES[cfg.model.model_family]
-    if family.build_data is not None:
-        train_loader, valid_loader = family.build_data(cfg, layout)
+    family = get_family(cfg.model.model_family)
+    if family.data is not None:
+        train_loader, valid_loader = family.data.build(cfg, layout, family.objective.batch_keys)
     else:
         train_loader, valid_loader = build_data(cfg, layout, tokenizer, prefixes, weights)
     parts, pipeline = build_model_parts(cfg, layout, device)
-    trainer = Trainer(cfg, layout, device, parts, train_loader, valid_loader, family.flops_per_token(cfg.model),
-                      stop, pipeline)
+    trainer = make_trainer(cfg, layout, device, parts, train_loader, valid_loader, pipeline, stop)
     if resume_path is not None:
         trainer.resume(resume_path)
     trainer.train()

@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 
 from megalatent.distributed.env import exit_process
-from megalatent.config import parse_args
-from megalatent.distributed.context_parallel import apply_context_parallel
-from megalatent.models.registry import build_model
+from megalatent.distributed.layout import ParallelLayout
+from megalatent.distributed.plan import ContextParallel
+from megalatent.families import build_model, get_family, parse_args
 
 # 32 x 48 pixels at patch 4: an 8 x 12 grid of 96 patches; patterns up to the whole image.
 FLAGS = ["--model-family", "longvit", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -32,7 +32,9 @@ def main():
     labels = torch.tensor([1, 3])
     ref_logits = reference(images)
     torch.nn.functional.cross_entropy(ref_logits, labels).backward()
-    apply_context_parallel(model, dist.group.WORLD, 96 // cp)
+    plan = get_family("longvit").parallel  # the family's context-parallel plan, as parallelize applies it
+    plan.context_parallel(model, ContextParallel(dist.group.WORLD, rank, cp, 96 // cp,
+                                                 ParallelLayout(world_size=cp).subgroup))
     logits = model(images)  # each rank embeds and attends over its own 96 / cp patches
     torch.nn.functional.cross_entropy(logits, labels).backward()
     errors = {"logits": (logits - ref_logits).abs().max().item(), "grads": {}}

@@ -12,14 +12,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megalatent.distributed.env import exit_process
-from megalatent.config import parse_args, validate
 from megalatent.data.gpt_data import MicroBatchLoader
-from megalatent.distributed.env import discover, init_process_group
+from megalatent.distributed.env import discover, exit_process, init_process_group
 from megalatent.distributed.layout import ParallelLayout
-from megalatent.models.registry import MODEL_FAMILIES
-from megalatent.pretrain import build_model_parts
-from megalatent.training.trainer import Trainer
+from megalatent.families import FAMILIES, parse_args, validate
+from megalatent.pretrain import build_model_parts, make_trainer
 
 MODEL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
          "--num-query-groups", "2", "--seq-length", "16", "--vocab-size", "200", "--make-vocab-size-divisible-by", "8",
@@ -75,21 +72,21 @@ def run_layout(layout_flags: dict, env, device) -> dict:
     torch.manual_seed(0)
     parts, pipeline = build_model_parts(cfg, layout, device)
     t = cfg.training
-    objective = MODEL_FAMILIES[cfg.model.model_family].objective
+    objective = FAMILIES[cfg.model.model_family].objective
     if cfg.model.model_family == "latentlm":  # with the diffusion draws keyed by sample
         from megalatent.data.latent_data import latent_loader
-        loader = latent_loader(latent_samples(cfg, STEPS * t.global_batch_size), cfg, layout)
+        loader = latent_loader(latent_samples(cfg, STEPS * t.global_batch_size), cfg, layout, objective.batch_keys)
     else:
         loader = MicroBatchLoader(samples(STEPS * t.global_batch_size, seed=1), t.micro_batch_size,
                                   t.global_batch_size, layout.dp_rank, layout.dp, keys=objective.batch_keys)
-    trainer = Trainer(cfg, layout, device, parts, loader, None, 1.0, pipeline=pipeline)
+    trainer = make_trainer(cfg, layout, device, parts, loader, None, pipeline)
     result = {"loss": [], "grad_norm": [], "moe": []}
     for _ in range(STEPS):
         loss, norm = trainer.train_step(loader.next_global_batch())
         trainer.iteration += 1
         result["loss"].append(loss)
         result["grad_norm"].append(norm)
-        result["moe"].append(trainer.moe_stats)
+        result["moe"].append(trainer.hooks[0].stats if trainer.hooks else None)
     # The last step's gradients (after clipping) and the weights after it, gathered to full tensors
     # and, over the pipeline ranks, to rank 0.
     named = [(clean(n), p) for part in parts for n, p in part.named_parameters()]

@@ -13,13 +13,14 @@ if not torch.cuda.is_available():  # before the kernels are defined: run them in
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from conftest import REPO  # noqa: E402
-from megalatent.config import ConfigError, ModelConfig, TrainingConfig, parse_args, validate  # noqa: E402
+from megalatent.config import ConfigError, TrainingConfig
+from megalatent.families import model_config, parse_args, validate # noqa: E402
 from megalatent.data.gpt_data import MicroBatchLoader  # noqa: E402
 from megalatent.distributed.layout import ParallelLayout  # noqa: E402
 from megalatent.kernels import bitnet as kernels  # noqa: E402
-from megalatent.models.bitnet_packed import (PackedBitLinear, PackedExperts, export_problems,  # noqa: E402
+from megalatent.interop.packed import (PackedBitLinear, PackedExperts, export_problems,  # noqa: E402
                                              load_packed_model, read_packed_config)
-from megalatent.models.registry import build_model  # noqa: E402
+from megalatent.families import build_model  # noqa: E402
 from megalatent.nn.bitlinear import (BitLinear, _TernaryLinear, quantize_activations, quantize_weights,  # noqa: E402
                                      rms_norm)
 from megalatent.nn.norms import RMSNorm  # noqa: E402
@@ -93,7 +94,7 @@ def test_ste_gradient_is_the_unquantised_layers_at_the_quantised_point():
 def small_cfg(**kw):
     base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=100, seq_length=16,
                 make_vocab_size_divisible_by=4)
-    return ModelConfig(**{**base, **kw})
+    return model_config(**{**base, **kw})
 
 
 @pytest.mark.parametrize("cfg", [small_cfg(model_family="bitnet"), small_cfg(linear_impl="bitlinear"),
@@ -348,7 +349,7 @@ def test_export_packs_and_packed_generation_equals_the_fake_quantised_model(tmp_
     tolerance = 1e-5 if moe else 1e-6
     torch.testing.assert_close(logits, logits_ref, rtol=tolerance, atol=tolerance)
 
-    assert any("no BitLinear" in p for p in export_problems(ModelConfig(vocab_size=100)))  # a gpt model
+    assert any("no BitLinear" in p for p in export_problems(model_config(vocab_size=100)))  # a gpt model
     if not moe:  # a directory of format version 1 (before packed experts) still loads
         meta_path = os.path.join(out, "config.json")
         with open(meta_path) as f:

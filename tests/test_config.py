@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from megalatent.config import ConfigError, build_parser, parse_args, validate
+from megalatent.config import ConfigError
+from megalatent.families import build_parser, parse_args, validate
 
 
 def errors_of(argv, world=1):
@@ -251,7 +252,8 @@ LONGNET_RULES = [
     (LONGNET + ["--segment-lengths", "48", "128", "--dilated-ratios", "1", "2", "--context-parallel-size", "2",
                 "--seq-length", "256"], 2,
      "--context-parallel-size 2: each rank holds 128 tokens; a segment length must divide that or be a multiple"),
-    (["--segment-lengths", "64"], 1, "--segment-lengths/--dilated-ratios configure dilated attention"),
+    (["--segment-lengths", "64"], 1,
+     "--segment-lengths configures --model-family longnet, longvit, not gpt: drop it, or choose --model-family longnet"),
 ]
 
 
@@ -269,3 +271,29 @@ def test_yaml_lists_of_integers(tmp_path):
     path.write_text("segment-lengths: [64, wide]\n")
     with pytest.raises(ConfigError, match="'segment_lengths' must be a list of int"):
         parse_args(["--config", str(path)])
+
+
+def test_a_flag_of_another_family_is_refused_naming_its_family(tmp_path):
+    """Each family's flags are its own section: given to another family, from the command line or a YAML
+    file, they are reported with the other broken rules, naming the family they configure."""
+    assert "--yoco-self-attention configures --model-family yoco, not longnet" in errors_of(
+        ["--model-family", "longnet", "--segment-lengths", "64", "--dilated-ratios", "1", "--yoco-self-attention",
+         "swa"])
+    path = tmp_path / "c.yaml"
+    path.write_text("model-family: gpt\nlatent-dim: 16\nnum-layers: 0\n")
+    text = errors_of(["--config", str(path)])
+    assert "--latent-dim configures --model-family latentlm, not gpt" in text and "--num-layers must be >= 1" in text
+    cfg = parse_args(["--model-family", "longvit", "--segment-lengths", "64", "--dilated-ratios", "1"])
+    assert cfg.model.segment_lengths == [64] and not hasattr(parse_args([]).model, "segment_lengths")
+
+
+def test_help_groups_flags_by_family():
+    """--help lists the shared model flags, the MoE flags, then each family's own section."""
+    text = build_parser().format_help()
+    sections = ["\nmodel:", "\nmoe:", "\n--model-family longnet:", "\n--model-family yoco:",
+                "\n--model-family latentlm:", "\n--model-family longvit:", "\ndata:"]
+    positions = [text.index(s) for s in sections]
+    assert positions == sorted(positions)
+    yoco = text[text.index("--model-family yoco:"):text.index("--model-family latentlm:")]
+    assert "--sliding-window-size" in yoco and "--segment-lengths" not in yoco
+    assert "--segment-lengths" in text[text.index("--model-family longnet:"):text.index("--model-family yoco:")]

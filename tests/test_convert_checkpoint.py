@@ -13,10 +13,11 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from conftest import REPO, losses, run_trainer
-from megalatent.config import ModelConfig, TrainingConfig
+from megalatent.config import TrainingConfig
 from megalatent.distributed import checkpoint as ckpt
-from megalatent.distributed import convert
-from megalatent.models.registry import build_model
+from megalatent.interop import convert
+from megalatent import families
+from megalatent.families import build_model
 from megalatent.training.optim import build_optimizer
 
 # The checkpoints made here are saved without a process group, which DCP warns about every time.
@@ -33,7 +34,7 @@ TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, 
 
 def _make_checkpoint(root, iteration=1, model_config=None, **overrides):
     """A tiny model after one AdamW step (so the optimizer has state), saved the trainer's way."""
-    cfg = ModelConfig(**{**TINY, **overrides})
+    cfg = families.model_config(**{**TINY, **overrides})
     torch.manual_seed(0)
     model = build_model(cfg)
     optimizer = build_optimizer(model, TrainingConfig(lr=1e-2))
@@ -171,7 +172,7 @@ def test_what_llama_cannot_express_is_refused(tmp_path, capsys):
     err = _refused(capsys, "to-hf", "--load", tmp_path / "odd", "--output", tmp_path / "hf")
     assert "cannot be exported to Hugging Face LLaMA" in err
     assert "--normalization LayerNorm" in err and "--no-swiglu" in err and "--position-embedding-type none" in err
-    cfg = dataclasses.asdict(ModelConfig(**TINY, model_family="yoco"))
+    cfg = dataclasses.asdict(families.model_config(**TINY, model_family="yoco"))
     _make_checkpoint(tmp_path / "yoco", model_config=cfg)
     err = _refused(capsys, "to-hf", "--load", tmp_path / "yoco", "--output", tmp_path / "hf")
     assert "model family 'yoco' has no Hugging Face equivalent" in err and "to-torch" in err

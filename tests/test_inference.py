@@ -5,11 +5,9 @@ YOCO's cache sizes; greedy and sampled generation."""
 import pytest
 import torch
 
-from megalatent.config import ModelConfig
-from megalatent.inference.cache import KVCache, RetentionState, WindowKVCache
+from megalatent.nn.cache import KVCache, RetentionState, WindowKVCache
 from megalatent.inference.generate import decode_step, generate, prefill, sample
-from megalatent.models.registry import build_model
-import megalatent.models  # noqa: F401  (registers the families)
+from megalatent.families import model_config, build_model
 
 FAMILIES = {
     "gpt": {},
@@ -23,7 +21,7 @@ FAMILIES = {
 def tiny(**kw):
     base = dict(num_layers=4, hidden_size=32, num_attention_heads=4, group_query_attention=True, num_query_groups=2,
                 vocab_size=100, seq_length=32, make_vocab_size_divisible_by=64)
-    return ModelConfig(**{**base, **kw})
+    return model_config(**{**base, **kw})
 
 
 def model_of(name, seed=0):

@@ -19,7 +19,8 @@ if DEVICE == "cpu" and type(triton.language.zeros).__name__ != "InterpretedFunct
 
 from megalatent.kernels import dilated_attention as pattern_kernel  # noqa: E402
 from megalatent.kernels import lse_merge as merge_kernel  # noqa: E402
-from megalatent.nn.dilated import NOT_COVERED, dilated_attention, use_kernel  # noqa: E402
+from megalatent.kernels.backend import dilated_attention, dilated_uses_triton  # noqa: E402
+from megalatent.nn.dilated import NOT_COVERED  # noqa: E402
 
 
 def tensors(b, h, kv_heads, n, d, dtype=torch.float32, seed=0):
@@ -116,30 +117,26 @@ def test_mixture_through_dispatch_equals_reference(causal):
     q = torch.randn(1, 72, 4, 16, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
     k, v = (torch.randn(1, 72, 2, 16, generator=g).to(DEVICE).transpose(1, 2).requires_grad_() for _ in range(2))
     args = ([64, 128, 256], [1, 2, 4], causal, 1)
-    got = dilated_attention(q, k, v, *args, kernel=True)
-    want = dilated_attention(q, k, v, *args, kernel=False)
+    got = dilated_attention(q, k, v, *args, backend="triton")
+    want = dilated_attention(q, k, v, *args, backend="torch")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     cotangent = torch.randn(got.shape, generator=g).to(DEVICE)
     for a, b in zip(grads([got], [cotangent], (q, k, v)), grads([want], [cotangent], (q, k, v))):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-def test_tiny_longnet_gradients_with_kernels_equal_reference(monkeypatch):
+def test_tiny_longnet_gradients_with_kernels_equal_reference():
     """The LongNet family's attention layers (projections, RoPE, GQA, the dispatch) with the kernels forced
-    on by MEGALATENT_DILATED_KERNEL=1 give the reference's loss and parameter gradients."""
-    import megalatent.models  # noqa: F401  (registers the families)
-    from megalatent.config import parse_args
-    from megalatent.models.registry import build_model
+    on by --attention-backend triton give the loss and parameter gradients of --attention-backend torch."""
+    from megalatent.families import build_model, parse_args
     config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples/tiny/longnet.yaml")
-    cfg = parse_args(["--config", config, "--num-layers", "1", "--hidden-size", "64",
-                      "--seq-length", "80", "--vocab-size", "128"]).model
-    torch.manual_seed(0)
-    model = build_model(cfg).to(DEVICE)
-    tokens = torch.randint(0, 128, (1, 81), device=DEVICE)
     results = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("MEGALATENT_DILATED_KERNEL", flag)
-        model.zero_grad()
+    for backend in ("triton", "torch"):
+        cfg = parse_args(["--config", config, "--num-layers", "1", "--hidden-size", "64", "--seq-length", "80",
+                          "--vocab-size", "128", "--attention-backend", backend]).model
+        torch.manual_seed(0)
+        model = build_model(cfg).to(DEVICE)
+        tokens = torch.randint(0, 128, (1, 81), device=DEVICE)
         loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
@@ -149,21 +146,17 @@ def test_tiny_longnet_gradients_with_kernels_equal_reference(monkeypatch):
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_dispatch_rules(monkeypatch):
+def test_dispatch_rules():
     q, k, v = tensors(1, 2, 2, 16, 16)
-    assert use_kernel(q, k, v, kernel=False) is False
-    assert use_kernel(q, k, v, kernel=None) is (DEVICE == "cuda")  # the reference stays the CPU path
-    monkeypatch.setenv("MEGALATENT_DILATED_KERNEL", "0")
-    assert use_kernel(q, k, v, kernel=None) is False
-    assert use_kernel(q, k, v, kernel=True) is True  # the argument wins over the environment
-    monkeypatch.setenv("MEGALATENT_DILATED_KERNEL", "1")
-    assert use_kernel(q, k, v, kernel=None) is True
-    assert use_kernel(q, k, v, kernel=False) is False
-    monkeypatch.delenv("MEGALATENT_DILATED_KERNEL")
+    assert dilated_uses_triton(q, k, v, "torch") is False
+    assert dilated_uses_triton(q, k, v, "auto") is (DEVICE == "cuda")  # the reference stays the CPU path
+    assert dilated_uses_triton(q, k, v, "triton") is True
     wide = torch.zeros(1, 2, 16, 256, device=DEVICE)
-    assert use_kernel(wide, wide, wide, kernel=None) is False  # head dim > 128: the reference, silently
+    assert dilated_uses_triton(wide, wide, wide, "auto") is False  # head dim > 128: the reference, silently
     with pytest.raises(ValueError, match="head dim 256"):
-        dilated_attention(wide, wide, wide, [16], [1], kernel=True)
+        dilated_attention(wide, wide, wide, [16], [1], backend="triton")
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        dilated_uses_triton(q, k, v, "flash")
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU run executes the compiled kernels themselves")

@@ -5,9 +5,10 @@ returns latents the tokenizer decodes."""
 import pytest
 import torch
 
-from megalatent.config import ConfigError, parse_args, validate
+from megalatent.config import ConfigError
+from megalatent.families import parse_args, validate
 from megalatent.data.latent_data import ClassConditionalLatents, DiffusionDraws, class_prompts, special_tokens
-from megalatent.models.registry import build_model
+from megalatent.families import build_model
 from megalatent.models.sigma_vae import SigmaVAE, SigmaVAEConfig, save_tokenizer
 from megalatent.nn import diffusion_head
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import REPO
-from megalatent.config import ConfigError, parse_args, validate
+from megalatent.config import ConfigError
+from megalatent.families import parse_args, validate
 from megalatent.models.longvit import PatchEmbedding, interpolate_positions
-from megalatent.models.registry import build_model
+from megalatent.families import build_model
 
 sys.path.insert(0, os.path.join(REPO, "tests"))
 from longvit_worker import FLAGS  # noqa: E402

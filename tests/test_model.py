@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megalatent.config import ModelConfig
+from megalatent.families import model_config
 from megalatent.models.decoder import Decoder, dense_decoder_flops_per_token
 from megalatent.nn.attention import SelfAttention
 from megalatent.nn.norms import RMSNorm
@@ -60,7 +60,7 @@ def tiny_cfg(**kw):
     base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=100, seq_length=16,
                 make_vocab_size_divisible_by=64)
     base.update(kw)
-    return ModelConfig(**base)
+    return model_config(**base)
 
 
 def test_decoder_is_causal_and_shapes():

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megalatent.config import ConfigError, parse_args, validate
+from megalatent.config import ConfigError
+from megalatent.families import parse_args, validate
 from megalatent.nn.moe import MoELayer, balance_and_z_losses, grouped_mm, grouped_mm_loop
 
 
@@ -234,7 +235,8 @@ def test_checkpoint_written_at_ep2_loads_at_ep1(corpus_cache, tmp_path):
     the first loss after loading (the loaded weights' logits) and the next ones are equal; the checkpoint
     holds the global [experts, ...] tensors."""
     from conftest import losses, run_trainer
-    from megalatent.distributed import checkpoint as ckpt, convert
+    from megalatent.distributed import checkpoint as ckpt
+    from megalatent.interop import convert
     moe = ["--num-experts", "4", "--moe-num-heads", "2", "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "1e-3",
            "--moe-router-enable-expert-bias", "--global-batch-size", "8", "--log-interval", "1", "--eval-interval", "0",
            "--lr-warmup-iters", "1", "--lr-decay-iters", "4", "--seq-length", "64"]

@@ -42,9 +42,10 @@ def test_autograd_wrapper_gradients():
 
 
 def test_retention_layer_prefills_with_the_kernel():
-    """The gated-retention layer with mode "triton" (as tools/bench_inference.py --retention-form triton)
-    gives the chunkwise layer's output and state."""
-    from megalatent.inference.cache import RetentionState
+    """YOCO's gated-retention core under --attention-backend triton (as tools/bench_inference.py
+    --attention-backend triton) gives the chunkwise layer's output and state, in a prefill and in training."""
+    from megalatent.models.yoco import BackendRetentionCore
+    from megalatent.nn.cache import RetentionState
     from megalatent.nn.retention import GatedRetention
     from megalatent.nn.rotary import Positions
     torch.manual_seed(0)
@@ -52,6 +53,8 @@ def test_retention_layer_prefills_with_the_kernel():
     x, pos = torch.randn(1, 20, 32), Positions(torch.arange(20)[None], None)
     want_cache, got_cache = RetentionState(), RetentionState()
     want = layer(x, pos, cache=want_cache)
-    layer.core_attention.mode = "triton"
+    torch.testing.assert_close(layer(x, pos), want)
+    layer.core_attention = BackendRetentionCore(8, "triton")
+    torch.testing.assert_close(layer(x, pos), want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(layer(x, pos, cache=got_cache), want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got_cache.state, want_cache.state, atol=1e-4, rtol=1e-4)

@@ -8,10 +8,10 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import losses, run_trainer
-from megalatent.config import parse_args, validate
+from megalatent.families import parse_args, validate
 from megalatent.distributed import checkpoint as ckpt
 from megalatent.distributed.layout import ParallelLayout
-from megalatent.models.registry import build_model
+from megalatent.families import build_model
 from megalatent.training.trainer import Trainer
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from megalatent.config import ConfigError, ModelConfig, parse_args, validate
+from megalatent.config import ConfigError
+from megalatent.families import model_config, parse_args, validate
 from megalatent.models.yoco import YOCO, CrossAttention, flops_per_token
 from megalatent.nn.attention import SlidingWindowCore
 from megalatent.nn.retention import GatedRetention
@@ -24,7 +25,7 @@ MODEL_KEYS = {"model-family", "retention-chunk-size", "yoco-self-attention", "sl
 def tiny(**kw):
     base = dict(model_family="yoco", num_layers=4, hidden_size=32, num_attention_heads=4, group_query_attention=True,
                 num_query_groups=2, vocab_size=100, seq_length=16, make_vocab_size_divisible_by=64)
-    return ModelConfig(**{**base, **kw})
+    return model_config(**{**base, **kw})
 
 
 def test_structure_self_decoder_then_cross_decoder_with_one_shared_kv():
@@ -90,12 +91,12 @@ def test_recomputation_changes_nothing(granularity):
     (["--num-layers", "3"], "must be even"),
     (["--yoco-self-attention", "swa"], "needs --sliding-window-size"),
     (["--sliding-window-size", "64"], "applies to --yoco-self-attention swa"),
-    (["--segment-lengths", "4", "--dilated-ratios", "1"], "configure LongNet"),
+    (["--segment-lengths", "4", "--dilated-ratios", "1"], "--segment-lengths configures --model-family longnet"),
 ])
 def test_invalid_configs_name_the_flag(flags, message):
     with pytest.raises(ConfigError, match=message):
         validate(parse_args(["--model-family", "yoco", "--num-layers", "4"] + flags))
-    with pytest.raises(ConfigError, match="add --model-family yoco"):
+    with pytest.raises(ConfigError, match="--sliding-window-size configures --model-family yoco, not gpt"):
         validate(parse_args(["--sliding-window-size", "64"]))
 
 

@@ -29,6 +29,7 @@ torch.cuda.set_per_process_memory_fraction if given; CPU: the process's resident
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -47,7 +48,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)  # this checkout's megalatent, also when it is not installed
 
-from megalatent.nn.dilated import dilated_attention, use_kernel  # noqa: E402
+from megalatent.kernels.backend import dilated_attention, dilated_uses_triton  # noqa: E402
 
 TINY_LONGNET = os.path.join(REPO, "examples", "tiny", "longnet.yaml")
 
@@ -80,22 +81,23 @@ def measure(fn, q, k, v, repeats: int, device: torch.device) -> tuple[float, flo
 def tiny_config(length: int, kind: str, vocab_size: int):
     """The tiny LongNet's config at `length` tokens, one sequence per step; kind "dense" swaps in the same
     decoder with dense causal attention."""
-    from megalatent.config import parse_args, validate
+    from megalatent.config import ModelConfig
+    from megalatent.families import parse_args, validate
     argv = ["--config", TINY_LONGNET, "--seq-length", str(length), "--vocab-size", str(vocab_size),
             "--micro-batch-size", "1", "--global-batch-size", "1"]
     if kind == "dense":
         argv += ["--model-family", "gpt"]
     cfg = parse_args(argv)
-    if kind == "dense":
-        cfg.model.segment_lengths = cfg.model.dilated_ratios = None
+    if kind == "dense":  # the same shared fields, without the dilated patterns
+        shared = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(ModelConfig)}
+        cfg.model = ModelConfig(**{**shared, "model_family": "gpt"})
     validate(cfg)
     return cfg
 
 
 def train_one_step(length: int, kind: str, vocab_size: int, memory_limit_gb: float | None) -> dict:
     """One training step at `length` tokens in this process (the child of `trial`); its measurements."""
-    import megalatent.models  # noqa: F401  (registers the families)
-    from megalatent.models.registry import build_model
+    from megalatent.families import build_model
     from megalatent.training.optim import build_optimizer, clip_grad_norm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -210,7 +212,7 @@ def environment(dtype) -> dict:
             else platform.processor() or platform.machine(), "dtype": str(dtype),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": commit, "command": " ".join(sys.argv), "threads": torch.get_num_threads(),
-            "dilated_kernel": cuda and os.environ.get("MEGALATENT_DILATED_KERNEL", "1") != "0"}
+            "dilated_kernel": cuda}
 
 
 def main() -> None:
@@ -257,8 +259,9 @@ def main() -> None:
         shape = (args.batch, args.heads, length, args.head_dim)
         q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         runs = [("dilated", lambda q, k, v: dilated_attention(q, k, v, w, r, causal=True))]
-        if device.type == "cuda" and use_kernel(q, k, v):  # "dilated" ran the Triton kernels: time the reference too
-            runs.append(("dilated-reference", lambda q, k, v: dilated_attention(q, k, v, w, r, causal=True, kernel=False)))
+        if dilated_uses_triton(q, k, v):  # "dilated" ran the Triton kernels: time the reference too
+            runs.append(("dilated-reference", lambda q, k, v: dilated_attention(q, k, v, w, r, causal=True,
+                                                                                backend="torch")))
         if length <= args.dense_max_length:
             runs.append(("dense", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
         for kind, fn in runs:

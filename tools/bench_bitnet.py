@@ -30,9 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_parallel import environment  # noqa: E402  (machine, date, git commit, command, load average)
 
 from megalatent.config import ModelConfig
-from megalatent.models.bitnet_packed import PackedBitLinear, PackedExperts, pack_experts, pack_model
-from megalatent.models.registry import build_model
-import megalatent.models  # noqa: F401  (registers the families)
+from megalatent.interop.packed import PackedBitLinear, PackedExperts, pack_experts, pack_model
+from megalatent.families import model_config, build_model
 
 VOCAB = 32000  # LLaMA's tokenizer, as in the paper
 # hidden, GLU width (each expert's for MoE), heads, layers[, experts, top-k]; 700M/1.3B/3B are arXiv
@@ -53,7 +52,7 @@ PAPER = {"700m": {"memory_gb": (2.08, 0.80), "latency_ms": (1.18, 0.96)},
 def shape_config(shape: str, family: str) -> ModelConfig:
     hidden, ffn, heads, layers, *moe = SHAPES[shape]
     experts = dict(num_experts=moe[0], moe_router_topk=moe[1]) if moe else {}
-    return ModelConfig(model_family=family, num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+    return model_config(model_family=family, num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
                        num_attention_heads=heads, vocab_size=VOCAB, seq_length=2048,
                        untie_embeddings_and_output_weights=True, **experts)
 

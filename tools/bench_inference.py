@@ -27,10 +27,9 @@ import time
 
 import torch
 
-import megalatent.models  # noqa: F401  (registers the families)
 from megalatent.config import ModelConfig
 from megalatent.inference.generate import decode_step, prefill
-from megalatent.models.registry import build_model
+from megalatent.families import model_config, build_model
 
 PAPER = {"memory_ratio_1m": 9.4, "prefill_speedup_1m": 71.8, "prefill_speedup_32k": 2.87, "memory_ratio_32k": 2.0}
 
@@ -39,10 +38,10 @@ def model_configs(args) -> tuple[ModelConfig, ModelConfig]:
     shape = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.heads,
                  group_query_attention=True, num_query_groups=args.kv_heads, ffn_hidden_size=args.ffn,
                  vocab_size=args.vocab_size, seq_length=max(args.lengths), rotary_base=args.rotary_base)
-    yoco = ModelConfig(model_family="yoco", yoco_self_attention=args.self_attention,
+    yoco = model_config(model_family="yoco", yoco_self_attention=args.self_attention,
                        sliding_window_size=args.window if args.self_attention == "swa" else None,
-                       retention_chunk_size=args.chunk, **shape)
-    return yoco, ModelConfig(model_family="gpt", **shape)
+                       retention_chunk_size=args.chunk, attention_backend=args.attention_backend, **shape)
+    return yoco, model_config(model_family="gpt", **shape)
 
 
 def _sync(device) -> None:
@@ -138,8 +137,9 @@ def main() -> None:
     p.add_argument("--self-attention", choices=["gret", "swa"], default="gret")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--chunk", type=int, default=256)
-    p.add_argument("--retention-form", choices=["chunkwise", "triton"], default="chunkwise",
-                   help="YOCO gRet prefill: the PyTorch chunkwise form or the Triton kernel (GPU)")
+    p.add_argument("--attention-backend", choices=["auto", "triton", "torch"], default="torch",
+                   help="YOCO gRet prefill: the PyTorch chunkwise form (torch) or the Triton kernel (triton; auto "
+                        "takes it on a GPU)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--decode-tokens", type=int, default=32, help="greedy decoding steps timed after the prefill")
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop growing a model's length past this")
@@ -152,9 +152,6 @@ def main() -> None:
     torch.manual_seed(0)
     configs = model_configs(args)
     models = {cfg.model_family: build_model(cfg).to(device, dtype).eval() for cfg in configs}
-    for layer in models["yoco"].layers.values():
-        if hasattr(layer.attention, "core_attention") and hasattr(layer.attention.core_attention, "mode"):
-            layer.attention.core_attention.mode = args.retention_form
     params = {f: sum(p.numel() for p in m.parameters()) for f, m in models.items()}
     print(f"parameters: yoco ({args.self_attention}) {params['yoco']:,}, baseline {params['gpt']:,}; {device}, {dtype}")
     records, too_slow = [], set()

@@ -143,7 +143,7 @@ def _model_parameters(model_cfg) -> int | None:
     """Parameters of the whole model (built on the meta device: no memory, no effect on any RNG)."""
     import torch
 
-    from megalatent.models.registry import build_model
+    from megalatent.families import build_model
 
     try:
         with torch.device("meta"):
@@ -186,14 +186,13 @@ def _worker(spec_path: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from megalatent.config import parse_args, validate
     from megalatent.data.gpt_data import MicroBatchLoader
     from megalatent.distributed.env import discover, init_process_group
     from megalatent.distributed.layout import ParallelLayout
-    from megalatent.models.registry import MODEL_FAMILIES
-    from megalatent.pretrain import build_model_parts
+    from megalatent.families import get_family, parse_args, validate
+    from megalatent.pretrain import build_model_parts, make_trainer
     from megalatent.training.metrics import peak_memory_gb
-    from megalatent.training.trainer import Trainer, uses_bf16
+    from megalatent.training.trainer import uses_bf16
 
     with open(spec_path) as f:
         spec = json.load(f)
@@ -207,8 +206,7 @@ def _worker(spec_path: str) -> None:
     device = init_process_group(env)
     layout.build_mesh(device)
     base_mem = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else _current_rss_gib()
-    family = MODEL_FAMILIES[cfg.model.model_family]
-    flops_per_token = family.flops_per_token(cfg.model)
+    flops_per_token = get_family(cfg.model.model_family).flops_per_token(cfg.model)
     t = cfg.training
     data = synthetic_samples((warmup + steps) * t.global_batch_size, cfg.model.seq_length, cfg.model.vocab_size,
                              t.seed)
@@ -219,7 +217,7 @@ def _worker(spec_path: str) -> None:
     params = [p for part in parts for p in part.parameters()]
     local_params = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
     loader = MicroBatchLoader(data, t.micro_batch_size, t.global_batch_size, layout.dp_rank, layout.dp)
-    trainer = Trainer(cfg, layout, device, parts, loader, None, flops_per_token, None, pipeline)
+    trainer = make_trainer(cfg, layout, device, parts, loader, None, pipeline)
 
     losses, times = [], []
     cpu0 = 0.0
@@ -392,7 +390,8 @@ def table(records: list[dict]) -> str:
 
 def _check_layout(argv: list[str], nproc: int) -> str | None:
     """Validate the flags at this world size before paying for a launch; the error text or None."""
-    from megalatent.config import ConfigError, parse_args, validate
+    from megalatent.config import ConfigError
+    from megalatent.families import parse_args, validate
 
     usage = io.StringIO()
     try:

@@ -23,8 +23,8 @@ import time
 import torch
 
 from bench_parallel import environment  # tools/ is on sys.path when run as a script
-from megalatent.config import parse_args
-from megalatent.models.registry import build_model
+from megalatent.families import parse_args
+from megalatent.families import build_model
 
 
 def _sync(device):

@@ -3,7 +3,7 @@
 A checkpoint is what `megalatent-pretrain --save DIR` writes: DIR/iter_XXXXXXX/ (torch.distributed
 .checkpoint shards, train state, RNG states, manifest) and DIR/latest_checkpointed_iteration.txt.
 Each command reads the newest complete checkpoint of --load, or --iteration N. No GPU and no
-process group is needed; the logic lives in megalatent/distributed/convert.py.
+process group is needed; the logic lives in megalatent/interop/convert.py.
 
 Examples::
 
@@ -20,7 +20,7 @@ import functools
 import sys
 import time
 
-from megalatent.distributed.convert import HF_DTYPES, ConvertError, from_torch, to_hf, to_torch
+from megalatent.interop.convert import HF_DTYPES, ConvertError, from_torch, to_hf, to_torch
 
 
 def build_parser() -> argparse.ArgumentParser:

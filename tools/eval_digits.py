@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from megalatent.data.images import DIGITS_MAX_VALUE, DIGITS_NUM_CLASSES, DIGITS_SIZE, DigitsDataset
 from megalatent.data.interleaved_sources import digit_caption
-from megalatent.distributed.convert import ConvertError
-from megalatent.inference.images import image_prompts, sample_images, trained_on_text
+from megalatent.interop.convert import ConvertError
+from megalatent.families.latentlm.images import image_prompts, sample_images, trained_on_text
 from megalatent.inference.loading import load_for_inference
 from megalatent.models.sigma_vae import load_tokenizer
 

@@ -1,7 +1,7 @@
 """Export a BitNet b1.58 checkpoint to packed 2-bit weights (4 ternary codes per byte) + scales + config.
 
 Reads the newest complete checkpoint of --load (or --iteration N), whatever layout wrote it; needs no
-GPU and no process group. The logic lives in megalatent/models/bitnet_packed.py, whose
+GPU and no process group. The logic lives in megalatent/interop/packed.py, whose
 `load_packed_model(DIR)` runs the result (2-bit weights, 8-bit activations). Every BitLinear layer and
 every ternary MoE expert group (a BitNet trained with --num-experts) is packed.
 
@@ -13,8 +13,8 @@ import functools
 import sys
 import time
 
-from megalatent.distributed.convert import ConvertError
-from megalatent.models.bitnet_packed import DTYPES, export_packed
+from megalatent.interop.convert import ConvertError
+from megalatent.interop.packed import DTYPES, export_packed
 
 
 def build_parser() -> argparse.ArgumentParser:

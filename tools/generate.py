@@ -19,7 +19,7 @@ import time
 import torch
 
 from megalatent.data.tokenizer import Tokenizer
-from megalatent.distributed.convert import ConvertError
+from megalatent.interop.convert import ConvertError
 from megalatent.inference.generate import decode_step, prefill, sample
 from megalatent.inference.loading import load_for_inference
 
@@ -99,7 +99,7 @@ def images_from_latentlm(args, loaded) -> int:
     """Images from a LatentLM: latents one by one after the prompt (a class, or text), pixels from its σ-VAE."""
     from PIL import Image
 
-    from megalatent.inference.images import image_prompts, sample_images
+    from megalatent.families.latentlm.images import image_prompts, sample_images
     from megalatent.models.sigma_vae import load_tokenizer
     tokenizer_dir = args.latent_tokenizer or loaded.latent_tokenizer
     if tokenizer_dir is None or args.solver_steps < 1 or args.num_images < 1:

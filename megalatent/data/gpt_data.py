@@ -210,7 +210,7 @@ class MicroBatchLoader:
     state is ``consumed_samples``, saved by :meth:`state_dict`.
 
     ``transform(sample, g)``, if given, completes sample ``g`` with what is keyed by its place in the run
-    rather than by its data (LatentLM's diffusion noise, `latent_data.DiffusionDraws`): ``g`` counts on
+    rather than by its data (a diffusion loss's noise, `latent_data.DiffusionDraws`): ``g`` counts on
     past the dataset's end, and does not depend on which rank reads the sample.
     """
 

@@ -1,4 +1,4 @@
-"""Image-classification batches for the trainer (LongViT), resumable like the language models' loaders.
+"""Image-classification batches for the trainer (an image classifier, e.g. a dilated ViT), resumable like the language models' loaders.
 
 `--data-path DIR` (an image folder `DIR/<class>/<image>` or a list file of `path label` lines) streams
 files through megalatent/data/image_pipeline.py (NVIDIA DALI when installed, else PIL + torch), resized to
@@ -8,9 +8,10 @@ sample order, so a LongViT demo needs no download.
 """
 from __future__ import annotations
 
+import torch
+
 from megalatent.config import Config
 from megalatent.data.gpt_data import MicroBatchLoader
-from megalatent.training.objectives import IMAGE_CLASSIFICATION
 
 
 class LabelledImages:
@@ -63,12 +64,11 @@ class PipelineBatches:
         self.pipeline.load_state_dict(state["pipeline"])
 
 
-def build_image_loaders(cfg: Config, layout):
-    """(train loader, valid loader or None) for --data-path images, or the embedded digits without it."""
+def build_image_loaders(cfg: Config, layout, keys: dict[str, torch.dtype]):
+    """(train loader, valid loader or None) for --data-path images, or the embedded digits without it; `keys`:
+    the objective's batch keys (images, labels)."""
     if cfg.data.data_path is None:
-        return build_digits_loaders(cfg, layout)
-    import torch
-
+        return build_digits_loaders(cfg, layout, keys)
     from megalatent.data.image_pipeline import ImagePipeline
 
     t, m = cfg.training, cfg.model
@@ -80,7 +80,7 @@ def build_image_loaders(cfg: Config, layout):
     return PipelineBatches(pipeline, micro_batches, t.global_batch_size), None  # no held-out split of a folder
 
 
-def build_digits_loaders(cfg: Config, layout):
+def build_digits_loaders(cfg: Config, layout, keys: dict[str, torch.dtype]):
     from megalatent.data.images import DigitsDataset
 
     t = cfg.training
@@ -88,6 +88,6 @@ def build_digits_loaders(cfg: Config, layout):
     def loader(split: str) -> MicroBatchLoader:
         images = LabelledImages(DigitsDataset(split, image_size=cfg.model.img_h), cfg.model.num_channels)
         return MicroBatchLoader(images, t.micro_batch_size, t.global_batch_size, layout.dp_rank, layout.dp,
-                                keys=IMAGE_CLASSIFICATION.batch_keys)
+                                keys=keys)
 
     return loader("train"), (loader("valid") if t.eval_interval else None)

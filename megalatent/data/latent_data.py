@@ -117,22 +117,20 @@ class DiffusionDraws:
         return {**sample, "diffusion_t": torch.from_numpy(t), "diffusion_noise": torch.from_numpy(noise)}
 
 
-def latent_loader(dataset, cfg: Config, layout, stream: int = 0):
-    """A data-parallel rank's micro-batches of LatentLM samples, with their diffusion draws (stream 0 for
-    training, 1 for validation, so the two never share draws)."""
+def latent_loader(dataset, cfg: Config, layout, keys: dict[str, torch.dtype], stream: int = 0):
+    """A data-parallel rank's micro-batches of samples `keys` (the objective's batch keys), with their diffusion
+    draws (stream 0 for training, 1 for validation, so the two never share draws)."""
     from megalatent.data.gpt_data import MicroBatchLoader
-    from megalatent.training.objectives import LATENT_LM
 
     t, m = cfg.training, cfg.model
     return MicroBatchLoader(dataset, t.micro_batch_size, t.global_batch_size, layout.dp_rank, layout.dp,
-                            keys=LATENT_LM.batch_keys,
-                            transform=DiffusionDraws(t.seed, m.diffusion_batch_mul, m.latent_dim, stream))
+                            keys=keys, transform=DiffusionDraws(t.seed, m.diffusion_batch_mul, m.latent_dim, stream))
 
 
-def build_latent_loaders(cfg: Config, layout):
+def build_latent_loaders(cfg: Config, layout, keys: dict[str, torch.dtype]):
     """Interleaved text+image documents when --data-path is given (megalatent.data.interleaved), else the
     embedded digits as class-conditional sequences through the --latent-tokenizer."""
-    t, d = cfg.training, cfg.data
+    t, d, m = cfg.training, cfg.data, cfg.model
     if d.data_path is not None:
         from megalatent.data.gpt_data import index_cache_dir, parse_data_path, samples_per_split
         from megalatent.data.interleaved import build_interleaved_datasets
@@ -142,13 +140,13 @@ def build_latent_loaders(cfg: Config, layout):
         num_samples = samples_per_split(cfg)
         train, valid = build_interleaved_datasets(prefixes, weights, d.split, cfg.model.seq_length, t.seed,
                                                   Tokenizer.load(d.tokenizer_model), num_samples,
-                                                  index_cache_dir(cfg), d.latent_tokenizer)
-        return (latent_loader(train, cfg, layout, 0),
-                latent_loader(valid, cfg, layout, 1) if valid is not None and num_samples[1] else None)
+                                                  index_cache_dir(cfg), m.latent_tokenizer)
+        return (latent_loader(train, cfg, layout, keys, 0),
+                latent_loader(valid, cfg, layout, keys, 1) if valid is not None and num_samples[1] else None)
 
     def loader(split: str, stream: int):
-        latents, labels = tokenize_digits(d.latent_tokenizer, split, t.seed)
-        dataset = ClassConditionalLatents(latents, labels, cfg.model.num_classes, d.class_dropout, t.seed)
-        return latent_loader(dataset, cfg, layout, stream)
+        latents, labels = tokenize_digits(m.latent_tokenizer, split, t.seed)
+        dataset = ClassConditionalLatents(latents, labels, m.num_classes, m.class_dropout, t.seed)
+        return latent_loader(dataset, cfg, layout, keys, stream)
 
     return loader("train", 0), (loader("valid", 1) if t.eval_interval else None)

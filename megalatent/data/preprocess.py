@@ -21,30 +21,37 @@ from tqdm import tqdm
 
 from megalatent.data.tokenizer import Tokenizer
 
-# Documents handed to a worker at a time: large enough to amortize inter-process traffic,
-# small enough to keep the in-flight text (and the progress bar) fine-grained.
-_CHUNKSIZE = 16
-
-# Set in each worker process by _init_worker, so the model is loaded once per worker.
-_worker_tokenizer: Tokenizer | None = None
-_worker_append_eod = True
+# Documents handed to a worker at a time: large enough to amortize inter-process traffic and the worker's
+# loading of the tokenizer (once per task), small enough to keep the in-flight text (and the progress bar)
+# fine-grained.
+_TASK_DOCUMENTS = 64
 
 
-def _init_worker(tokenizer_model: str, append_eod: bool) -> None:
-    global _worker_tokenizer, _worker_append_eod
-    _worker_tokenizer = Tokenizer.load(tokenizer_model)
-    _worker_append_eod = append_eod
-
-
-def _encode_record(record: dict[str, str]) -> dict[str, list[int]]:
-    """Token ids per key of one document; an empty text stays empty (no lone EOD)."""
-    encoded = {}
-    for key, text in record.items():
-        ids = _worker_tokenizer.encode(text)
-        if ids and _worker_append_eod:
-            ids.append(_worker_tokenizer.eod)
-        encoded[key] = ids
+def _encode_task(task: tuple[str, bool, list[dict[str, str]]]) -> list[dict[str, list[int]]]:
+    """Token ids per key of each document of a task; an empty text stays empty (no lone EOD)."""
+    tokenizer_model, append_eod, records = task
+    tokenizer = Tokenizer.load(tokenizer_model)
+    encoded = []
+    for record in records:
+        ids_by_key = {}
+        for key, text in record.items():
+            ids = tokenizer.encode(text)
+            if ids and append_eod:
+                ids.append(tokenizer.eod)
+            ids_by_key[key] = ids
+        encoded.append(ids_by_key)
     return encoded
+
+
+def _tasks(records: Iterable[dict[str, str]], tokenizer_model: str, append_eod: bool):
+    task = []
+    for record in records:
+        task.append(record)
+        if len(task) == _TASK_DOCUMENTS:
+            yield tokenizer_model, append_eod, task
+            task = []
+    if task:
+        yield tokenizer_model, append_eod, task
 
 
 def encode_to_indexed_datasets(
@@ -76,18 +83,17 @@ def encode_to_indexed_datasets(
         for key, prefix in zip(json_keys, prefixes)
     }
     try:
-        with multiprocessing.Pool(
-            workers, initializer=_init_worker, initargs=(tokenizer_model, append_eod)
-        ) as pool, tqdm(
+        with multiprocessing.Pool(workers) as pool, tqdm(
             unit="doc", desc="tokenizing", disable=not progress, mininterval=1.0
         ) as bar:
             num_tokens = 0
-            for encoded in pool.imap(_encode_record, records, chunksize=_CHUNKSIZE):
-                for key, ids in encoded.items():
-                    if ids:
-                        builders[key].add_document(np.asarray(ids, dtype=dtype), [len(ids)])
-                        num_tokens += len(ids)
-                bar.update()
+            for encoded in pool.imap(_encode_task, _tasks(records, tokenizer_model, append_eod)):
+                for document in encoded:
+                    for key, ids in document.items():
+                        if ids:
+                            builders[key].add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+                            num_tokens += len(ids)
+                bar.update(len(encoded))
                 bar.set_postfix(tokens=num_tokens, refresh=False)
         for key, prefix in zip(json_keys, prefixes):
             builders[key].finalize(prefix + ".idx" + tmp_suffix)

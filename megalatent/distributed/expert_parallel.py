@@ -12,7 +12,8 @@ Backward of an all-to-all is the all-to-all with the splits swapped (`_AllToAll`
 
 Expert weights are DTensors sharded on dim 0 over the `ep` mesh, so checkpoints hold the global
 [E, ...] tensors and load at any other expert-parallel size; FSDP shards them further over the
-expert-data-parallel ranks (`edp`, the dp x cp ranks that hold the same experts).
+expert-data-parallel ranks (`edp`, the dp x cp ranks that hold the same experts). The module computes
+with this rank's experts (`LocalExperts`).
 """
 from __future__ import annotations
 
@@ -74,10 +75,18 @@ class ExpertDispatcher:
         return all_to_all(out[back], recv_splits, send_splits, self.group)
 
 
+class LocalExperts(Experts):
+    """Experts whose stacked weights are DTensors sharded over the ep ranks: they compute with this rank's."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: p.to_local() for name, p in super().weights().items()}
+
+
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     """Shard every MoE layer's experts over `ep_mesh` (dim 0) and route its tokens through all-to-all."""
     for _, layer in moe_layers(model):
         experts = layer.experts
         for name, p in list(experts.named_parameters(recurse=False)):
             setattr(experts, name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)])))
+        experts.__class__ = LocalExperts  # (as fully_shard does: the same module, one method more)
         layer.dispatcher = ExpertDispatcher(ep_mesh.get_group(), layer.num_experts)

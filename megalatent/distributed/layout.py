@@ -1,7 +1,7 @@
-"""The parallel layout of a job and its device mesh.
+"""The parallel layout of a job: its rules, its device mesh and its process groups.
 
-One object carries the sizes of every parallel dimension and the mesh built from them; nothing else
-keeps parallel state in module globals. The mesh has named dims `pp, dp, cp, tp` with tp innermost,
+One object carries the sizes of every parallel dimension, the mesh built from them and every process
+group made for the job (`subgroup`); no module keeps parallel state in globals. The mesh has named dims `pp, dp, cp, tp` with tp innermost,
 so tensor-parallel peers are adjacent ranks (inside one node).
 
 Expert parallelism is carved out of dp x cp (Megatron's "parallel folding"): the dp x cp ranks of one
@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from megalatent.distributed.pipeline import PipelinePlanError, plan_pipeline
 
 
 @dataclass
@@ -33,6 +34,7 @@ class ParallelLayout:
     _fsdp_mesh: Optional[DeviceMesh] = field(default=None, repr=False)
     _token_mesh: Optional[DeviceMesh] = field(default=None, repr=False)
     _expert_fsdp_mesh: Optional[DeviceMesh] = field(default=None, repr=False)
+    _subgroups: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, cfg, world_size: int, rank: int = 0) -> "ParallelLayout":
@@ -96,6 +98,14 @@ class ParallelLayout:
     def group(self, dim: str):
         return self.mesh[dim].get_group()
 
+    def subgroup(self, ranks: tuple[int, ...]):
+        """The process group of these global ranks, made once per job: a second group over the same ranks
+        would share its rendezvous keys with the first. Only the members call this for a set of ranks
+        (use_local_synchronization), so groups of other members need not take part."""
+        if ranks not in self._subgroups:
+            self._subgroups[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
+        return self._subgroups[ranks]
+
     def build_mesh(self, device: torch.device) -> None:
         """Create the device mesh; needs the process group (call after init_process_group)."""
         if self.world_size > 1:
@@ -134,3 +144,74 @@ class ParallelLayout:
     def _collective_device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
+
+def layout_errors(cfg, world_size: int) -> tuple[list[str], int]:
+    """The layout rules: every parallel size must divide what it splits. Returns (errors, dp size).
+    Pure: run before any process group exists."""
+    m, t, p = cfg.model, cfg.training, cfg.parallel
+    e: list[str] = []
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    for flag, size in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp),
+                       ("context-parallel-size", cp)):
+        if size < 1:
+            e.append(f"--{flag} must be >= 1, got {size}")
+    if e:
+        return e, 1
+    if world_size % (tp * pp * cp):
+        e.append(f"the world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+                 f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp}; launch a multiple of "
+                 f"{tp * pp * cp} processes")
+        return e, 1
+    dp = world_size // (tp * pp * cp)
+    if cp > 1 and m.seq_length % (2 * cp):
+        e.append(f"--context-parallel-size {cp}: --seq-length {m.seq_length} must be divisible by 2 x {cp} "
+                 "(each rank holds two chunks, one early and one late, to balance causal attention)")
+
+    for key, value in (("num_attention_heads", m.num_attention_heads), ("make_vocab_size_divisible_by",
+                       m.make_vocab_size_divisible_by), ("ffn_hidden_size", m.mlp_width)):
+        if value >= 1 and value % tp:
+            e.append(f"--{key.replace('_', '-')} {value} must be divisible by --tensor-model-parallel-size {tp}")
+    if m.group_query_attention and m.num_query_groups and m.num_query_groups % tp:
+        e.append(f"--num-query-groups {m.num_query_groups} must be divisible by --tensor-model-parallel-size "
+                 f"{tp} (each tensor-parallel rank holds whole K/V heads)")
+    ep = p.expert_model_parallel_size
+    if ep < 1:
+        e.append(f"--expert-model-parallel-size must be >= 1, got {ep}")
+    elif ep > 1 and (dp * cp) % ep:
+        e.append(f"--expert-model-parallel-size {ep} must divide data-parallel size {dp} x --context-parallel-size "
+                 f"{cp} = {dp * cp} (expert parallelism is carved out of those ranks)")
+    elif ep > 1 and (m.num_experts is None or m.num_experts % ep):
+        e.append(f"--expert-model-parallel-size {ep} needs --num-experts divisible by it (each rank holds "
+                 f"--num-experts / {ep} experts), got --num-experts {m.num_experts}")
+    if m.num_experts is not None and tp > 1 and (m.seq_length // cp) % tp:
+        e.append(f"--num-experts with --tensor-model-parallel-size {tp}: each TP rank routes 1/{tp} of the tokens, so "
+                 f"the tokens per context-parallel rank (--seq-length {m.seq_length} / {cp}) must be divisible by {tp}")
+    if p.sequence_parallel and tp == 1:
+        e.append("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards over the TP ranks)")
+    elif p.sequence_parallel and (m.seq_length // cp) % tp:
+        e.append(f"--sequence-parallel: the tokens per context-parallel rank (--seq-length {m.seq_length} / "
+                 f"{cp}) must be divisible by --tensor-model-parallel-size {tp}")
+
+    pipeline_flags = {"num_layers_per_virtual_pipeline_stage": p.num_layers_per_virtual_pipeline_stage,
+                      "pipeline_schedule": p.pipeline_schedule,
+                      "decoder_first_pipeline_num_layers": p.decoder_first_pipeline_num_layers,
+                      "decoder_last_pipeline_num_layers": p.decoder_last_pipeline_num_layers}
+    if pp == 1:
+        for key, value in pipeline_flags.items():
+            if value is not None:
+                e.append(f"--{key.replace('_', '-')} needs --pipeline-model-parallel-size > 1")
+        return e, dp
+    if not m.untie_embeddings_and_output_weights:
+        e.append("pipeline parallelism puts the embedding and the output head on different stages: add "
+                 "--untie-embeddings-and-output-weights (tied weights across stages are not supported yet)")
+    try:
+        plan = plan_pipeline(cfg, pp)
+    except PipelinePlanError as err:
+        return e + [str(err)], dp
+    if t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * dp) == 0:
+        n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+        if n_micro < pp or (plan.stages_per_rank > 1 and n_micro % pp):
+            e.append(f"{plan.schedule} over {pp} pipeline stages needs a number of micro-batches per step "
+                     f"(--global-batch-size / (--micro-batch-size x data-parallel size) = {n_micro}) that is "
+                     f">= {pp}" + (f" and a multiple of {pp}" if plan.stages_per_rank > 1 else ""))
+    return e, dp

@@ -1,26 +1,27 @@
-"""The one place where a parallel layout is applied to a plain (layout-agnostic) model.
+"""The one place where a parallel layout is applied to a plain (single-device) model.
 
-Order matters and follows torchtitan: tensor/sequence parallelism first (it rewrites weights into
-DTensors on the tp mesh), context parallelism (swaps the attention core), expert parallelism (shards
-the experts over ep, attaches the all-to-all dispatcher), then activation recomputation (wraps whole
-layers), then FSDP2 over the data- and context-parallel ranks (which shards those DTensors again:
-2-D TP x FSDP; experts over the expert-data-parallel ranks).
+What is split how is the model family's parallel plan (distributed/plan.py); the order is this module's,
+and follows torchtitan: tensor/sequence parallelism first (it rewrites weights into DTensors on the tp
+mesh), context parallelism (swaps the token-mixing cores), expert parallelism (shards the experts over
+ep, attaches the all-to-all dispatcher), then activation recomputation (wraps whole layers), then FSDP2
+over the data- and context-parallel ranks (which shards those DTensors again: 2-D TP x FSDP; experts
+over the expert-data-parallel ranks).
 """
 from __future__ import annotations
 
 from collections import Counter
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from megalatent.config import ParallelConfig
-from megalatent.distributed.context_parallel import apply_context_parallel
 from megalatent.distributed.expert_parallel import apply_expert_parallel
 from megalatent.distributed.layout import ParallelLayout
-from megalatent.distributed.tensor_parallel import apply_tensor_parallel
+from megalatent.distributed.plan import ContextParallel, ParallelPlan
 from megalatent.nn.moe import moe_layers
 
 # Selective recomputation keeps the outputs of the matmuls (the expensive ops) and recomputes the
@@ -55,14 +56,25 @@ def apply_recompute(model: nn.Module, granularity: str) -> None:
             model.layers[name] = checkpoint_wrapper(layer, context_fn=_selective_policy, preserve_rng_state=False)
 
 
-def parallelize(model: nn.Module, layout: ParallelLayout, cfg: ParallelConfig,
-                param_dtype: torch.dtype | None = None) -> nn.Module:
+def summed_over(group):
+    """t -> the sum of every rank's t over `group` (in place)."""
+    def sum_over(t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=group)
+        return t
+    return sum_over
+
+
+def parallelize(model: nn.Module, layout: ParallelLayout, cfg: ParallelConfig, plan: ParallelPlan,
+                seq_length: int, param_dtype: torch.dtype | None = None) -> nn.Module:
     if layout.tp > 1:
-        apply_tensor_parallel(model, layout.mesh["tp"], cfg.sequence_parallel)
+        plan.tensor_parallel(model, layout.mesh["tp"], cfg.sequence_parallel)
     if layout.cp > 1:
-        apply_context_parallel(model, layout.group("cp"), model.cfg.seq_length // layout.cp)
-    for _, moe in moe_layers(model):
-        moe.token_group = layout.token_group()  # balance statistics over every rank's tokens
+        plan.context_parallel(model, ContextParallel(layout.group("cp"), layout.cp_rank, layout.cp,
+                                                     seq_length // layout.cp, layout.subgroup))
+    token_group = layout.token_group()
+    if token_group is not None:
+        for _, moe in moe_layers(model):
+            moe.sum_over_token_ranks = summed_over(token_group)  # balance statistics over every rank's tokens
     if layout.ep > 1:
         apply_expert_parallel(model, layout.expert_mesh["ep"])
     if cfg.recompute_granularity is not None:

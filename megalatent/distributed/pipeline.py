@@ -1,11 +1,11 @@
 """Pipeline parallelism with torch.distributed.pipelining: which layers form each stage, which rank
 runs which stages, the stage modules and the schedule (1F1B, interleaved 1F1B, zero-bubble).
 
-A stage module is the model itself with the parts it does not own removed (layers of other stages,
-the embedding unless first, the final norm and head unless last), so parameter names stay global
-(`layers.7.mlp.up_proj.weight` on whichever rank holds layer 7) and checkpoints do not depend on the
-pipeline layout. Between stages flows a tuple of tensors — today (hidden states, position ids), the
-interface a family extends when a later stage needs more (e.g. YOCO's shared K/V).
+A stage module is the model itself with the parts it does not own removed (layers of other stages, and
+what the family's `PipelineSplit` gives only to the first stage, the last, or the stage of one layer), so
+parameter names stay global (`layers.7.mlp.up_proj.weight` on whichever rank holds layer 7) and
+checkpoints do not depend on the pipeline layout. Between stages flows a tuple of tensors — (hidden
+states, position ids), plus whatever a family's later stages need from earlier ones.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from megalatent.distributed.plan import PipelineSplit
 
 SCHEDULES = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
 
@@ -99,20 +101,18 @@ def plan_pipeline(cfg, pp: int) -> PipelinePlan:
     return PipelinePlan(schedule, stage_layers, pp)
 
 
-def stage_module(model: nn.Module, layer_ids: list[int], is_first: bool, is_last: bool) -> nn.Module:
-    """A copy of `model` that keeps only what this stage owns (global names preserved): its layers, the
-    modules the model lists as the first stage's (`FIRST_STAGE`, e.g. the embedding) and the last's
-    (`LAST_STAGE`, e.g. the final norm and the head)."""
+def stage_module(model: nn.Module, split: PipelineSplit, layer_ids: list[int], is_first: bool,
+                 is_last: bool) -> nn.Module:
+    """A copy of `model` that keeps only what this stage owns (global names preserved): its layers, and the
+    modules `split` gives to the first stage, the last, or the stage of one of its layers."""
     stage = copy.deepcopy(model)
-    keep = {str(i) for i in layer_ids}
     for name in list(stage.layers):
-        if name not in keep:
+        if int(name) not in layer_ids:
             del stage.layers[name]
-    if hasattr(stage, "keep_for_stage"):  # a family's modules that belong with one of its layers (YOCO)
-        stage.keep_for_stage(keep)
-    for name in () if is_first else model.FIRST_STAGE:
-        setattr(stage, name, None)
-    for name in () if is_last else model.LAST_STAGE:
+    dropped = [] if is_first else list(split.first)
+    dropped += [] if is_last else list(split.last)
+    dropped += [name for name, layer in split.with_layer(model.cfg).items() if layer not in layer_ids]
+    for name in dropped:
         setattr(stage, name, None)
     return stage
 
@@ -135,8 +135,8 @@ def build_schedule(plan: PipelinePlan, stages: list[nn.Module], stage_ids: list[
 class Pipeline:
     """This rank's share of a pipeline: its stages, and the schedule that runs them."""
 
-    def __init__(self, plan: PipelinePlan, pp_rank: int, pp_group, device: torch.device):
-        self.plan, self.group, self.device = plan, pp_group, device
+    def __init__(self, plan: PipelinePlan, keeps: PipelineSplit, pp_rank: int, pp_group, device: torch.device):
+        self.plan, self.keeps, self.group, self.device = plan, keeps, pp_group, device
         self.stage_ids = plan.stages_of_rank(pp_rank)
         self.has_first = 0 in self.stage_ids
         self.has_last = plan.num_stages - 1 in self.stage_ids
@@ -149,7 +149,7 @@ class Pipeline:
 
     def split(self, model: nn.Module) -> list[nn.Module]:
         last = self.plan.num_stages - 1
-        return [stage_module(model, self.plan.stage_layers[s], s == 0, s == last) for s in self.stage_ids]
+        return [stage_module(model, self.keeps, self.plan.stage_layers[s], s == 0, s == last) for s in self.stage_ids]
 
     def run(self, parts: list[nn.Module], inputs: tuple, target: torch.Tensor, n_microbatches: int, loss_fn,
             train: bool) -> list[torch.Tensor]:

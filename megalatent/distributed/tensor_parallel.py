@@ -1,4 +1,4 @@
-"""Tensor and sequence parallelism for the decoder as DTensor plans (Megatron's partitioning).
+"""Tensor and sequence parallelism for the decoder trunk as DTensor plans (Megatron's partitioning).
 
 Per layer: q/k/v and the MLP's gate/up are column-parallel (each rank holds a slice of the heads /
 hidden units), o_proj and down_proj are row-parallel (their partial sums are reduced), so a layer
@@ -9,9 +9,12 @@ activations' memory by the TP size. The embedding is vocab-parallel, and the out
 leaves the logits sharded over the vocabulary: the loss is computed on the shards (`loss_parallel`)
 without ever gathering [batch, seq, vocab] logits.
 
-BitLinear layers (BitNet b1.58) take the same column/row split; their input-norm weight is replicated
-in column-parallel layers (the input is whole) and sharded with the input features in row-parallel
-ones, and their scales reduce over the whole tensors (see megalatent/nn/bitlinear.py).
+BitLinear layers (ternary b1.58 weights) take the same column/row split; their input-norm weight is
+replicated in column-parallel layers (the input is whole) and sharded with the input features in
+row-parallel ones, and their scales reduce over the whole tensors (see megalatent/nn/bitlinear.py).
+
+A family whose modules differ from the trunk's passes its own plan entries (`extra_plan`, which also
+overrides entries) from its parallel plan (megalatent/families/).
 """
 from __future__ import annotations
 
@@ -22,9 +25,8 @@ from torch.distributed.tensor import Placement, Replicate, Shard, distribute_ten
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
-from megalatent.nn.moe import MoELayer
-
 from megalatent.nn.bitlinear import BitLinear
+from megalatent.nn.moe import MoELayer
 
 
 def _shard_bitlinear(module: BitLinear, mesh: DeviceMesh, weight: Placement, norm_weight: Placement,
@@ -64,15 +66,19 @@ def _rowwise(model: nn.Module, path: str, **kwargs):
     return (BitLinearRowwiseParallel if _is_bitlinear(model, path) else RowwiseParallel)(**kwargs)
 
 
+def sequence_layout(sequence_parallel: bool) -> Placement:
+    """The layout of the residual stream between blocks: sequence-sharded under SP, else replicated."""
+    return Shard(1) if sequence_parallel else Replicate()
+
+
 def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
-    """The plan for `megalatent.models.decoder.Decoder` (and any family keeping its module names)."""
-    # Layout of the residual stream between blocks: sequence-sharded under SP, else replicated.
-    stream = Shard(1) if sequence_parallel else Replicate()
+    """The plan for `megalatent.models.decoder.Decoder` (and any model keeping its module names)."""
+    stream = sequence_layout(sequence_parallel)
     plan = {}
     # A pipeline stage holds only some of these (see distributed/pipeline.py).
-    if model.embed_tokens is not None:
+    if getattr(model, "embed_tokens", None) is not None:
         plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
-    if model.output is not None:
+    if getattr(model, "output", None) is not None:
         # The head needs the full sequence on every rank; it returns DTensor logits Shard(-1).
         plan["output"] = PrepareModuleInput(input_layouts=(stream, None), desired_input_layouts=(Replicate(), None),
                                             use_local_output=False)
@@ -80,7 +86,7 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
             plan["norm"] = SequenceParallel()
     for name, layer in model.layers.items():
         p = f"layers.{name}."
-        # (a family's layer may lack some of these modules: YOCO's cross-attention has no k/v projections)
+        # (a layer may lack some of these modules: an attention to keys made elsewhere has no k/v projections)
         plan.update({p + path: _colwise(model, p + path) for path in
                      ("attention.q_proj", "attention.k_proj", "attention.v_proj") if _has_module(model, p + path)})
         if _has_module(model, p + "attention.o_proj"):
@@ -108,8 +114,6 @@ def decoder_plan(model: nn.Module, sequence_parallel: bool) -> dict:
             if not moe:
                 plan[p + "mlp"] = PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),),
                                                      use_local_output=True)
-    if hasattr(model, "tensor_parallel_plan"):  # a family's own modules and overrides (YOCO)
-        plan.update(model.tensor_parallel_plan(stream, sequence_parallel))
     return plan
 
 
@@ -121,17 +125,10 @@ def _has_module(model: nn.Module, name: str) -> bool:
         return False
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
-    parallelize_module(model, tp_mesh, decoder_plan(model, sequence_parallel))
-    # An attention core whose per-head behaviour depends on the head index (LongNet's dilation offsets)
-    # learns which global heads this rank holds.
-    first_head = tp_mesh.get_local_rank() * (model.cfg.num_attention_heads // tp_mesh.size())
-    replaced: dict[int, object] = {}  # layers sharing a core keep sharing it
-    for layer in model.layers.values():
-        core = getattr(layer.attention, "core_attention", None)
-        if hasattr(core, "tensor_parallel"):
-            replaced.setdefault(id(core), core.tensor_parallel(first_head))
-            layer.attention.core_attention = replaced[id(core)]
-    head = model.output
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool,
+                          extra_plan: dict | None = None) -> None:
+    """The trunk's plan, with a family's entries added (or overriding), applied to `model`."""
+    parallelize_module(model, tp_mesh, {**decoder_plan(model, sequence_parallel), **(extra_plan or {})})
+    head = getattr(model, "output", None)
     if head is not None and head.weight is not None:  # untied head: shard its rows (the vocabulary) like the embedding's
         head.weight = nn.Parameter(distribute_tensor(head.weight.data, tp_mesh, [Shard(0)]))

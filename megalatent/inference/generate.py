@@ -1,9 +1,9 @@
 """Incremental decoding and text generation, the same for every model family.
 
 A model answers `new_cache()` and `model(tokens, position_ids, cache=cache)`, which continues the
-cached sequence with `tokens` and returns the last token's logits. The baseline and LongNet cache every
-layer's K/V; YOCO caches its self-decoder's constant-size states plus one K^/V^, and its prefill runs the
-cross-decoder for the last prompt token only.
+cached sequence with `tokens` and returns the last token's logits. What a cache holds is the model's
+business (megalatent/nn/cache.py): every layer's K/V, or constant-size states, or one shared K/V cache
+with a prefill that runs only what the last prompt token needs.
 
     prefill(model, prompt, cache)   -> logits of the prompt's last token  [b, vocab]
     decode_step(model, token, cache) -> logits of the next position        [b, vocab]
@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from megalatent.inference.cache import InferenceCache
+from megalatent.nn.cache import InferenceCache
 
 
 def _advance(model, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:

@@ -4,11 +4,16 @@
     for each layer:  x = x + attn(norm(x), positions);  x = x + mlp(norm(x))
     logits = head(norm(x))
 
-A family changes what a layer is made of through a `LayerSpec` (LongNet swaps the attention,
-MH-MoE the MLP) instead of copying this file. `--linear-impl bitlinear` swaps the linear layers of
-the attention and MLP blocks of any family built on these hooks for BitNet b1.58's BitLinear; as
-each BitLinear normalises its own input, the layer's two pre-norms are then dropped (the final norm
-before the full-precision head stays).
+A family changes what a layer is made of through a `LayerSpec` (e.g. another attention core, or a
+layer of another kind) instead of copying this file. `--num-experts` makes the MLP of the layers
+`--moe-layer-freq` picks a mixture of experts (the default MLP factory does it, so every family built on
+these factories has it). `--linear-impl bitlinear` swaps the linear layers of the attention and MLP
+blocks for the b1.58 BitLinear; as each BitLinear normalises its own input, the layer's two pre-norms
+are then dropped (the final norm before the full-precision head stays).
+
+The model is single-device PyTorch; how it is split over devices is its family's parallel plan
+(megalatent/families/, distributed/plan.py). It is also the pipeline-stage module: a stage without the
+embedding takes hidden states, a stage without the head returns what the next stage needs.
 """
 from __future__ import annotations
 
@@ -21,9 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalatent.config import ModelConfig
-from megalatent.inference.cache import InferenceCache, KVCache
-from megalatent.models.registry import ModelFamily, register
 from megalatent.nn.attention import SelfAttention
+from megalatent.nn.cache import InferenceCache, KVCache
 from megalatent.nn.bitlinear import BitLinear
 from megalatent.nn.mlp import GeluMLP, SwiGLU
 from megalatent.nn.moe import MoELayer
@@ -121,10 +125,6 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
 class Decoder(nn.Module):
     """tokens [b, s] (+ position_ids [b, s]) -> logits [b, s, padded_vocab]."""
 
-    # What only the first / the last pipeline stage holds (distributed/pipeline.py sets the others' to None).
-    FIRST_STAGE = ("embed_tokens",)
-    LAST_STAGE = ("norm", "output")
-
     def __init__(self, cfg: ModelConfig, spec: LayerSpec = BASELINE_SPEC):
         super().__init__()
         self.cfg = cfg
@@ -157,8 +157,8 @@ class Decoder(nn.Module):
         return self.output(normed, None if self.output.weight is not None else self.embed_tokens.weight)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None):
-        """tokens -> logits. As a pipeline stage (see distributed/pipeline.py) a later stage takes the
-        hidden states instead of tokens, and every stage but the last returns (hidden, position_ids).
+        """tokens -> logits. As a pipeline stage (see distributed/pipeline.py) a stage without the embedding
+        takes the hidden states instead of tokens, and a stage without the head returns (hidden, position_ids).
 
         With an inference cache (from `new_cache`, see megalatent/inference) the tokens continue the
         cached sequence and only the last token's logits [b, 1, vocab] are returned.
@@ -211,16 +211,3 @@ def decoder_flops_per_token(cfg: ModelConfig, keys_per_query: float) -> float:
 def dense_decoder_flops_per_token(cfg: ModelConfig) -> float:
     """Causal dense attention: s/2 keys per query on average (Megatron-LM's halving for the mask)."""
     return decoder_flops_per_token(cfg, cfg.seq_length / 2)
-
-
-def validate_dense(cfg) -> list[str]:
-    if cfg.model.segment_lengths or cfg.model.dilated_ratios:
-        return ["--segment-lengths/--dilated-ratios configure dilated attention: add --model-family longnet"]
-    if cfg.model.sliding_window_size is not None:
-        return ["--sliding-window-size configures YOCO's sliding-window self-decoder: add --model-family yoco "
-                "--yoco-self-attention swa"]
-    return []
-
-
-register(ModelFamily(name="gpt", build=lambda cfg: Decoder(cfg), flops_per_token=dense_decoder_flops_per_token,
-                     validate=validate_dense))

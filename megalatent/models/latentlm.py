@@ -6,36 +6,44 @@
     continuous next token:  the diffusion head's DDPM loss on z_{i+1} conditioned on h_i
                             (--diffusion-batch-mul noise draws per latent; only the head reruns)
 
-The trunk, its names and its tensor-parallel plan are the baseline decoder's; the latent projection and
-the diffusion head are small and replicated on every TP rank (they see the same hidden states there, so
-their gradients agree without communication); under pipeline parallelism they live on the first and the
-last stage; under context parallelism each rank's head takes its own positions. The diffusion loss's
-noise comes with the data (`latent_data.DiffusionDraws`), so every layout trains on the same draws.
+The trunk and its names are the baseline decoder's. The model is single-device PyTorch; its parallel plan
+(families/latentlm.py) keeps the latent projection and the diffusion head whole on every tensor-parallel
+rank and puts them on the first and the last pipeline stage. The diffusion loss's noise comes with the
+data (`data/latent_data.DiffusionDraws`), so every layout trains on the same draws.
 Sampling (`sample_latents`) continues a prompt latent by latent against an inference cache, with
 classifier-free guidance against an unconditional prompt; the σ-VAE then decodes the latents to pixels.
 """
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor.parallel import PrepareModuleOutput, RowwiseParallel
 
-from megalatent.config import Config, ModelConfig
-from megalatent.data import interleaved, latent_data
+from megalatent.config import ModelConfig, flag
 from megalatent.models.decoder import Decoder, dense_decoder_flops_per_token
-from megalatent.models.registry import ModelFamily, register
 from megalatent.nn.diffusion_head import DiffusionHead, sample
-from megalatent.training.objectives import LATENT_LM
+
+
+@dataclass
+class LatentLMConfig(ModelConfig):
+    latent_dim: int = flag(8, "width of a continuous (latent) token; must equal the σ-VAE tokenizer's")
+    diffusion_head_layers: int = flag(3, "adaLN blocks of the diffusion head")
+    diffusion_batch_mul: int = flag(4, "noise draws per latent per step (only the head reruns)")
+    diffusion_loss_weight: float = flag(1.0, "weight of the diffusion loss against the cross-entropy")
+    num_classes: int = flag(1000, "classes: of the class-conditional images, or of an image classifier")
+    latent_tokenizer: Optional[str] = flag(None, "σ-VAE tokenizer directory (tools/train_vae.py --save)",
+                                           architectural=False)
+    class_dropout: float = flag(0.1, "fraction of images whose class is replaced by the null class "
+                                     "(classifier-free guidance)", architectural=False)
 
 
 class LatentInput(nn.Linear):
     """The latent projection, as the module that puts projected latents in place of the token embeddings at
     latent positions: one module, so that a tensor-parallel plan can place the combined embeddings (under
-    sequence parallelism it scatters them over the sequence; see `LatentLM.tensor_parallel_plan`)."""
+    sequence parallelism it scatters them over the sequence; see families/latentlm.py)."""
 
     def __init__(self, latent_dim: int, hidden_size: int):
         super().__init__(latent_dim, hidden_size, bias=False)
@@ -53,19 +61,6 @@ class LatentLM(Decoder):
         self.latent_in = LatentInput(cfg.latent_dim, cfg.hidden_size)
         nn.init.normal_(self.latent_in.weight, std=cfg.init_method_std)
         self.diffusion_head = DiffusionHead(cfg.latent_dim, cfg.hidden_size, depth=cfg.diffusion_head_layers)
-
-    FIRST_STAGE = Decoder.FIRST_STAGE + ("latent_in",)
-    LAST_STAGE = Decoder.LAST_STAGE + ("diffusion_head",)
-
-    def tensor_parallel_plan(self, stream, sequence_parallel: bool) -> dict:
-        """The latent projection and the diffusion head stay whole on every TP rank. Under sequence
-        parallelism the token embeddings are all-reduced whole (not reduce-scattered), the latents put in
-        place, and only then the sequence scattered; the head gets the gathered hidden states (`forward`)."""
-        if not sequence_parallel or self.embed_tokens is None:
-            return {}
-        return {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-                "latent_in": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=stream,
-                                                 use_local_output=True)}
 
     def embed(self, tokens, latents, latent_mask) -> torch.Tensor:
         return self.latent_in(self.embed_tokens(tokens), latents, latent_mask)
@@ -96,13 +91,9 @@ class LatentLM(Decoder):
         if self.output is None:
             return x, position_ids
         h = self.norm(x)
-        hidden = h
-        if isinstance(h, DTensor):  # sequence parallel: gathered once, for the output layer and the diffusion head
-            h = h.redistribute(placements=[Replicate()])
-            hidden = h.to_local()
         if target_latents is None:
-            return self.head(h), hidden
-        return self.head(h), self.diffusion_loss(hidden, target_latents, diffusion_mask, diffusion_t, diffusion_noise)
+            return self.head(h), h
+        return self.head(h), self.diffusion_loss(h, target_latents, diffusion_mask, diffusion_t, diffusion_noise)
 
     def _continue(self, cache, tokens: torch.Tensor | None = None, latent: torch.Tensor | None = None):
         """Continue the cached sequences with tokens [n, L] or one latent [n, k] per row; returns the last
@@ -142,68 +133,3 @@ def flops_per_token(cfg: ModelConfig) -> float:
     """The trunk's (as the baseline decoder); the latent projection and the diffusion head are small next
     to it at the configured sizes and are not counted."""
     return dense_decoder_flops_per_token(cfg)
-
-
-def validate(cfg: Config) -> list[str]:
-    m, d = cfg.model, cfg.data
-    e = []
-    if m.diffusion_batch_mul < 1 or m.diffusion_head_layers < 1:
-        e.append("--diffusion-batch-mul and --diffusion-head-layers must be >= 1")
-    if d.latent_tokenizer is None:
-        return e + ["--model-family latentlm needs --latent-tokenizer DIR (train one: python tools/train_vae.py "
-                    "--save DIR)"]
-    if not os.path.isfile(os.path.join(d.latent_tokenizer, "config.json")):
-        return e + [f"--latent-tokenizer {d.latent_tokenizer} is not a σ-VAE tokenizer directory (no config.json); "
-                    "train one with python tools/train_vae.py --save DIR"]
-    from megalatent.models.sigma_vae import read_tokenizer_config
-    vae = read_tokenizer_config(d.latent_tokenizer)["config"]
-    if m.latent_dim != vae["latent_dim"]:
-        e.append(f"--latent-dim {m.latent_dim} differs from the tokenizer's latent_dim {vae['latent_dim']}")
-    if d.data_path is not None:
-        return e + _document_errors(cfg)
-    tokens = (vae["image_size"] // vae["patch_size"]) ** 2
-    if m.seq_length != latent_data.sequence_length(tokens):
-        e.append(f"--seq-length must be {latent_data.sequence_length(tokens)} for this tokenizer "
-                 f"({tokens} latents per image + class, <boi>, <eoi>), got {m.seq_length}")
-    if m.vocab_size is not None and m.vocab_size < latent_data.vocab_size(m.num_classes):
-        e.append(f"--vocab-size {m.vocab_size} is too small for {m.num_classes} classes and 4 special tokens")
-    if not 0 <= d.class_dropout < 1:
-        e.append(f"--class-dropout must be in [0, 1), got {d.class_dropout}")
-    return e
-
-
-def _document_errors(cfg: Config) -> list[str]:
-    """--data-path: interleaved text+image documents (tools/preprocess_interleaved.py), whose latent stores
-    must have been made with this run's tokenizers."""
-    from megalatent.data.gpt_data import parse_data_path
-    from megalatent.data.interleaved import open_latent_stores
-    from megalatent.data.tokenizer import Tokenizer
-
-    d = cfg.data
-    if d.tokenizer_model is None:
-        return ["--data-path needs --tokenizer-model (the text tokenizer the documents were made with; "
-                "tools/preprocess_interleaved.py prints the training flags)"]
-    if not os.path.isfile(d.tokenizer_model):
-        return []  # config.validate reports the missing file
-    try:
-        prefixes, _ = parse_data_path(d.data_path)
-        open_latent_stores(prefixes, d.latent_tokenizer, Tokenizer.load(d.tokenizer_model))
-    except (ValueError, FileNotFoundError) as err:
-        return [str(err)]
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab_size(cfg):
-        return [f"--vocab-size {cfg.model.vocab_size} is too small for the text tokenizer's ids and <boi>, <eoi> "
-                f"and the latent placeholder ({vocab_size(cfg)}); leave it out"]
-    return []
-
-
-def vocab_size(cfg: Config) -> int:
-    """Class-conditional: the classes, the null class and 3 special ids; on documents: the text tokenizer's
-    ids and 3 special ids."""
-    if cfg.data.data_path is None:
-        return latent_data.vocab_size(cfg.model.num_classes)
-    from megalatent.data.tokenizer import Tokenizer
-    return interleaved.vocab_size(Tokenizer.load(cfg.data.tokenizer_model).vocab_size)
-
-
-register(ModelFamily(name="latentlm", build=LatentLM, flops_per_token=flops_per_token, validate=validate,
-                     objective=LATENT_LM, build_data=latent_data.build_latent_loaders, vocab_size=vocab_size))

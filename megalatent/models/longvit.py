@@ -5,30 +5,42 @@ over the patches of very large images (a 32,768² slide at patch 32 is 1,048,576
     for each layer:  x = x + attn(norm(x));  x = x + mlp(norm(x))       (dilated, non-causal)
     logits = head(norm(mean over patches))
 
-Under context parallelism (`--context-parallel-size C`, split "contiguous") rank c embeds only its own
-1/C of the patches, row band by row band, so no rank ever holds more than its share of the image's
-activations; attention is LongNet's distributed algorithm; the mean over patches is summed over the
-cp ranks (its backward sums too, so that with the loss computed on every cp rank, the gradient
-average over dp x cp that FSDP takes is the single-device gradient).
+The model is single-device PyTorch with two seams its context-parallel plan (families/longvit.py) uses:
+`patch_share` (which patches this module embeds and attends over: all of them here; a cp rank its
+contiguous 1/C, embedded band by band, so no rank holds more than its share of the activations) and
+`sum_over_patches` (the pooling's sum: over the ranks' shares under context parallelism).
 """
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
 
-from megalatent.config import Config, ModelConfig
-from megalatent.data.image_classification import build_image_loaders, digits_errors
-from megalatent.models.decoder import (BASELINE_SPEC, DecoderLayer, LayerSpec, default_attention, default_norm,
-                                       init_weights)
-from megalatent.models.longnet import DilatedCore
-from megalatent.models.longnet import validate as validate_dilated_patterns
-from megalatent.models.registry import ModelFamily, register
+from megalatent.config import ModelConfig, flag
+from megalatent.models.decoder import BASELINE_SPEC, DecoderLayer, LayerSpec, default_attention, default_norm, init_weights
+from megalatent.models.longnet import DilatedPatterns, dilated_core
 from megalatent.nn.rotary import Positions
-from megalatent.training.objectives import IMAGE_CLASSIFICATION
+
+
+@dataclass
+class LongViTConfig(ModelConfig, DilatedPatterns):
+    img_h: int = flag(224, "image height in pixels the position embeddings are learned for")
+    img_w: int = flag(224, "image width in pixels the position embeddings are learned for")
+    patch_dim: int = flag(16, "patch size in pixels")
+    num_channels: int = flag(3, "image channels")
+    num_classes: int = flag(1000, "classes: of the class-conditional images, or of an image classifier")
+
+
+def whole_image(num_patches: int) -> tuple[int, int]:
+    """The patches [start, end) a module embeds and attends over: on one device, all of them."""
+    return 0, num_patches
+
+
+def sum_patches(x: torch.Tensor) -> torch.Tensor:
+    """[b, patches, d] -> [b, d]: the pooling's sum over the patches this module holds."""
+    return x.sum(dim=1)
 
 
 class PatchEmbedding(nn.Module):
@@ -75,7 +87,7 @@ class LongViT(nn.Module):
         self.grid = (cfg.img_h // cfg.patch_dim, cfg.img_w // cfg.patch_dim)
         self.patch_embed = PatchEmbedding(cfg.num_channels, cfg.patch_dim, cfg.hidden_size)
         self.positions = nn.Parameter(torch.empty(self.grid[0] * self.grid[1], cfg.hidden_size))
-        core = DilatedCore(cfg.segment_lengths, cfg.dilated_ratios, causal=False)
+        core = dilated_core(cfg, causal=False)
 
         def attention(cfg: ModelConfig, layer: int):
             module = default_attention(cfg, layer)
@@ -86,7 +98,9 @@ class LongViT(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, spec) for i in range(cfg.num_layers)})
         self.norm = default_norm(cfg)
         self.head = nn.Linear(cfg.hidden_size, cfg.num_classes)
-        self.cp_group = None  # set by distributed/context_parallel.py: the patches are split over it
+        # The seams of context parallelism (families/longvit.py replaces them); single-device values here.
+        self.patch_share = whole_image
+        self.sum_over_patches = sum_patches
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,24 +109,18 @@ class LongViT(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         grid = (images.shape[-2] // self.cfg.patch_dim, images.shape[-1] // self.cfg.patch_dim)
         n = grid[0] * grid[1]
-        cp = 1 if self.cp_group is None else torch.distributed.get_world_size(self.cp_group)
-        rank = 0 if self.cp_group is None else torch.distributed.get_rank(self.cp_group)
-        if n % cp:
-            raise ValueError(f"{n} patches do not split evenly over {cp} context-parallel ranks")
-        start, end = rank * n // cp, (rank + 1) * n // cp
+        start, end = self.patch_share(n)
         x = self.patch_embed(images, start, end)
         x = x + interpolate_positions(self.positions, self.grid, grid)[start:end].to(x.dtype)
         position_ids = torch.arange(start, end, device=x.device).expand(x.shape[0], -1)
         positions = Positions(position_ids, None)
         for layer in self.layers.values():
             x = layer(x, positions)
-        pooled = self.norm(x).float().sum(dim=1)
-        if self.cp_group is not None:
-            pooled = all_reduce(pooled, group=self.cp_group)  # backward: the sum of the ranks' gradients
+        pooled = self.sum_over_patches(self.norm(x).float())
         return self.head((pooled / n).to(x.dtype))
 
 
-def flops_per_token(cfg: ModelConfig) -> float:
+def flops_per_token(cfg: LongViTConfig) -> float:
     """Per patch, forward + backward (3 x forward): patch embedding, q/k/v/o, MLP, and non-causal dilated
     attention over sum_i min(w_i, N) / r_i^2 keys per query (no causal halving)."""
     h, n = cfg.hidden_size, cfg.seq_length
@@ -121,26 +129,3 @@ def flops_per_token(cfg: ModelConfig) -> float:
     per_layer = 2 * h * (2 * h + 2 * kv_dim) + 2 * h * cfg.mlp_width * (3 if cfg.swiglu else 2) + 2 * 2 * h * keys
     embed = 2 * cfg.num_channels * cfg.patch_dim ** 2 * h
     return 3.0 * (cfg.num_layers * per_layer + embed)
-
-
-def validate(cfg: Config) -> list[str]:
-    m = cfg.model
-    e = []
-    if m.img_h % m.patch_dim or m.img_w % m.patch_dim:
-        e.append(f"--img-h {m.img_h} and --img-w {m.img_w} must be multiples of --patch-dim {m.patch_dim}")
-    patches = (m.img_h // m.patch_dim) * (m.img_w // m.patch_dim)
-    if m.seq_length != patches:
-        e.append(f"LongViT's sequence is the image's patches: set --seq-length {patches} "
-                 f"(= {m.img_h}/{m.patch_dim} x {m.img_w}/{m.patch_dim}), got {m.seq_length}")
-    if m.position_embedding_type != "none":
-        e.append("LongViT uses learned 2-D position embeddings: add --position-embedding-type none")
-    if cfg.data.data_path is not None and len(cfg.data.data_path) != 1:
-        e.append("LongViT's --data-path is one image folder (root/<class>/<image>) or one 'path label' list file")
-    elif cfg.data.data_path is not None and not os.path.exists(cfg.data.data_path[0]):
-        e.append(f"--data-path {cfg.data.data_path[0]} does not exist")
-    return e + validate_dilated_patterns(cfg) + (digits_errors(cfg) if cfg.data.data_path is None else [])
-
-
-register(ModelFamily(name="longvit", build=LongViT, flops_per_token=flops_per_token, validate=validate,
-                     context_parallel_split="contiguous", objective=IMAGE_CLASSIFICATION,
-                     build_data=build_image_loaders))

@@ -16,25 +16,53 @@ Every cross-decoder layer has its own query and output projections and reads the
 K^/V^ once plus a constant-size state per self-decoder layer (a window of C - 1 tokens, or the
 retention state), and prefill runs the cross-decoder for the prompt's last token only (early exit).
 
-Parallelism: the model is a plain module, with three hooks the parallel engine calls —
-`tensor_parallel_plan` (column-parallel gate projections and shared K/V, distributed/tensor_parallel.py),
-`keep_for_stage` (the shared K/V projection lives on the stage of the first cross-decoder layer, and
-later stages receive K^/V^ in the tuple that flows between stages, distributed/pipeline.py), and
-`set_context_parallel` (the self-decoder's cores pass the retention state / window to the next rank,
-and the cross-decoder all-gathers K^/V^ once per step, not once per layer, distributed/context_parallel.py).
+The model is single-device PyTorch. As a pipeline stage it passes K^/V^ on to later stages in the tuple
+that flows between them; how it is split over devices is the family's parallel plan (families/yoco.py).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
-from megalatent.config import Config, ModelConfig
-from megalatent.inference.cache import InferenceCache, KVCache, RetentionState, WindowKVCache
+from megalatent.config import ModelConfig, flag
+from megalatent.kernels.backend import retention_uses_triton
 from megalatent.models.decoder import Decoder, DecoderLayer, LayerSpec, default_attention, default_mlp, default_norm
-from megalatent.models.registry import ModelFamily, register
 from megalatent.nn.attention import SlidingWindowCore, causal_attention
-from megalatent.nn.retention import GatedRetention
+from megalatent.nn.cache import InferenceCache, KVCache, RetentionState, WindowKVCache
+from megalatent.nn.retention import GatedRetention, RetentionCore
 from megalatent.nn.rotary import Positions, apply_rotary
+
+
+@dataclass
+class YOCOConfig(ModelConfig):
+    yoco_self_attention: str = flag("gret", "the self-decoder's efficient attention: gated retention or "
+                                    "sliding-window attention", choices=["gret", "swa"])
+    sliding_window_size: Optional[int] = flag(
+        None, "with --yoco-self-attention swa: the window C (a query sees itself and the C-1 tokens before)",
+        architectural=False)
+    retention_chunk_size: int = flag(256, "gated retention: chunk length of the chunkwise form", architectural=False)
+
+
+class BackendRetentionCore(RetentionCore):
+    """The chunkwise core, run by the Triton kernel where --attention-backend takes it (kernels/backend.py;
+    kernels/retention.py's backward recomputes the reference, so `auto` takes it only without gradients)."""
+
+    def __init__(self, chunk_size: int, backend: str):
+        super().__init__("chunkwise", chunk_size)
+        self.backend = backend
+
+    def with_state(self, q, k, v, log_gate, initial_state=None):
+        if retention_uses_triton(q, self.backend):
+            from megalatent.kernels.retention import chunk_retention
+            dtype = q.dtype
+            compute = torch.promote_types(dtype, torch.float32)
+            out, state = chunk_retention(*(t.to(compute) for t in (q, k, v, log_gate)),
+                                         None if initial_state is None else initial_state.to(compute))
+            return out.to(dtype), state
+        return super().with_state(q, k, v, log_gate, initial_state)
 
 
 class SharedKV(nn.Module):
@@ -108,8 +136,8 @@ def yoco_attention(cfg: ModelConfig, layer: int) -> nn.Module:
         module = default_attention(cfg, layer)
         module.core_attention = SlidingWindowCore(cfg.sliding_window_size)
         return module
-    return GatedRetention(cfg.hidden_size, cfg.num_attention_heads, "chunkwise", cfg.retention_chunk_size,
-                          cfg.norm_epsilon)
+    return GatedRetention(cfg.hidden_size, cfg.num_attention_heads, norm_eps=cfg.norm_epsilon,
+                          core=BackendRetentionCore(cfg.retention_chunk_size, cfg.attention_backend))
 
 
 class YOCO(Decoder):
@@ -119,7 +147,6 @@ class YOCO(Decoder):
         super().__init__(cfg, LayerSpec(attention=yoco_attention, mlp=default_mlp, norm=default_norm))
         self.first_cross = first_cross_layer(cfg)
         self.shared_kv = SharedKV(cfg)
-        self.cp_group = None  # set under context parallelism: K^/V^ are all-gathered over it
         self.reset_parameters()  # again, now that shared_kv exists (same seed -> same weights on every rank)
 
     def build_layer(self, cfg: ModelConfig, layer: int, spec: LayerSpec) -> nn.Module:
@@ -144,12 +171,11 @@ class YOCO(Decoder):
             if int(name) < self.first_cross:
                 x = layer(x, positions) if cache is None else layer(x, positions, cache=cache.layers[name])
         if cross:
-            made_here = shared_k is None  # this stage holds the first cross-decoder layer
-            if made_here:
+            if shared_k is None:  # this stage holds the first cross-decoder layer
                 shared_k, shared_v = self.shared_kv(x, positions)
             else:
                 shared_k, shared_v = _ContiguousGrad.apply(shared_k), _ContiguousGrad.apply(shared_v)
-            shared_k, shared_v, positions = self._cross_keys(shared_k, shared_v, positions, cache, made_here)
+            shared_k, shared_v, positions = self._cross_keys(shared_k, shared_v, positions, cache)
             if cache is not None:
                 x = x[:, -1:]
             for _, layer in cross:
@@ -161,22 +187,18 @@ class YOCO(Decoder):
         # Contiguous: the next stage receives into buffers laid out like these outputs.
         return x, position_ids, shared_k.contiguous(), shared_v.contiguous()
 
-    def _cross_keys(self, k, v, positions: Positions, cache, made_here: bool):
+    @staticmethod
+    def _cross_keys(k, v, positions: Positions, cache):
         """The shared K^/V^ the cross-decoder attends to, and the queries' positions. The keys are always
         a run of the sequence from its start to the queries' last token (causal_attention's lower-right
-        case), so no mask is built: not for a 1M-token cache, not for a 1M-token gathered sequence."""
-        if cache is not None:  # the new tokens join the cache; the last one is the only query (early exit)
-            k, v, _ = cache.shared.update(k, v, positions)
-            rope = tuple(t[:, -1:] for t in positions.rope) if positions.rope is not None else None
-            return k, v, Positions(positions.ids[:, -1:], rope)
-        if self.cp_group is None:
+        case), so no mask is built: not for a 1M-token cache, not for the keys of a sequence split over
+        devices (where `shared_kv` returns the keys of every token up to this device's last)."""
+        if cache is None:
             return k, v, positions
-        if made_here:  # one all-gather per step, not per layer; later pipeline stages receive them gathered
-            from megalatent.distributed.context_parallel import all_gather_sequence
-            k, v = all_gather_sequence(torch.stack([k, v]), self.cp_group, dim=3)
-        # The split is contiguous: this rank's queries are the last of the keys up to its last token.
-        end = (self.cp_rank + 1) * positions.ids.shape[1]
-        return k[:, :, :end], v[:, :, :end], positions
+        # The new tokens join the cache; the last one is the only query (early exit).
+        k, v, _ = cache.shared.update(k, v, positions)
+        rope = tuple(t[:, -1:] for t in positions.rope) if positions.rope is not None else None
+        return k, v, Positions(positions.ids[:, -1:], rope)
 
     def new_cache(self) -> InferenceCache:
         """Constant-size states for the self-decoder, and one K^/V^ cache for the whole cross-decoder."""
@@ -187,39 +209,8 @@ class YOCO(Decoder):
         layers = {name: self_cache() for name in self.layers if int(name) < self.first_cross}
         return InferenceCache(layers, shared=KVCache())
 
-    # ------------------------------------------------------------ hooks of the parallel engine
-    def keep_for_stage(self, layer_names: set[str]) -> None:
-        """Pipeline: the shared K/V projection belongs to the stage of the first cross-decoder layer."""
-        if str(self.first_cross) not in layer_names:
-            self.shared_kv = None
 
-    def set_context_parallel(self, cp_group) -> None:
-        import torch.distributed as dist
-        self.cp_group, self.cp_rank = cp_group, dist.get_rank(cp_group)
-
-    def tensor_parallel_plan(self, stream, sequence_parallel: bool) -> dict:
-        """Entries beyond the decoder's plan: retention's gates, the shared K/V, the cross-attention input."""
-        from torch.distributed.tensor import Replicate
-        from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, SequenceParallel
-        plan = {}
-        for name, layer in self.layers.items():
-            p = f"layers.{name}.attention"
-            if isinstance(layer.attention, GatedRetention):
-                plan[p + ".g_proj"] = ColwiseParallel()
-                plan[p + ".gate_proj"] = ColwiseParallel()  # one gate per head: split with the heads
-            if isinstance(layer.attention, CrossAttention) and sequence_parallel:
-                plan[p] = PrepareModuleInput(input_layouts=(stream, None, None, None),
-                                             desired_input_layouts=(Replicate(), None, None, None),
-                                             use_local_output=True)
-        if self.shared_kv is not None:
-            # Under sequence parallelism the norm's output is sequence-sharded; the projections gather it.
-            plan.update({"shared_kv.k_proj": ColwiseParallel(), "shared_kv.v_proj": ColwiseParallel()})
-            if sequence_parallel:
-                plan["shared_kv.norm"] = SequenceParallel()
-        return plan
-
-
-def flops_per_token(cfg: ModelConfig) -> float:
+def flops_per_token(cfg: YOCOConfig) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward; 2 per multiply-add, as
     decoder_flops_per_token): L/2 self-decoder layers, one shared K/V projection, L/2 cross-decoder
     layers (q and o projections, causal attention over s/2 keys on average), the head."""
@@ -239,26 +230,3 @@ def flops_per_token(cfg: ModelConfig) -> float:
     shared = 2 * h * 2 * kv_dim
     head = 2 * h * cfg.padded_vocab_size
     return 3.0 * (n_self * (self_layer + mlp) + n_cross * (cross_layer + mlp) + shared + head)
-
-
-def validate(cfg: Config) -> list[str]:
-    m = cfg.model
-    e = []
-    if m.num_layers < 2 or m.num_layers % 2:
-        e.append(f"--model-family yoco splits --num-layers into a self-decoder and a cross-decoder of equal depth: "
-                 f"it must be even and >= 2, got {m.num_layers}")
-    if m.segment_lengths or m.dilated_ratios:
-        e.append("--segment-lengths/--dilated-ratios configure LongNet; YOCO's self-decoder is set by "
-                 "--yoco-self-attention")
-    if m.yoco_self_attention == "swa":
-        if m.sliding_window_size is None or m.sliding_window_size < 1:
-            e.append("--yoco-self-attention swa needs --sliding-window-size >= 1 (the paper uses 1024)")
-    elif m.sliding_window_size is not None:
-        e.append("--sliding-window-size applies to --yoco-self-attention swa; drop it or choose swa")
-    if m.retention_chunk_size < 1:
-        e.append(f"--retention-chunk-size must be >= 1, got {m.retention_chunk_size}")
-    return e
-
-
-register(ModelFamily(name="yoco", build=YOCO, flops_per_token=flops_per_token, validate=validate,
-                     context_parallel_split="contiguous"))

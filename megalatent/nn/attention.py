@@ -72,44 +72,8 @@ class SlidingWindowCore:
         visible = (behind >= 0) & (behind < self.window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=q.shape[1] != k.shape[1])
 
-    def distributed(self, cp_group, local_length: int) -> "DistributedSlidingWindowCore":
-        return DistributedSlidingWindowCore(self.window, cp_group, local_length)
-
     def __repr__(self) -> str:
         return f"SlidingWindowCore(window={self.window})"
-
-
-class DistributedSlidingWindowCore:
-    """Sliding-window attention for a sequence split contiguously over `cp_group` (YOCO App. A).
-
-    A rank needs only the window - 1 keys before its first token: every rank all-gathers the last
-    min(window - 1, local) K/V rows of every rank (K and V in one collective; backward reduce-scatters
-    their gradients), takes those of the ranks just before it, prepends them to its own and runs the
-    blockwise kernel on the extended sequence, dropping the outputs of the borrowed rows. Traffic per
-    rank: cp x min(window - 1, local) rows, independent of the sequence length.
-    """
-
-    def __init__(self, window: int, cp_group, local_length: int):
-        import torch.distributed as dist
-        self.window, self.group, self.local = window, cp_group, local_length
-        self.cp_rank = dist.get_rank(cp_group)
-
-    def __call__(self, q, k, v, positions: Positions) -> torch.Tensor:
-        from megalatent.distributed.context_parallel import all_gather_sequence
-        need = self.window - 1
-        if need == 0:
-            return sliding_window_attention(q, k, v, self.window)
-        tail = min(need, self.local)
-        tails = all_gather_sequence(torch.stack([k[:, :, -tail:], v[:, :, -tail:]]), self.group, dim=3)
-        ranks_back = -(-need // self.local)
-        first = max(0, self.cp_rank - ranks_back)
-        prev = tails[:, :, :, first * tail:self.cp_rank * tail][:, :, :, -need:]  # contiguous, just before us
-        p = prev.shape[3]  # 0 on rank 0: the (empty) borrowed rows still join the graph, so that rank 0
-        # takes part in the backward's reduce-scatter as well
-        q_ext = torch.cat([q.new_zeros(q.shape[0], q.shape[1], p, q.shape[3]), q], dim=2)
-        out = sliding_window_attention(q_ext, torch.cat([prev[0], k], dim=2), torch.cat([prev[1], v], dim=2),
-                                       self.window)
-        return out[:, :, p:]
 
 
 class SelfAttention(nn.Module):
@@ -127,8 +91,8 @@ class SelfAttention(nn.Module):
         self.k_proj = linear(hidden, num_kv_heads * self.head_dim, bias=False)
         self.v_proj = linear(hidden, num_kv_heads * self.head_dim, bias=False)
         self.o_proj = linear(num_heads * self.head_dim, hidden, bias=False)
-        # The attention core: swapped by the parallelize step for context parallelism
-        # (distributed/context_parallel.py), by a family for another kind of attention.
+        # The attention core (q, k, v, positions) -> out: swapped by a family for another kind of attention,
+        # and by its parallel plan for the context-parallel form (distributed/context_parallel/).
         self.core_attention = causal_attention
 
     def forward(self, x: torch.Tensor, positions: Positions, cache=None) -> torch.Tensor:

@@ -50,7 +50,7 @@ class CosineSchedule:
         if num_steps < 1:
             raise ValueError(f"num_steps={num_steps} must be >= 1")
         self.num_steps = num_steps
-        u = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        u = torch.arange(num_steps + 1, dtype=torch.float64, device="cpu") / num_steps  # (also under a meta build)
         alpha_bar = torch.cos((u + offset) / (1 + offset) * math.pi / 2) ** 2
         betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)

@@ -22,11 +22,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from typing import Callable
+
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from megalatent.nn.bitlinear import quantize_activations, quantize_weights, rms_norm
 
@@ -113,9 +113,10 @@ def grouped_mm_loop(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor)
     return torch.cat([block @ weight[e] for e, block in enumerate(blocks)]) if blocks else x.new_zeros(0, weight.shape[-1])
 
 
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """The experts this rank holds: a parameter sharded over the expert-parallel ranks is a DTensor."""
-    return p.to_local() if isinstance(p, DTensor) else p
+def on_this_device(t: torch.Tensor) -> torch.Tensor:
+    """The sum over every device holding other tokens of a statistic: on one device, the statistic itself.
+    (A parallel layout gives an MoE layer the all-reduce over its ranks; see `MoELayer.sum_over_token_ranks`.)"""
+    return t
 
 
 class Experts(nn.Module):
@@ -148,15 +149,21 @@ class Experts(nn.Module):
         w_int, gamma = torch.vmap(quantize_weights)(w)  # one scale per expert
         return w + (w_int * gamma.view(-1, 1, 1) - w).detach()
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The stacked tensors this module computes with, by name (expert parallelism hands a subclass this
+        rank's experts: distributed/expert_parallel.py)."""
+        return dict(self.named_parameters(recurse=False))
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x sorted by (local) expert with counts[e] rows for expert e."""
-        gate, up, down = _local(self.gate_proj), _local(self.up_proj), _local(self.down_proj)
+        w = self.weights()
+        gate, up, down = w["gate_proj"], w["up_proj"], w["down_proj"]
         if self.ternary:
-            x = self._quantized_input(x, _local(self.input_norm), counts)
-            gate, up, down = (self._quantized_weight(w) for w in (gate, up, down))
+            x = self._quantized_input(x, w["input_norm"], counts)
+            gate, up, down = (self._quantized_weight(t) for t in (gate, up, down))
         hidden = F.silu(grouped_mm(x, gate, counts)) * grouped_mm(x, up, counts)
         if self.ternary:
-            hidden = self._quantized_input(hidden, _local(self.hidden_norm), counts)
+            hidden = self._quantized_input(hidden, w["hidden_norm"], counts)
         return grouped_mm(hidden, down, counts)
 
 
@@ -182,10 +189,11 @@ def _in_backward() -> bool:
 class MoELayer(nn.Module):
     """The MoE / MH-MoE feed-forward block: [b, s, d] -> [b, s, d] (the residual stays outside).
 
-    Parallel state is attached by the parallelize step (plain attributes, None when not parallel):
-    `token_group` (the data- and context-parallel ranks, which hold different tokens: balance statistics
-    are summed over them) and `dispatcher` (expert parallelism). `aux_loss_scale` is set by the trainer
-    before each step so that the auxiliary losses' gradient matches the loss it reports.
+    Two seams for a parallel layout (distributed/parallelize.py sets them; single-device values here):
+    `sum_over_token_ranks` (sums a statistic over the ranks that hold other tokens: the balance statistics
+    are those of the global batch) and `dispatcher` (None, or expert parallelism's: runs the experts on the
+    rows sorted by expert). `aux_loss_scale` is set by the step hook (training/moe_stats.py) before each
+    step so that the auxiliary losses' gradient matches the loss it reports.
     """
 
     def __init__(self, dim: int, ffn: int, num_experts: int, topk: int, heads: int = 1, router: str = "linear",
@@ -205,7 +213,7 @@ class MoELayer(nn.Module):
         self.merge_proj = linear(dim, dim, bias=not ternary_experts) if heads > 1 else None
         self.router = Router(self.sub_dim, num_experts, topk, router, pre_softmax, expert_bias)
         self.experts = Experts(num_experts, self.sub_dim, ffn, ternary=ternary_experts)
-        self.token_group = None
+        self.sum_over_token_ranks: Callable[[torch.Tensor], torch.Tensor] = on_this_device
         self.dispatcher = None
         self.aux_loss_scale = 1.0
         self.reset_statistics()
@@ -262,7 +270,7 @@ class MoELayer(nn.Module):
         return order, counts.clamp(max=capacity)
 
     def _attach_aux_losses(self, out: torch.Tensor, routing: Routing, counts: torch.Tensor) -> torch.Tensor:
-        balance, z, global_counts = balance_and_z_losses(routing, counts, self.topk, self.token_group)
+        balance, z, global_counts = balance_and_z_losses(routing, counts, self.topk, self.sum_over_token_ranks)
         if not _in_backward():
             self.records.append((global_counts, balance.value, z.value))
         aux = self.aux_loss_coeff * balance.local_part + self.z_loss_coeff * z.local_part
@@ -277,8 +285,10 @@ class _Loss:
     local_part: torch.Tensor  # this rank's additive share of it (with gradient); the shares sum to `value`
 
 
-def balance_and_z_losses(routing: Routing, counts: torch.Tensor, topk: int, token_group=None):
-    """The Switch/GShard balance loss and the router z-loss over the tokens of every rank in `token_group`.
+def balance_and_z_losses(routing: Routing, counts: torch.Tensor, topk: int,
+                         sum_over_token_ranks: Callable[[torch.Tensor], torch.Tensor] = on_this_device):
+    """The Switch/GShard balance loss and the router z-loss over the tokens of every rank (the ranks whose
+    statistics `sum_over_token_ranks` sums).
 
         balance = E * sum_e f_e * P_e,   f_e = (assignments to e) / (T k),   P_e = (sum_t p_te) / T
         z       = (1/T) sum_t logsumexp(logits_t)^2
@@ -290,16 +300,13 @@ def balance_and_z_losses(routing: Routing, counts: torch.Tensor, topk: int, toke
     Returns (balance, z, global assignment counts per expert).
     """
     num_experts = routing.probs.shape[-1]
-    stats = torch.cat([counts.float(), torch.tensor([float(routing.probs.shape[0])], device=counts.device)])
-    if token_group is not None:
-        dist.all_reduce(stats, group=token_group)
+    stats = sum_over_token_ranks(torch.cat([counts.float(), torch.tensor([float(routing.probs.shape[0])],
+                                                                          device=counts.device)]))
     global_counts, total = stats[:-1], stats[-1]
     f = global_counts / (total * topk)
     balance_local = num_experts * (f * routing.probs.sum(0)).sum() / total
     z_local = routing.logits.logsumexp(-1).square().sum() / total
-    values = torch.stack([balance_local.detach(), z_local.detach()])
-    if token_group is not None:
-        dist.all_reduce(values, group=token_group)
+    values = sum_over_token_ranks(torch.stack([balance_local.detach(), z_local.detach()]))
     return _Loss(values[0], balance_local), _Loss(values[1], z_local), global_counts
 
 

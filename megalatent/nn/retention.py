@@ -23,9 +23,7 @@ from torch import nn
 
 from megalatent.nn.rotary import Positions, apply_rotary
 
-# "triton": the chunkwise form as kernels/retention.py's Triton kernel (its backward recomputes the
-# reference). The chunk size does not change the result, so the kernel keeps its own block size.
-MODES = ("parallel", "chunkwise", "recurrent", "triton")
+MODES = ("parallel", "chunkwise", "recurrent")
 GATE_LOGIT_NORMALIZER = 16  # tau: gamma = sigmoid(.)^(1/tau), so gates start close to 1 (long memory)
 
 
@@ -103,17 +101,15 @@ def gated_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate:
         out, state = retention_chunkwise(q, k, v, log_gate, chunk_size, init)
     elif mode == "recurrent":
         out, state = retention_recurrent(q, k, v, log_gate, init)
-    elif mode == "triton":
-        from megalatent.kernels.retention import chunk_retention
-        out, state = chunk_retention(q, k, v, log_gate, init)
     else:
         raise ValueError(f"gated retention mode must be one of {MODES}, got {mode!r}")
     return out.to(dtype), state
 
 
 class RetentionCore:
-    """The sequence mixing of a gated-retention layer: a form of `gated_retention` with zero initial
-    state. Swapped for `DistributedRetentionCore` under context parallelism (parallelize step)."""
+    """The sequence mixing of a gated-retention layer: a form of `gated_retention` with zero initial state.
+    (A faster implementation of the chunkwise form, kernels/retention.py, and the context-parallel one,
+    distributed/context_parallel/retention.py, take its place where a model or a layout asks for them.)"""
 
     def __init__(self, mode: str = "chunkwise", chunk_size: int = 256):
         if mode not in MODES:
@@ -121,45 +117,14 @@ class RetentionCore:
         self.mode, self.chunk_size = mode, chunk_size
 
     def __call__(self, q, k, v, log_gate, positions: Positions) -> torch.Tensor:
-        return gated_retention(q, k, v, log_gate, self.mode, self.chunk_size)[0]
+        return self.with_state(q, k, v, log_gate)[0]
 
-    def distributed(self, cp_group, local_length: int) -> "DistributedRetentionCore":
-        return DistributedRetentionCore(self, cp_group)
+    def with_state(self, q, k, v, log_gate, initial_state=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(outputs, final state), from `initial_state` (None: zero)."""
+        return gated_retention(q, k, v, log_gate, self.mode, self.chunk_size, initial_state)
 
     def __repr__(self) -> str:
         return f"RetentionCore({self.mode}, chunk={self.chunk_size})"
-
-
-class DistributedRetentionCore:
-    """Gated retention for a sequence split contiguously over `cp_group` (YOCO App. A), exact.
-
-    Rank r runs its tokens from a zero state, giving its outputs without the past, its state
-    contribution S_r and its total decay G_r = exp(sum of its log gates). The state entering rank r is
-    the exclusive scan  S_in(r) = sum_{j<r} S_j prod_{j<i<r} G_i, built from one all-gather of the small
-    [h, d_k, d_v] states (not of the sequence); then exp(c_n) q_n S_in(r) is added to each output. The
-    all-gather's backward (a reduce-scatter) returns to each rank the gradient of its state and decay.
-    """
-
-    def __init__(self, local: RetentionCore, cp_group):
-        import torch.distributed as dist
-        self.local, self.group = local, cp_group
-        self.cp_rank = dist.get_rank(cp_group)
-
-    def __call__(self, q, k, v, log_gate, positions: Positions) -> torch.Tensor:
-        from megalatent.distributed.context_parallel import all_gather_sequence
-        out, state = gated_retention(q, k, v, log_gate, self.local.mode, self.local.chunk_size)
-        cum = log_gate.to(state.dtype).cumsum(-1)
-        states = all_gather_sequence(state.unsqueeze(0), self.group, dim=0)  # [cp, b, h, dk, dv]
-        totals = all_gather_sequence(cum[..., -1].unsqueeze(0), self.group, dim=0)  # [cp, b, h]: log G_j
-        # S_in = sum_j w_j S_j with log w_j = sum_{j<i<r} log G_i for j < r, and w_j = 0 for j >= r. Every
-        # gathered state takes part (with weight 0 if not before us), so every rank runs the backward
-        # collective, rank 0 included.
-        through = totals.cumsum(0)  # sum_{i<=j} log G_i
-        before_us = through[self.cp_rank] - totals[self.cp_rank]  # sum_{i<r} log G_i
-        ranks = torch.arange(totals.shape[0], device=totals.device).view(-1, 1, 1)
-        log_w = (before_us - through).masked_fill(ranks >= self.cp_rank, float("-inf"))
-        incoming = (log_w.exp()[..., None, None] * states).sum(0)
-        return out + _from_state(q.to(state.dtype), cum, incoming).to(out.dtype)
 
 
 class GatedRetention(nn.Module):
@@ -172,7 +137,7 @@ class GatedRetention(nn.Module):
     """
 
     def __init__(self, hidden: int, num_heads: int, mode: str = "chunkwise", chunk_size: int = 256,
-                 norm_eps: float = 1e-6, linear=nn.Linear):
+                 norm_eps: float = 1e-6, linear=nn.Linear, core: RetentionCore | None = None):
         super().__init__()
         self.head_dim = hidden // num_heads
         self.norm_eps = norm_eps
@@ -182,7 +147,7 @@ class GatedRetention(nn.Module):
         self.g_proj = linear(hidden, hidden, bias=False)  # swish output gate
         self.gate_proj = linear(hidden, num_heads, bias=False)  # W_gamma: one scalar gate per head
         self.o_proj = linear(hidden, hidden, bias=False)
-        self.core_attention = RetentionCore(mode, chunk_size)
+        self.core_attention = core if core is not None else RetentionCore(mode, chunk_size)
 
     def forward(self, x: torch.Tensor, positions: Positions, cache=None) -> torch.Tensor:
         b, s, _ = x.shape
@@ -195,10 +160,10 @@ class GatedRetention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2) * self.head_dim ** -0.5, v.transpose(1, 2)
         if cache is None:
             out = self.core_attention(q, k, v, log_gate, positions)
-        else:  # decoding: recurrent one token at a time, the core's block form over a prompt
-            mode = "recurrent" if s == 1 else ("chunkwise" if self.core_attention.mode == "parallel"
-                                               else self.core_attention.mode)
-            out, cache.state = gated_retention(q, k, v, log_gate, mode, self.core_attention.chunk_size, cache.state)
+        elif s == 1:  # decoding: recurrent, one token at a time
+            out, cache.state = gated_retention(q, k, v, log_gate, "recurrent", initial_state=cache.state)
+        else:  # a prompt: the core's block form, from the cached state
+            out, cache.state = self.core_attention.with_state(q, k, v, log_gate, cache.state)
         out = F.rms_norm(out.float(), (self.head_dim,), eps=self.norm_eps).type_as(x)
         out = out.transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(F.silu(self.g_proj(x)) * out)

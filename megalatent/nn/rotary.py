@@ -25,15 +25,17 @@ class Positions:
 
 
 class RotaryEmbedding(nn.Module):
+    """No state: the frequencies are a pure function of the config, computed where the positions are (so a
+    model built on the meta device needs nothing recomputed, and no checkpoint holds them)."""
+
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        # Not a parameter and not checkpointed: it is a pure function of the config.
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.base = head_dim, base
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [b, s] -> (cos, sin), each [b, s, head_dim] in fp32."""
-        freqs = position_ids.float()[..., None] * self.inv_freq
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=position_ids.device) / self.head_dim
+        freqs = position_ids.float()[..., None] * (1.0 / self.base ** exponents)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 

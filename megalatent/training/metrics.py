@@ -82,10 +82,7 @@ def iteration_line(it: int, total: int, values: dict) -> str:
               f"global batch size: {values['global_batch_size']:5d}",
               f"lm loss: {values['loss']:.6E}"]
     parts += [f"{name} loss: {v:.6E}" for name, v in (values.get("loss_parts") or {}).items()]
-    moe = values.get("moe")
-    if moe is not None:  # Megatron's MoE entries, plus the worst expert's load over the mean (1 = balanced)
-        parts += [f"load_balancing_loss: {moe['balance_loss']:.6E}", f"z_loss: {moe['z_loss']:.6E}",
-                  f"max expert load: {moe['max_load']:.2f}"]
+    parts += [f"{label}: {text}" for label, text in values.get("extra", ())]  # the step hooks' entries
     parts += [f"grad norm: {values['grad_norm']:.4f}",
               f"number of skipped iterations: {values['skipped']:3d}",
               f"number of nan iterations: {values['nan']:3d}"]

@@ -1,5 +1,5 @@
-"""The trainer's side of MoE layers: scaling their auxiliary losses, gathering their statistics for the
-logs, and the auxiliary-loss-free expert-bias update after each step.
+"""The training side of MoE layers, as a step hook (training/hooks.py): scaling their auxiliary losses,
+gathering their statistics for the logs, and the auxiliary-loss-free expert-bias update after each step.
 
 Statistics are per MoE layer and per step: the balance loss and z-loss (means over the step's
 micro-batches, each over every data/context-parallel rank's tokens) and the tokens routed to each
@@ -14,19 +14,26 @@ import torch
 
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.nn.moe import moe_layers
+from megalatent.training.hooks import StepReport
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
+def moe_step_hooks(parts, layout: ParallelLayout, cfg) -> list["MoEStepStats"]:
+    """The hook for a model configured with experts (`cfg` a ModelConfig), else none. Every rank of such a
+    run gets it, also a pipeline stage without MoE layers: the statistics' collectives must match."""
+    if cfg.num_experts is None:
+        return []
+    return [MoEStepStats(parts, layout, cfg.num_layers, cfg.num_experts, cfg.moe_router_bias_update_rate)]
+
+
 class MoEStepStats:
-    def __init__(self, parts, layout: ParallelLayout, num_layers: int, num_experts: Optional[int],
-                 bias_update_rate: float):
+    def __init__(self, parts, layout: ParallelLayout, num_layers: int, num_experts: int, bias_update_rate: float):
         self.layout, self.num_layers, self.num_experts = layout, num_layers, num_experts
         self.layers = [(int(_LAYER_INDEX.search(name).group(1)), layer) for name, layer in moe_layers(parts)]
         self.bias_update_rate = bias_update_rate
         self.micro_batches = 1
-        # Whether any rank has MoE layers (a pipeline stage may hold none): collectives must match.
-        self.enabled = num_experts is not None
+        self.stats: Optional[dict] = None  # the last step's (see `gather`)
 
     def start_step(self, micro_batches: int) -> None:
         """The auxiliary losses' gradient is scaled like the LM loss's: the data/context-parallel gradient
@@ -42,7 +49,7 @@ class MoEStepStats:
         `micro_batches` records are the step's."""
         return layer.records[-self.micro_batches:]
 
-    def after_step(self) -> None:
+    def after_optimizer_step(self) -> None:
         """Moves the expert biases toward balance (the same update on every rank holding the layer: the
         counts are already summed over the data/context-parallel ranks)."""
         for _, layer in self.layers:
@@ -50,11 +57,22 @@ class MoEStepStats:
                 counts = sum(r[0] for r in self._step_records(layer))
                 layer.router.update_expert_bias(counts.to(layer.router.expert_bias.device), self.bias_update_rate)
 
+    def end_step(self, device: torch.device) -> Optional[StepReport]:
+        """Megatron's MoE entries on the iteration line, plus the worst expert's load over the mean (1 = balanced)."""
+        self.stats = stats = self.gather(device)
+        if stats is None:
+            return None
+        line = [("load_balancing_loss", f"{stats['balance_loss']:.6E}"), ("z_loss", f"{stats['z_loss']:.6E}"),
+                ("max expert load", f"{stats['max_load']:.2f}")]
+        scalars = {"moe/load-balancing-loss": stats["balance_loss"], "moe/z-loss": stats["z_loss"],
+                   "moe/max-expert-load": stats["max_load"]}
+        scalars.update({f"moe/layer-{i}/max-expert-load": v for i, v in stats["layer_loads"].items()})
+        return StepReport(line, scalars)
+
     def gather(self, device: torch.device) -> Optional[dict]:
         """{'balance_loss', 'z_loss', 'max_load'} averaged/maxed over MoE layers, plus per-layer loads
-        (max tokens of an expert / mean tokens per expert; 1.0 is perfect balance), or None without MoE."""
-        if not self.enabled:
-            return None
+        (max tokens of an expert / mean tokens per expert; 1.0 is perfect balance), or None when no rank
+        holds an MoE layer."""
         table = torch.zeros(self.num_layers, 3 + self.num_experts, device=device)
         for index, layer in self.layers:
             records = self._step_records(layer)

@@ -1,10 +1,10 @@
 """Learning-rate schedules with Megatron's names: constant, linear, cosine, WSD, inverse-square-root,
-and BitNet b1.58's two-stage schedule.
+and the two-stage schedule of the ternary-weight (b1.58) recipe.
 
 All start with a linear warmup from 0 to --lr over the warmup steps, then follow the decay style down
 to --min-lr at --lr-decay-iters and stay at --min-lr after that.
 
-two-stage (BitNet b1.58 FAQ): the first stage decays linearly from --lr on the line that would reach
+two-stage (the b1.58 "Training Tips, Code and FAQ"): the first stage decays linearly from --lr on the line that would reach
 --min-lr at --lr-decay-iters; at --lr-two-stage-boundary-iter the lr drops to --lr-second-stage and
 decays linearly from there to --min-lr at --lr-decay-iters. The weight decay switches at the same
 step, from --weight-decay to --weight-decay-second-stage (default 0). Both are functions of the step

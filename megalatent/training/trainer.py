@@ -23,9 +23,9 @@ from megalatent.config import Config
 from megalatent.distributed import checkpoint as ckpt
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.pipeline import Pipeline
-from megalatent.models.registry import MODEL_FAMILIES
+from megalatent.training.hooks import StepHook, StepReport
 from megalatent.training.metrics import MetricsWriter, device_peak_tflops, iteration_line, log, peak_memory_gb
-from megalatent.training.moe_stats import MoEStepStats
+from megalatent.training.objectives import LANGUAGE_MODELING, Objective
 from megalatent.training.optim import build_optimizer, clip_grad_norm, set_step_hyperparameters
 from megalatent.training.schedules import LRSchedule
 
@@ -61,11 +61,16 @@ class StopRequest:
 
 
 class Trainer:
-    """Trains this rank's model parts: the whole (parallelized) model, or its pipeline stages."""
+    """Trains this rank's model parts: the whole (parallelized) model, or its pipeline stages.
+
+    What it trains on is the `objective` (training/objectives.py), how context parallelism cuts a
+    sequence is `cp_split`, and a model's optional features act around each step through `hooks`
+    (training/hooks.py): all three come from the model's family (see pretrain.make_trainer)."""
 
     def __init__(self, cfg: Config, layout: ParallelLayout, device: torch.device, parts, train_loader,
                  valid_loader, flops_per_token: float, stop: Optional[StopRequest] = None,
-                 pipeline: Optional[Pipeline] = None):
+                 pipeline: Optional[Pipeline] = None, *, objective: Objective = LANGUAGE_MODELING,
+                 cp_split: str = "zigzag", hooks: tuple[StepHook, ...] = ()):
         self.cfg, self.layout, self.device = cfg, layout, device
         self.parts: list[nn.Module] = list(parts) if isinstance(parts, (list, tuple)) else [parts]
         self.pipeline = pipeline
@@ -84,11 +89,8 @@ class Trainer:
         self.stop = stop if stop is not None else StopRequest()
         # Forward and backward of a vocab-sharded loss must both run inside loss_parallel().
         self.loss_context = loss_parallel if layout.tp > 1 else contextlib.nullcontext
-        family = MODEL_FAMILIES[cfg.model.model_family]
-        self.cp_split, self.objective = family.context_parallel_split, family.objective
-        self.moe = MoEStepStats(self.parts, layout, cfg.model.num_layers, cfg.model.num_experts,
-                                cfg.model.moe_router_bias_update_rate)
-        self.moe_stats: Optional[dict] = None  # the last step's, for logs
+        self.objective, self.cp_split, self.hooks = objective, cp_split, tuple(hooks)
+        self.reports: list[StepReport] = []  # the last step's, from the hooks, for logs
         self.loss_parts: Optional[dict[str, float]] = None  # the last step's mean of each loss part, for logs
         self.start_time = time.time()
 
@@ -102,7 +104,7 @@ class Trainer:
     def train_state(self) -> dict:
         return {"consumed_samples": self.train_loader.consumed_samples, "skipped": self.skipped, "nan": self.nan,
                 "model_config": asdict(self.cfg.model), "data_loader": self.train_loader.state_dict(),
-                "tokenizer_model": self.cfg.data.tokenizer_model, "latent_tokenizer": self.cfg.data.latent_tokenizer}
+                "tokenizer_model": self.cfg.data.tokenizer_model}
 
     def save(self) -> None:
         if self.cfg.checkpoint.save is None:
@@ -201,7 +203,8 @@ class Trainer:
         micro_batches = self._local_tokens(micro_batches)
         counts = self.layout.all_reduce_sum(self._counts(micro_batches), ("dp", "cp"))
         global_tokens = counts[0]
-        self.moe.start_step(len(micro_batches))
+        for hook in self.hooks:
+            hook.start_step(len(micro_batches))
         # Gradient reduction over the data- and context-parallel ranks averages; scaling by their
         # number makes it the sum, so the step's gradient is that of the mean loss over every token
         # of the global batch.
@@ -209,7 +212,7 @@ class Trainer:
         loss_sum = self.layout.all_reduce_sum(loss_sum, ("pp", "dp", "cp"))
         loss = (loss_sum.sum() / global_tokens).item()
         self.loss_parts = self._part_means(loss_sum, counts)
-        self.moe_stats = self.moe.gather(self.device)
+        self.reports = [r for r in (hook.end_step(self.device) for hook in self.hooks) if r is not None]
         grad_norm = clip_grad_norm(self.parts, self.cfg.training.clip_grad,
                                    self.layout.group("pp") if self.layout.pp > 1 else None)
         if not math.isfinite(grad_norm):  # a NaN/inf step is skipped, never applied, and counted
@@ -222,7 +225,8 @@ class Trainer:
         for opt in self.optimizers:
             set_step_hyperparameters(opt, lr, weight_decay)
             opt.step()
-        self.moe.after_step()
+        for hook in self.hooks:
+            hook.after_optimizer_step()
         return loss, grad_norm
 
     @torch.no_grad()
@@ -320,15 +324,14 @@ class Trainer:
                   "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
                   "lr": self.schedule(self.iteration - 1), "global_batch_size": self.cfg.training.global_batch_size,
                   "loss": loss, "grad_norm": grad_norm, "skipped": self.skipped, "nan": self.nan,
-                  "peak_mem_gb": peak_memory_gb(self.device), "moe": self.moe_stats, "loss_parts": self.loss_parts}
+                  "peak_mem_gb": peak_memory_gb(self.device), "loss_parts": self.loss_parts,
+                  "extra": [entry for report in self.reports for entry in report.line]}
         log(iteration_line(self.iteration, self.cfg.training.train_iters, values))
         scalars = {"tokens-per-second": tokens_per_s, "tflops-per-gpu": tflops}
         if self.loss_parts is not None:
             scalars.update({f"lm-loss/{name}": v for name, v in self.loss_parts.items()})
-        if self.moe_stats is not None:
-            scalars.update({"moe/load-balancing-loss": self.moe_stats["balance_loss"],
-                            "moe/z-loss": self.moe_stats["z_loss"], "moe/max-expert-load": self.moe_stats["max_load"]})
-            scalars.update({f"moe/layer-{i}/max-expert-load": v for i, v in self.moe_stats["layer_loads"].items()})
+        for report in self.reports:
+            scalars.update(report.scalars)
         if values["mfu"] is not None:
             scalars["mfu"] = values["mfu"]
         self.writer.scalars(scalars, self.iteration)
@@ -340,7 +343,7 @@ class Trainer:
         loss, parts = result
         line = f" validation loss at iteration {self.iteration} | lm loss value: {loss:.6E} |"
         scalars = {"validation/lm-loss": loss}
-        if parts is None:  # a perplexity is exp of a cross-entropy, not of a mixed loss (LatentLM's)
+        if parts is None:  # a perplexity is exp of a cross-entropy, not of a mixed loss
             scalars["validation/lm-loss-ppl"] = ppl = math.exp(min(loss, 20.0))
             line += f" lm loss PPL: {ppl:.6E} |"
         else:

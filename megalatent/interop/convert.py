@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from megalatent.config import ModelConfig
 from megalatent.distributed import checkpoint as ckpt
+from megalatent.families import build_model, model_config_from_saved
 
 Log = Callable[[str], None]
 
@@ -105,16 +106,18 @@ def read_rng_states(path: str) -> dict[int, dict[str, Any]]:
 
 
 def model_config(train_state: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig a checkpoint was written by (its train state records it as a dict)."""
+    """The ModelConfig (its family's class) a checkpoint was written by: its train state records it as a
+    dict. Older checkpoints recorded every family's fields, and some values at the top of the train state:
+    both still read."""
     saved = train_state.get("model_config")
     if not isinstance(saved, dict):
         raise ConvertError("the train state has no model_config; it was not written by megalatent-pretrain "
                            "or tools/convert_checkpoint.py to-torch")
-    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(ModelConfig)})
-    if unknown:
-        raise ConvertError(f"the checkpoint's model_config has fields this megalatent does not know ({unknown}): "
+    cfg, problems = model_config_from_saved(saved, fallback=train_state)
+    if problems:
+        raise ConvertError(f"the checkpoint's model_config does not fit this megalatent ({'; '.join(problems)}): "
                            "it was written by another version; convert it with that version")
-    return ModelConfig(**saved)
+    return cfg
 
 
 # The RNG states hold numpy's Mersenne-Twister key as an ndarray, which torch's default
@@ -161,11 +164,6 @@ def to_torch(load: str, output: str, iteration: Optional[int] = None, force: boo
 def _shape_problems(cfg: ModelConfig, model_sd: dict[str, torch.Tensor]) -> list[str]:
     """How `model_sd` differs from what the model of `cfg` holds (names and shapes), checked on the
     meta device so nothing is allocated. Catches a hand-edited file before training does."""
-    from megalatent.models.registry import MODEL_FAMILIES, build_model
-    import megalatent.models  # noqa: F401  (registers the families)
-
-    if cfg.model_family not in MODEL_FAMILIES:
-        return [f"model family {cfg.model_family!r} is unknown here (known: {sorted(MODEL_FAMILIES)})"]
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
     problems = [f"missing {k}" for k in expected if k not in model_sd]
@@ -262,7 +260,7 @@ _HF_UNDERSTOOD = {
     "model_family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
     "num_query_groups", "seq_length", "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by",
     "normalization", "norm_epsilon", "swiglu", "position_embedding_type", "rotary_base",
-    "untie_embeddings_and_output_weights", "init_method_std", "linear_impl",
+    "untie_embeddings_and_output_weights", "init_method_std", "linear_impl", "attention_backend",
 }
 
 

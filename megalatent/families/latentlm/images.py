@@ -12,15 +12,16 @@ import torch
 
 from megalatent.data import interleaved
 from megalatent.data.latent_data import class_prompts
-from megalatent.inference.loading import LoadedModel
+
+# `loaded` below is a megalatent.inference.loading.LoadedModel of a LatentLM checkpoint.
 
 
-def trained_on_text(loaded: LoadedModel) -> bool:
+def trained_on_text(loaded) -> bool:
     """Whether a LatentLM checkpoint was trained on documents (it records a text tokenizer) or on classes."""
     return loaded.tokenizer_model is not None
 
 
-def image_prompts(loaded: LoadedModel, device, classes: Optional[list[int]] = None, text: Optional[str] = None,
+def image_prompts(loaded, device, classes: Optional[list[int]] = None, text: Optional[str] = None,
                   num_images: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompts [n, P], the unconditional prompt [1, P']) for `classes` (one image each) of a class-conditional
     run, or `num_images` images of `text` for a run on documents. ValueError for the wrong kind of condition."""
@@ -40,7 +41,7 @@ def image_prompts(loaded: LoadedModel, device, classes: Optional[list[int]] = No
 
 
 @torch.no_grad()
-def sample_images(loaded: LoadedModel, vae, prompt: torch.Tensor, uncond: torch.Tensor, steps: int = 20,
+def sample_images(loaded, vae, prompt: torch.Tensor, uncond: torch.Tensor, steps: int = 20,
                   cfg_scale: float = 4.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Images [n, C, H, W] in [-1, 1]: the prompts' latents, one by one, decoded by the σ-VAE `vae`."""
     latents = loaded.model.sample_latents(prompt, vae.cfg.num_tokens, steps, cfg_scale, uncond, generator)

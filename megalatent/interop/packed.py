@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalatent.distributed import checkpoint as ckpt
-from megalatent.distributed import convert
+from megalatent.families import build_model
+from megalatent.interop import convert
 from megalatent.kernels.bitnet import CODES_PER_BYTE, pack_ternary, rmsnorm_act_quant, w2a8_matmul
 from megalatent.nn.bitlinear import BitLinear, quantize_weights
 from megalatent.nn.moe import Experts
@@ -183,17 +184,10 @@ def pack_experts(model: nn.Module, names: Optional[list[str]] = None,
     return names
 
 
-def _build(cfg) -> nn.Module:
-    from megalatent.models.registry import build_model
-    import megalatent.models  # noqa: F401  (registers the families)
-
-    return build_model(cfg)
-
-
 def export_problems(cfg) -> list[str]:
     """Why the model of `cfg` cannot be packed (empty when it can); checked on the meta device."""
     with torch.device("meta"):
-        model = _build(cfg)
+        model = build_model(cfg)
     names = bitlinear_names(model)
     if not names:
         return [f"the model (family {cfg.model_family!r}, --linear-impl {cfg.linear_impl}) has no BitLinear layers: "
@@ -237,7 +231,7 @@ def export_packed(load: str, output: str, iteration: Optional[int] = None, dtype
     tokenizer_model = convert._resolve_tokenizer(cfg, tokenizer_model, None, train_state, log)
 
     log(f"reading the weights of {path}")
-    model = _build(cfg)
+    model = build_model(cfg)
     model.load_state_dict(convert.read_state(path, keys=["model"])["model"], strict=True)
     layers = pack_model(model)
     experts = pack_experts(model)
@@ -297,7 +291,7 @@ def load_packed_model(path: str, device: torch.device | str = "cpu") -> nn.Modul
     """
     meta = read_packed_config(path)
     cfg = convert.model_config(meta)
-    model = _build(cfg)
+    model = build_model(cfg)
     pack_model(model, meta["packed_layers"], lambda old: PackedBitLinear(old.in_features, old.out_features, old.eps))
     pack_experts(model, meta["packed_experts"], lambda old: PackedExperts(*old.gate_proj.shape, old.eps))
     weights = torch.load(os.path.join(path, "weights.pt"), weights_only=True)
