@@ -13,14 +13,16 @@ import sys
 from typing import Optional
 
 import torch
+from torch import nn
 
 from megalatent.config import Config, ConfigError, architectural_differences
 from megalatent.distributed import checkpoint as ckpt
 from megalatent.distributed.env import DistEnv, discover, exit_process, init_process_group
 from megalatent.distributed.layout import ParallelLayout
+from megalatent.distributed.materialize import materialize
 from megalatent.distributed.parallelize import parallelize
 from megalatent.distributed.pipeline import Pipeline, plan_pipeline
-from megalatent.families import build_model, get_family, model_config_from_saved, parse_args, validate
+from megalatent.families import get_family, model_config_from_saved, parse_args, validate
 from megalatent.training.metrics import log
 from megalatent.training.moe_stats import moe_step_hooks
 from megalatent.training.trainer import StopRequest, Trainer, uses_bf16
@@ -96,25 +98,38 @@ def build_data(cfg: Config, layout: ParallelLayout, tokenizer, prefixes, weights
 
 
 def build_model_parts(cfg: Config, layout: ParallelLayout, device: torch.device):
-    """The model, split into this rank's pipeline stages when pp > 1, each parallelized.
-    Returns (parts, pipeline or None). Every rank builds the same full model from the same seed first,
-    so any layout starts from the weights a single process would have."""
+    """This rank's model parts (the model, or its pipeline stages), each parallelized, holding only this rank's
+    shards. Returns (parts, pipeline or None).
+
+    Built on the meta device (no memory), split into stages (each keeps only its own layers), parallelized
+    there, then materialised: each rank allocates its shards and fills them with the values a single process
+    would hold at those positions (distributed/materialize.py), so every layout starts from the same weights."""
     family = get_family(cfg.model.model_family)
-    model = build_model(cfg.model).to(device)
+
+    def build_on_meta() -> nn.Module:
+        with torch.device("meta"):
+            return family.build(cfg.model)
+
+    model = build_on_meta()
     if layout.rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         log(f"parameters: {n_params:,}; training FLOPs per token: {family.flops_per_token(cfg.model):.4e}")
     pipeline, parts = None, [model]
     if layout.pp > 1:
         plan = plan_pipeline(cfg, layout.pp)
-        pipeline = Pipeline(plan, family.parallel.pipeline, layout.pp_rank, layout.group("pp"), device)
-        parts = pipeline.split(model)
+        pipeline = Pipeline(plan, family.parallel.pipeline, layout, device, tied=tied_embeddings(cfg))
+        parts = pipeline.stages(build_on_meta)
         if layout.tp_rank == 0 and layout.dp_rank == 0:
             print(f"[layout] pp rank {layout.pp_rank}: {plan.schedule}, stages {pipeline.stage_ids} with layers "
                   f"{[plan.stage_layers[s] for s in pipeline.stage_ids]}", flush=True)
     param_dtype = torch.bfloat16 if uses_bf16(cfg, device) else None
-    return [parallelize(part, layout, cfg.parallel, family.parallel, cfg.model.seq_length, param_dtype)
-            for part in parts], pipeline
+    return [materialize(parallelize(part, layout, cfg.parallel, family.parallel, cfg.model.seq_length, param_dtype),
+                        device, cfg.training.seed) for part in parts], pipeline
+
+
+def tied_embeddings(cfg: Config) -> tuple[str, ...]:
+    """The modules whose weights the output layer shares (the input embedding, unless untied)."""
+    return () if cfg.model.untie_embeddings_and_output_weights else ("embed_tokens",)
 
 
 def make_trainer(cfg: Config, layout: ParallelLayout, device: torch.device, parts, train_loader, valid_loader,
@@ -122,9 +137,10 @@ def make_trainer(cfg: Config, layout: ParallelLayout, device: torch.device, part
     """The trainer of this rank's parts, with what the model's family and features bring to it: the
     objective, the context-parallel split, the FLOPs, and the step hooks (mixture-of-experts bookkeeping)."""
     family = get_family(cfg.model.model_family)
+    hooks = moe_step_hooks(parts, layout, cfg.model) + (pipeline.tied_weight_hooks(parts) if pipeline else [])
     return Trainer(cfg, layout, device, parts, train_loader, valid_loader, family.flops_per_token(cfg.model), stop,
                    pipeline, objective=family.objective, cp_split=family.parallel.context_parallel_split,
-                   hooks=tuple(moe_step_hooks(parts, layout, cfg.model)))
+                   hooks=tuple(hooks))
 
 
 def run(argv: Optional[list[str]] = None) -> None:

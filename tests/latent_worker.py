@@ -16,6 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from megalatent.distributed.env import exit_process
+from megalatent.distributed.materialize import initialize
 from megalatent.nn.diffusion_head import DiffusionHead
 
 LATENT, COND, N, BATCH_MUL = 4, 16, 3, 2
@@ -24,6 +25,7 @@ LATENT, COND, N, BATCH_MUL = 4, 16, 3, 2
 def make_head() -> DiffusionHead:
     torch.manual_seed(0)
     head = DiffusionHead(latent_dim=LATENT, cond_dim=COND, hidden=32, depth=2)
+    initialize(head, seed=0)
     with torch.no_grad():  # move the zero-initialised gates, so every parameter gets a nonzero gradient
         for name, p in head.named_parameters():
             if "modulation" in name or "final_layer.linear" in name:

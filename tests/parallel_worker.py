@@ -17,6 +17,7 @@ from megalatent.distributed.env import discover, exit_process, init_process_grou
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.families import FAMILIES, parse_args, validate
 from megalatent.pretrain import build_model_parts, make_trainer
+from megalatent.training.moe_stats import MoEStepStats
 
 MODEL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
          "--num-query-groups", "2", "--seq-length", "16", "--vocab-size", "200", "--make-vocab-size-divisible-by", "8",
@@ -86,7 +87,7 @@ def run_layout(layout_flags: dict, env, device) -> dict:
         trainer.iteration += 1
         result["loss"].append(loss)
         result["grad_norm"].append(norm)
-        result["moe"].append(trainer.hooks[0].stats if trainer.hooks else None)
+        result["moe"].append(next((h.stats for h in trainer.hooks if isinstance(h, MoEStepStats)), None))
     # The last step's gradients (after clipping) and the weights after it, gathered to full tensors
     # and, over the pipeline ranks, to rank 0.
     named = [(clean(n), p) for part in parts for n, p in part.named_parameters()]

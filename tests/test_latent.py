@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from megalatent.models.sigma_vae import (
     SigmaVAE, SigmaVAEConfig, load_tokenizer, mean_image_mse, patchify, save_tokenizer, unpatchify,
 )
+from megalatent.distributed.materialize import initialize
 from megalatent.nn.diffusion_head import CosineSchedule, DiffusionHead, sample, sampling_timesteps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,6 +191,7 @@ def test_diffusion_loss_equals_its_closed_form(prediction):
     torch.manual_seed(0)
     n, batch_mul, d = 5, 3, 4
     head = DiffusionHead(latent_dim=d, cond_dim=16, depth=2, prediction=prediction)
+    initialize(head, seed=0)
     condition, x0 = torch.randn(n, 16), torch.randn(n, d)
     t = torch.randint(0, 1000, (n * batch_mul,))
     noise = torch.randn(n * batch_mul, d)
@@ -221,6 +223,7 @@ def test_diffusion_loss_equals_its_closed_form(prediction):
 def _perturbed_head(**kwargs) -> DiffusionHead:
     """A head whose zero-initialised gates and outputs have moved, as after some training."""
     head = DiffusionHead(**kwargs)
+    initialize(head, seed=0)
     with torch.no_grad():
         for name, p in head.named_parameters():
             if "modulation" in name or "final_layer.linear" in name:
@@ -235,6 +238,7 @@ def test_gradients_reach_the_condition():
 
     # adaLN-Zero: at initialisation the head's output does not depend on the condition
     fresh = DiffusionHead(latent_dim=d, cond_dim=cond_dim, depth=2)
+    initialize(fresh, seed=0)
     condition = torch.randn(n, cond_dim, requires_grad=True)
     fresh.loss(condition, x0, 2, t=t, noise=noise).backward()
     assert condition.grad.abs().max().item() == 0.0
@@ -351,6 +355,7 @@ def test_head_learns_a_class_conditional_distribution():
     classes = torch.randn(4, 16)
     centers = torch.tensor([[2.0, 2.0], [-2.0, 2.0], [-2.0, -2.0], [2.0, -2.0]])
     head = DiffusionHead(latent_dim=2, cond_dim=16, hidden=32, depth=2)
+    initialize(head, seed=0)
     optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3)
     for _ in range(300):
         k = torch.randint(0, 4, (64,))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megalatent.families import model_config
+from megalatent.families import build_model, model_config
 from megalatent.models.decoder import Decoder, dense_decoder_flops_per_token
 from megalatent.nn.attention import SelfAttention
 from megalatent.nn.norms import RMSNorm
@@ -65,7 +65,7 @@ def tiny_cfg(**kw):
 
 def test_decoder_is_causal_and_shapes():
     torch.manual_seed(0)
-    model = Decoder(tiny_cfg())
+    model = build_model(tiny_cfg())
     tokens = torch.randint(0, 100, (2, 16))
     logits = model(tokens)
     assert logits.shape == (2, 16, 128)  # vocab padded to a multiple of 64
@@ -76,7 +76,7 @@ def test_decoder_is_causal_and_shapes():
 
 
 def test_tied_and_untied_heads():
-    tied, untied = Decoder(tiny_cfg()), Decoder(tiny_cfg(untie_embeddings_and_output_weights=True))
+    tied, untied = build_model(tiny_cfg()), build_model(tiny_cfg(untie_embeddings_and_output_weights=True))
     assert not any("output" in n for n, _ in tied.named_parameters())
     assert untied.output.weight.shape == (128, 32) and tied.output.weight is None
     n_tied = sum(p.numel() for p in tied.parameters())
@@ -84,7 +84,7 @@ def test_tied_and_untied_heads():
 
 
 def test_parameter_names_are_global_layer_indices():
-    names = {n for n, _ in Decoder(tiny_cfg(num_layers=3)).named_parameters()}
+    names = {n for n, _ in build_model(tiny_cfg(num_layers=3)).named_parameters()}
     assert "layers.2.attention.q_proj.weight" in names and "layers.0.mlp.gate_proj.weight" in names
 
 
@@ -94,6 +94,6 @@ def test_flops_formula_counts_every_matmul():
     forward = L * (2 * h * h * 2 + 2 * h * kv * 2 + 2 * 3 * h * f + 2 * s * h) + 2 * h * V
     assert dense_decoder_flops_per_token(cfg) == 3 * forward
     # Cross-check against the parameter count: matmul params x 6 + attention + head.
-    model = Decoder(cfg)
+    model = build_model(cfg)
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
     assert dense_decoder_flops_per_token(cfg) == 6 * (matmul_params + h * V) + 3 * L * 2 * s * h

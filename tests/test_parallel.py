@@ -92,3 +92,18 @@ def test_eight_ranks_tp2_pp2_dp2(tmp_path, reference):
 def test_recomputation_changes_nothing(tmp_path, reference):
     check(tmp_path, reference, 1, [{"recompute-granularity": "full"}, {"recompute-granularity": "selective"}],
           "recompute")
+
+
+def test_pipeline_with_tied_embeddings(tmp_path, reference):
+    """Megatron's default: the output layer reuses the input embedding, held by the first and the last stage
+    and kept equal by summing its gradient over them (1F1B, ZBV where both stages share a rank, with TP and
+    with FSDP): the tied model's single-process losses, gradients and weights."""
+    check(tmp_path, reference, 2, [
+        {"pipeline-model-parallel-size": 2},
+        {"pipeline-model-parallel-size": 2, "num-layers-per-virtual-pipeline-stage": 1,
+         "pipeline-schedule": "ZBVZeroBubble"},
+    ], "tied2")
+    check(tmp_path, reference, 4, [
+        {"pipeline-model-parallel-size": 2, "tensor-model-parallel-size": 2},
+        {"pipeline-model-parallel-size": 2},  # with dp = 2 (FSDP shards the embedding on both stages)
+    ], "tied4")

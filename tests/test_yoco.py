@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megalatent.config import ConfigError
-from megalatent.families import model_config, parse_args, validate
+from megalatent.families import build_model, model_config, parse_args, validate
 from megalatent.models.yoco import YOCO, CrossAttention, flops_per_token
 from megalatent.nn.attention import SlidingWindowCore
 from megalatent.nn.retention import GatedRetention
@@ -29,7 +29,7 @@ def tiny(**kw):
 
 
 def test_structure_self_decoder_then_cross_decoder_with_one_shared_kv():
-    model = YOCO(tiny(yoco_self_attention="gret"))
+    model = build_model(tiny(yoco_self_attention="gret"))
     kinds = [type(layer.attention) for layer in model.layers.values()]
     assert kinds == [GatedRetention, GatedRetention, CrossAttention, CrossAttention]
     names = {n for n, _ in model.named_parameters()}
@@ -37,7 +37,7 @@ def test_structure_self_decoder_then_cross_decoder_with_one_shared_kv():
     assert {"shared_kv.k_proj.weight", "shared_kv.v_proj.weight", "shared_kv.norm.weight"} <= names
     assert not any(n.startswith("layers.2.attention.k_proj") or n.startswith("layers.3.attention.v_proj") for n in names)
     assert model.shared_kv.k_proj.weight.shape == (2 * 8, 32)  # GQA-shaped: 2 K/V heads of 8
-    swa = YOCO(tiny(yoco_self_attention="swa", sliding_window_size=3))
+    swa = build_model(tiny(yoco_self_attention="swa", sliding_window_size=3))
     assert isinstance(swa.layers["1"].attention.core_attention, SlidingWindowCore)
 
 
@@ -45,7 +45,7 @@ def test_structure_self_decoder_then_cross_decoder_with_one_shared_kv():
 def test_causal_and_trains(kind):
     torch.manual_seed(0)
     cfg = tiny(yoco_self_attention=kind, sliding_window_size=4 if kind == "swa" else None, retention_chunk_size=4)
-    model = YOCO(cfg)
+    model = build_model(cfg)
     tokens = torch.randint(0, 100, (2, 16))
     logits = model(tokens)
     assert logits.shape == (2, 16, 128)
@@ -66,7 +66,7 @@ def test_causal_and_trains(kind):
 @pytest.mark.parametrize("kind", ["gret", "swa"])
 def test_flops_count_every_matmul(kind):
     cfg = tiny(yoco_self_attention=kind, sliding_window_size=4 if kind == "swa" else None, retention_chunk_size=8)
-    model = YOCO(cfg)
+    model = build_model(cfg)
     h, s, V, d = 32, 16, 128, 8
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
     mixing_self = (4 - 4 * 3 / (2 * s)) if kind == "swa" else 8 / 2  # window keys / intra-chunk keys per query
@@ -79,7 +79,7 @@ def test_flops_count_every_matmul(kind):
 def test_recomputation_changes_nothing(granularity):
     from megalatent.distributed.parallelize import apply_recompute
     torch.manual_seed(0)
-    model = YOCO(tiny(retention_chunk_size=4))
+    model = build_model(tiny(retention_chunk_size=4))
     tokens = torch.randint(0, 100, (2, 16))
     reference = torch.autograd.grad(model(tokens).square().mean(), list(model.parameters()))
     apply_recompute(model, granularity)

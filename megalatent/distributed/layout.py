@@ -201,9 +201,6 @@ def layout_errors(cfg, world_size: int) -> tuple[list[str], int]:
             if value is not None:
                 e.append(f"--{key.replace('_', '-')} needs --pipeline-model-parallel-size > 1")
         return e, dp
-    if not m.untie_embeddings_and_output_weights:
-        e.append("pipeline parallelism puts the embedding and the output head on different stages: add "
-                 "--untie-embeddings-and-output-weights (tied weights across stages are not supported yet)")
     try:
         plan = plan_pipeline(cfg, pp)
     except PipelinePlanError as err:

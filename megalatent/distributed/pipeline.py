@@ -9,13 +9,12 @@ states, position ids), plus whatever a family's later stages need from earlier o
 """
 from __future__ import annotations
 
-from typing import Optional
-
-import copy
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from megalatent.distributed.plan import PipelineSplit
 
@@ -39,6 +38,10 @@ class PipelinePlan:
     @property
     def stages_per_rank(self) -> int:
         return self.num_stages // self.pp
+
+    def stages_of_rank_holding(self, stage: int) -> int:
+        """The pipeline rank that runs `stage`."""
+        return next(rank for rank in range(self.pp) if stage in self.stages_of_rank(rank))
 
     def stages_of_rank(self, rank: int) -> list[int]:
         """The stage indices a pipeline rank runs: looped (rank, rank + pp, ...) or V-shaped for ZBV."""
@@ -102,19 +105,19 @@ def plan_pipeline(cfg, pp: int) -> PipelinePlan:
 
 
 def stage_module(model: nn.Module, split: PipelineSplit, layer_ids: list[int], is_first: bool,
-                 is_last: bool) -> nn.Module:
-    """A copy of `model` that keeps only what this stage owns (global names preserved): its layers, and the
-    modules `split` gives to the first stage, the last, or the stage of one of its layers."""
-    stage = copy.deepcopy(model)
-    for name in list(stage.layers):
+                 is_last: bool, tied: tuple[str, ...] = ()) -> nn.Module:
+    """`model` (a fresh one, built on the meta device) reduced to what this stage owns, in place, global names
+    preserved: its layers, the modules `split` gives to the first stage, the last, or the stage of one of its
+    layers, and on the last stage the `tied` modules whose weights its output layer shares."""
+    for name in list(model.layers):
         if int(name) not in layer_ids:
-            del stage.layers[name]
-    dropped = [] if is_first else list(split.first)
-    dropped += [] if is_last else list(split.last)
+            del model.layers[name]
+    kept = set(split.first if is_first else ()) | set(split.last + tied if is_last else ())
+    dropped = [name for name in split.first + split.last if name not in kept]
     dropped += [name for name, layer in split.with_layer(model.cfg).items() if layer not in layer_ids]
     for name in dropped:
-        setattr(stage, name, None)
-    return stage
+        setattr(model, name, None)
+    return model
 
 
 def build_schedule(plan: PipelinePlan, stages: list[nn.Module], stage_ids: list[int], pp_group, device,
@@ -133,11 +136,19 @@ def build_schedule(plan: PipelinePlan, stages: list[nn.Module], stage_ids: list[
 
 
 class Pipeline:
-    """This rank's share of a pipeline: its stages, and the schedule that runs them."""
+    """This rank's share of a pipeline: its stages, and the schedule that runs them.
 
-    def __init__(self, plan: PipelinePlan, keeps: PipelineSplit, pp_rank: int, pp_group, device: torch.device):
-        self.plan, self.keeps, self.group, self.device = plan, keeps, pp_group, device
-        self.stage_ids = plan.stages_of_rank(pp_rank)
+    Tied weights (Megatron's default: the output layer reuses the input embedding): the first and the last
+    stage both hold the `tied` modules, start from the same values (initialisation keyed by name) and stay
+    equal: after each backward their gradients are summed over the two stages (`tied_weight_hooks`, over an
+    embedding group of the ranks holding them), so both take the same optimizer step; the gradient norm counts
+    them once (`replicas`)."""
+
+    def __init__(self, plan: PipelinePlan, keeps: PipelineSplit, layout, device: torch.device,
+                 tied: tuple[str, ...] = ()):
+        self.plan, self.keeps, self.device, self.tied = plan, keeps, device, tied
+        self.layout, self.group = layout, layout.group("pp")
+        self.stage_ids = plan.stages_of_rank(layout.pp_rank)
         self.has_first = 0 in self.stage_ids
         self.has_last = plan.num_stages - 1 in self.stage_ids
         self.schedule = None
@@ -147,9 +158,37 @@ class Pipeline:
         last = self.plan.num_stages - 1
         return parts[self.stage_ids.index(last)] if last in self.stage_ids else None
 
-    def split(self, model: nn.Module) -> list[nn.Module]:
+    def stages(self, build: Callable[[], nn.Module]) -> list[nn.Module]:
+        """This rank's stage modules, each from a fresh model of `build()` (on the meta device: nothing of the
+        layers a stage drops is ever allocated)."""
         last = self.plan.num_stages - 1
-        return [stage_module(model, self.keeps, self.plan.stage_layers[s], s == 0, s == last) for s in self.stage_ids]
+        return [stage_module(build(), self.keeps, self.plan.stage_layers[s], s == 0, s == last, self.tied)
+                for s in self.stage_ids]
+
+    def _tied_holders(self, parts: list[nn.Module]) -> list[nn.Module]:
+        """This rank's modules of the tied weights: the first stage's and the last stage's."""
+        last = self.plan.num_stages - 1
+        return [getattr(part, name) for part, sid in zip(parts, self.stage_ids) if sid in (0, last)
+                for name in self.tied]
+
+    def replicas(self, parts: list[nn.Module]) -> set[int]:
+        """ids of the parameters that are a second copy of a tied weight (the last stage's): the gradient norm
+        counts each weight once."""
+        if not self.tied:
+            return set()
+        last = self.plan.num_stages - 1
+        return {id(p) for part, sid in zip(parts, self.stage_ids) if sid == last
+                for name in self.tied for p in getattr(part, name).parameters()}
+
+    def tied_weight_hooks(self, parts: list[nn.Module]) -> list["TiedWeightSync"]:
+        if not self.tied:
+            return []
+        pp_ranks = torch.distributed.get_process_group_ranks(self.group)
+        holders = sorted({pp_ranks[self.plan.stages_of_rank_holding(0)],
+                          pp_ranks[self.plan.stages_of_rank_holding(self.plan.num_stages - 1)]})
+        mine = self._tied_holders(parts)
+        group = self.layout.subgroup(tuple(holders)) if len(holders) > 1 and mine else None
+        return [TiedWeightSync(mine, group)]
 
     def run(self, parts: list[nn.Module], inputs: tuple, target: torch.Tensor, n_microbatches: int, loss_fn,
             train: bool) -> list[torch.Tensor]:
@@ -169,3 +208,42 @@ class Pipeline:
         else:
             self.schedule.eval(*args, target=target, losses=losses)
         return losses
+
+
+class TiedWeightSync:
+    """A step hook (training/hooks.py): after the backward, every holder of a tied weight gets the sum of
+    their gradients — over the modules this rank holds, then over `group` (the embedding group: the ranks of
+    the first and the last stage with this rank's data/context/tensor coordinates)."""
+
+    def __init__(self, modules: list[nn.Module], group):
+        self.modules, self.group = modules, group
+
+    def start_step(self, micro_batches: int) -> None:
+        pass
+
+    @torch.no_grad()
+    def end_step(self, device: torch.device):
+        copies = [list(m.parameters()) for m in self.modules]
+        for params in zip(*copies):
+            grads = [_local_gradient(p) for p in params]
+            total = torch.stack(grads).sum(0) if len(grads) > 1 else grads[0]
+            if self.group is not None:
+                torch.distributed.all_reduce(total, group=self.group)
+            for grad in grads:
+                grad.copy_(total)
+        return None
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+
+def _local_gradient(p: nn.Parameter) -> torch.Tensor:
+    """This rank's piece of p's gradient, laid out like p's own shard: a DTensor gradient may come back with
+    other placements than its parameter's (a vocab-parallel embedding's is replicated), so it is put in the
+    parameter's first."""
+    grad = p.grad
+    if isinstance(grad, DTensor):
+        if grad.placements != p.placements:
+            p.grad = grad = grad.redistribute(placements=p.placements)
+        return grad.to_local()
+    return grad

@@ -5,19 +5,21 @@ its flags, rules, objective, FLOPs, model and parallel plan. Registering one is 
 
     parse_args(argv)           flags + YAML -> Config, with the chosen family's section of flags
     validate(cfg, world_size)  every rule (the shared ones, the layout's, the family's), reported at once
-    build_model(cfg.model)     the single-device model of a config
+    build_model(cfg.model)     the single-device model of a config, initialised
     model_config(**fields)     a family's ModelConfig from keyword arguments (tests, tools)
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+import torch
 from torch import nn
 
 from megalatent import config as config_module
 from megalatent.config import Config, ConfigError, ModelConfig
 from megalatent.data.gpt_data import parse_data_path
 from megalatent.distributed.layout import layout_errors
+from megalatent.distributed.materialize import initialize
 from megalatent.families import bitnet, gpt, latentlm, longnet, longvit, yoco
 from megalatent.families.family import Family
 
@@ -72,8 +74,14 @@ def model_config(**fields: Any) -> ModelConfig:
     return cls(**fields)
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    return get_family(cfg.model_family).build(cfg)
+def build_model(cfg: ModelConfig, seed: Optional[int] = None) -> nn.Module:
+    """The single-device model of a config, initialised from `seed` (default: torch's, so that
+    `torch.manual_seed(s)` then `build_model(cfg)` gives the weights a run with --seed s starts from); built
+    under `torch.device("meta")`, it is left uninitialised (see distributed/materialize.py)."""
+    model = get_family(cfg.model_family).build(cfg)
+    if not any(t.is_meta for t in model.state_dict().values()):
+        initialize(model, torch.initial_seed() if seed is None else seed)
+    return model
 
 
 def model_config_from_saved(saved: Mapping[str, Any], fallback: Mapping[str, Any] = {}) -> tuple[ModelConfig, list[str]]:

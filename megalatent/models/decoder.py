@@ -12,8 +12,10 @@ blocks for the b1.58 BitLinear; as each BitLinear normalises its own input, the 
 are then dropped (the final norm before the full-precision head stays).
 
 The model is single-device PyTorch; how it is split over devices is its family's parallel plan
-(megalatent/families/, distributed/plan.py). It is also the pipeline-stage module: a stage without the
-embedding takes hidden states, a stage without the head returns what the next stage needs.
+(megalatent/families/, distributed/plan.py). It is also the pipeline-stage module: a later stage's input is
+hidden states (floats) instead of token ids, and a stage without the head returns what the next stage needs.
+How its tensors start is `initial_value` (drawn by megalatent/nn/init.py: the constructor allocates, it
+does not initialise — build it with megalatent.families.build_model, or on the meta device).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch import nn
 from megalatent.config import ModelConfig
 from megalatent.nn.attention import SelfAttention
 from megalatent.nn.cache import InferenceCache, KVCache
+from megalatent.nn.init import ONES, ZEROS, Init
 from megalatent.nn.bitlinear import BitLinear
 from megalatent.nn.mlp import GeluMLP, SwiGLU
 from megalatent.nn.moe import MoELayer
@@ -108,18 +111,20 @@ class OutputLayer(nn.Module):
         return F.linear(x, self.weight if self.weight is not None else tied_weight)
 
 
-def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """Normal(0, std) for every matrix; projections into the residual stream scaled by 1/sqrt(2L)
-    (GPT-2/Megatron); biases zero; norm gains keep their ones."""
+# Projections into the residual stream: their std is scaled by 1/sqrt(2L) (GPT-2/Megatron).
+OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "experts.down_proj", "merge_proj.weight")
+
+
+def initial_value(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> Init:
+    """How a tensor of the trunk (and of any model keeping its conventions) starts: Normal(0, std) for every
+    matrix, std / sqrt(2L) for the projections into the residual stream; biases and the experts' selection
+    bias zero; every other vector (norm gains) ones. Drawn by megalatent/nn/init.py, keyed by name."""
+    if name.endswith((".bias", "expert_bias")):
+        return ZEROS
+    if len(shape) < 2:
+        return ONES
     std = cfg.init_method_std
-    out_std = std / (2 * cfg.num_layers) ** 0.5
-    for name, p in model.named_parameters():
-        if name.endswith(".bias"):
-            nn.init.zeros_(p)
-        elif p.dim() >= 2:
-            is_output_proj = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj",
-                                            "merge_proj.weight"))
-            nn.init.normal_(p, mean=0.0, std=out_std if is_output_proj else std)
+    return Init("normal", std / (2 * cfg.num_layers) ** 0.5 if name.endswith(OUTPUT_PROJECTIONS) else std)
 
 
 class Decoder(nn.Module):
@@ -137,14 +142,14 @@ class Decoder(nn.Module):
         self.norm = spec.norm(cfg)
         self.output = OutputLayer(cfg.hidden_size, cfg.padded_vocab_size,
                                   tied=not cfg.untie_embeddings_and_output_weights)
-        self.reset_parameters()
 
     def build_layer(self, cfg: ModelConfig, layer: int, spec: LayerSpec) -> nn.Module:
         """Layer `layer` (a family whose layers differ in kind, like YOCO's two halves, overrides this)."""
         return DecoderLayer(cfg, layer, spec)
 
-    def reset_parameters(self) -> None:
-        init_weights(self, self.cfg)
+    def initial_value(self, name: str, shape: tuple[int, ...]) -> Init:
+        """How the tensor `name` starts (the models' initialisation protocol; see megalatent/nn/init.py)."""
+        return initial_value(self.cfg, name, shape)
 
     def positions(self, position_ids: torch.Tensor) -> Positions:
         return Positions(position_ids, self.rotary(position_ids) if self.rotary is not None else None)
@@ -157,15 +162,15 @@ class Decoder(nn.Module):
         return self.output(normed, None if self.output.weight is not None else self.embed_tokens.weight)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None):
-        """tokens -> logits. As a pipeline stage (see distributed/pipeline.py) a stage without the embedding
-        takes the hidden states instead of tokens, and a stage without the head returns (hidden, position_ids).
+        """tokens -> logits. As a pipeline stage (see distributed/pipeline.py) a later stage takes the hidden
+        states instead of tokens, and a stage without the head returns (hidden, position_ids).
 
         With an inference cache (from `new_cache`, see megalatent/inference) the tokens continue the
         cached sequence and only the last token's logits [b, 1, vocab] are returned.
         """
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[:2]).contiguous()
-        x = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        x = self.embed_tokens(tokens) if not tokens.is_floating_point() else tokens  # (a later stage: hidden)
         x = self.trunk(x, position_ids, cache)
         if self.output is None:
             return x, position_ids

@@ -25,6 +25,7 @@ from torch import nn
 from megalatent.config import ModelConfig, flag
 from megalatent.models.decoder import Decoder, dense_decoder_flops_per_token
 from megalatent.nn.diffusion_head import DiffusionHead, sample
+from megalatent.nn.init import Init
 
 
 @dataclass
@@ -59,8 +60,14 @@ class LatentLM(Decoder):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.latent_in = LatentInput(cfg.latent_dim, cfg.hidden_size)
-        nn.init.normal_(self.latent_in.weight, std=cfg.init_method_std)
         self.diffusion_head = DiffusionHead(cfg.latent_dim, cfg.hidden_size, depth=cfg.diffusion_head_layers)
+
+    def initial_value(self, name: str, shape: tuple[int, ...]) -> Init:
+        """The trunk's rules, the latent projection's Normal(0, std) among them; the diffusion head's own."""
+        head = "diffusion_head."
+        if name.startswith(head):
+            return self.diffusion_head.initial_value(name[len(head):], shape)
+        return super().initial_value(name, shape)
 
     def embed(self, tokens, latents, latent_mask) -> torch.Tensor:
         return self.latent_in(self.embed_tokens(tokens), latents, latent_mask)
@@ -86,7 +93,7 @@ class LatentLM(Decoder):
         As a pipeline stage: the first takes (tokens, positions, latents, latent mask), later ones the
         hidden states; every stage but the last returns (hidden, positions); the last returns (logits,
         normed hidden states), from which the objective computes the diffusion loss with this stage's head."""
-        x = self.embed(tokens, latents, latent_mask) if self.embed_tokens is not None else tokens
+        x = self.embed(tokens, latents, latent_mask) if not tokens.is_floating_point() else tokens
         x = self.trunk(x, position_ids)
         if self.output is None:
             return x, position_ids

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalatent.config import ModelConfig, flag
-from megalatent.models.decoder import BASELINE_SPEC, DecoderLayer, LayerSpec, default_attention, default_norm, init_weights
+from megalatent.models.decoder import BASELINE_SPEC, DecoderLayer, LayerSpec, default_attention, default_norm, initial_value
+from megalatent.nn.init import Init
 from megalatent.models.longnet import DilatedPatterns, dilated_core
 from megalatent.nn.rotary import Positions
 
@@ -101,10 +102,10 @@ class LongViT(nn.Module):
         # The seams of context parallelism (families/longvit.py replaces them); single-device values here.
         self.patch_share = whole_image
         self.sum_over_patches = sum_patches
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        init_weights(self, self.cfg)
+    def initial_value(self, name: str, shape: tuple[int, ...]) -> Init:
+        """The trunk's rules (megalatent/models/decoder.py) for every tensor, patch embedding and head included."""
+        return initial_value(self.cfg, name, shape)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         grid = (images.shape[-2] // self.cfg.patch_dim, images.shape[-1] // self.cfg.patch_dim)

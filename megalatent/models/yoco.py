@@ -147,7 +147,6 @@ class YOCO(Decoder):
         super().__init__(cfg, LayerSpec(attention=yoco_attention, mlp=default_mlp, norm=default_norm))
         self.first_cross = first_cross_layer(cfg)
         self.shared_kv = SharedKV(cfg)
-        self.reset_parameters()  # again, now that shared_kv exists (same seed -> same weights on every rank)
 
     def build_layer(self, cfg: ModelConfig, layer: int, spec: LayerSpec) -> nn.Module:
         cls = CrossDecoderLayer if layer >= first_cross_layer(cfg) else DecoderLayer
@@ -164,7 +163,7 @@ class YOCO(Decoder):
         """
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[:2]).contiguous()
-        x = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        x = self.embed_tokens(tokens) if not tokens.is_floating_point() else tokens  # (a later stage: hidden)
         positions = self.positions(position_ids)
         cross = [(name, layer) for name, layer in self.layers.items() if int(name) >= self.first_cross]
         for name, layer in self.layers.items():

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from megalatent.nn.init import Init
 from megalatent.nn.mlp import SwiGLU
 from megalatent.nn.norms import RMSNorm
 
@@ -84,9 +85,6 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_dim = frequency_dim
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        for layer in (self.mlp[0], self.mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-            nn.init.zeros_(layer.bias)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         emb = timestep_embedding(t, self.frequency_dim)
@@ -104,8 +102,7 @@ class AdaLNBlock(nn.Module):
         super().__init__()
         self.norm = RMSNorm(hidden, eps, elementwise_affine=False)
         self.mlp = SwiGLU(hidden, ffn)
-        self.modulation = nn.Linear(hidden, 3 * hidden, bias=False)  # applied to SiLU(c)
-        nn.init.zeros_(self.modulation.weight)
+        self.modulation = nn.Linear(hidden, 3 * hidden, bias=False)  # applied to SiLU(c), starts at zero
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.modulation(F.silu(c)).chunk(3, dim=-1)
@@ -120,8 +117,6 @@ class FinalLayer(nn.Module):
         self.norm = RMSNorm(hidden, eps, elementwise_affine=False)
         self.modulation = nn.Linear(hidden, 2 * hidden, bias=False)
         self.linear = nn.Linear(hidden, out_dim, bias=False)
-        nn.init.zeros_(self.modulation.weight)
-        nn.init.zeros_(self.linear.weight)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(F.silu(c)).chunk(2, dim=-1)
@@ -161,6 +156,16 @@ class DiffusionHead(nn.Module):
         ffn = max(1, round(hidden * ffn_ratio))
         self.blocks = nn.ModuleList(AdaLNBlock(hidden, ffn, norm_eps) for _ in range(depth))
         self.final_layer = FinalLayer(hidden, latent_dim, norm_eps)
+
+    def initial_value(self, name: str, shape: tuple[int, ...]) -> Init:
+        """The reference's initialisation (see megalatent/nn/init.py): zero modulations (gates) and final
+        projection, so the head starts predicting 0; Normal(0, 0.02) timestep MLP; zero biases; the other
+        projections as nn.Linear's default, U(+-1/sqrt(fan_in))."""
+        if name.endswith(("modulation.weight", "final_layer.linear.weight", ".bias")):
+            return Init("zeros")
+        if name.startswith("t_embedder."):
+            return Init("normal", 0.02)
+        return Init("uniform", 1 / math.sqrt(shape[1]))
 
     def condition(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The condition layer: run once per position, not once per noise draw or solver step."""

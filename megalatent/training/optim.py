@@ -33,19 +33,22 @@ def set_step_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight
         group["weight_decay"] = weight_decay if group["params"] and is_decayed(group["params"][0]) else 0.0
 
 
-def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group=None) -> float:
+def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group=None, replicas: set[int] = frozenset()) -> float:
     """Global L2 norm of all gradients (over every shard of every rank); scales them down to max_norm.
 
     `parts` are this rank's model parts (its pipeline stages); `pp_group` sums the squared norms over
-    the pipeline ranks, which hold different layers. Returns the norm before clipping, the number
-    Megatron logs as 'grad norm'. max_norm 0 only measures.
+    the pipeline ranks, which hold different layers; `replicas` (parameter ids) are second copies of a
+    weight another stage holds too (tied embeddings), clipped but not counted twice. Returns the norm before
+    clipping, the number Megatron logs as 'grad norm'. max_norm 0 only measures.
     """
-    grads = [p.grad for part in parts for p in part.parameters() if p.grad is not None]
+    params = [p for part in parts for p in part.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
     # Gradients may live on different meshes (TP-sharded DTensors, FSDP shards, plain replicated
     # tensors such as norm weights without sequence parallelism); norm each group on its own mesh.
     groups: dict = {}
-    for g in grads:
-        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    for p in params:
+        if id(p) not in replicas:
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
     squares = []
     for group in groups.values():
         norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)

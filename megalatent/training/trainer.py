@@ -214,7 +214,8 @@ class Trainer:
         self.loss_parts = self._part_means(loss_sum, counts)
         self.reports = [r for r in (hook.end_step(self.device) for hook in self.hooks) if r is not None]
         grad_norm = clip_grad_norm(self.parts, self.cfg.training.clip_grad,
-                                   self.layout.group("pp") if self.layout.pp > 1 else None)
+                                   self.layout.group("pp") if self.layout.pp > 1 else None,
+                                   self.pipeline.replicas(self.parts) if self.pipeline is not None else set())
         if not math.isfinite(grad_norm):  # a NaN/inf step is skipped, never applied, and counted
             self.nan += 1
             self.skipped += 1
