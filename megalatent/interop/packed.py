@@ -41,7 +41,7 @@ from megalatent.distributed import checkpoint as ckpt
 from megalatent.families import build_model
 from megalatent.interop import convert
 from megalatent.kernels.bitnet import CODES_PER_BYTE, pack_ternary, rmsnorm_act_quant, w2a8_matmul
-from megalatent.nn.bitlinear import BitLinear, quantize_weights
+from megalatent.nn.bitlinear import BitLinear, TernaryLinear, quantize_weights
 from megalatent.nn.moe import Experts
 
 FORMAT = "megalatent-bitnet-packed"
@@ -189,6 +189,9 @@ def export_problems(cfg) -> list[str]:
     with torch.device("meta"):
         model = build_model(cfg)
     names = bitlinear_names(model)
+    if any(type(m) is TernaryLinear for m in model.modules()):
+        return ["its ternary layers without an input norm (--bitnet-variant hf-2b4t) have no packed form here: export "
+                "it with tools/convert_checkpoint.py to-hf (transformers' BitNet layout, weights 2-bit packed too)"]
     if not names:
         return [f"the model (family {cfg.model_family!r}, --linear-impl {cfg.linear_impl}) has no BitLinear layers: "
                 "train it with --model-family bitnet or --linear-impl bitlinear"]
