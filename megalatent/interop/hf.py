@@ -309,16 +309,17 @@ def hf_state_dict(model_sd: Mapping[str, torch.Tensor], cfg: ModelConfig, arch: 
     return out
 
 
+def _hf_names(row: Row, cfg: ModelConfig) -> list[str]:
+    if row.ours == "output.weight" and not cfg.untie_embeddings_and_output_weights:
+        return []
+    layers = range(cfg.num_layers) if "{i}" in row.hf else [None]
+    experts = range(cfg.num_experts) if "{e}" in row.hf else [None]
+    return [row.hf.replace("{i}", str(i)).replace("{e}", str(e)) for i in layers for e in experts]
+
+
 def expected_hf_names(arch: Architecture, cfg: ModelConfig) -> list[str]:
     """Every tensor name of `arch` for the model of `cfg` (ternary rows: the codes; their scales beside)."""
-    names = []
-    for row in arch.rows:
-        if row.ours == "output.weight" and not cfg.untie_embeddings_and_output_weights:
-            continue
-        layers = range(cfg.num_layers) if "{i}" in row.hf else [None]
-        experts = range(cfg.num_experts) if "{e}" in row.hf else [None]
-        names += [row.hf.replace("{i}", str(i)).replace("{e}", str(e)) for i in layers for e in experts]
-    return names
+    return [name for row in arch.rows for name in _hf_names(row, cfg)]
 
 
 def to_hf(load: str, output: str, iteration: Optional[int] = None, dtype: str = "float32",
@@ -408,7 +409,7 @@ def from_hf_state_dict(weights: HFWeights, arch: Architecture, cfg: ModelConfig)
     expected = expected_hf_names(arch, cfg)
     present = weights.names()
     ternary_scales = {n.replace(".weight", ".weight_scale") for r in arch.rows if r.kind == "ternary"
-                      for n in expected_hf_names(dataclasses.replace(arch, rows=(r,)), cfg)}
+                      for n in _hf_names(r, cfg)}
     missing = sorted(set(expected) - present)
     # a tied head may be stored anyway; ternary weights stored as latent (unquantised) tensors have no scale
     unexpected = sorted(present - set(expected) - ternary_scales - {"lm_head.weight"})
@@ -494,9 +495,13 @@ def _target_config(arch: Architecture, hf_fields: dict[str, Any], model_flags: l
     """The model to import into: the family and its flags from `model_flags`, the architecture from config.json."""
     try:
         given = set(vars(build_parser().parse_args(model_flags))) - {"config"}
+        if arch.model_type == "bitnet" and "model_family" not in given:  # its one family
+            model_flags = ["--model-family", "bitnet"] + model_flags
+        cfg = parse_args(model_flags)
     except SystemExit:
         raise ConvertError(f"from-hf: cannot read the model flags {model_flags} (see the message above)") from None
-    cfg = parse_args(model_flags)
+    except ConfigError as e:
+        raise ConvertError(f"from-hf: {e}") from None
     errors = [f"--{k.replace('_', '-')} is read from config.json; drop it" for k in sorted(given & set(hf_fields))
               if k != "make_vocab_size_divisible_by"]
     errors += [f"--{k.replace('_', '-')} is not a model flag; from-hf takes the model's family and its flags only "
@@ -504,9 +509,6 @@ def _target_config(arch: Architecture, hf_fields: dict[str, Any], model_flags: l
                if not hasattr(cfg.model, k) and k != "model_family"]
     family = cfg.model.model_family
     if arch.model_type == "bitnet":
-        if "model_family" not in given:
-            cfg.model = parse_args(["--model-family", "bitnet"] + model_flags).model
-            family = "bitnet"
         if family != "bitnet" or "bitnet_variant" in given and cfg.model.bitnet_variant != "hf-2b4t":
             errors.append("a BitNetForCausalLM imports into --model-family bitnet --bitnet-variant hf-2b4t only "
                           "(its layout)")
