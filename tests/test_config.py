@@ -107,7 +107,7 @@ RULES = [
     (["--vocab-size", "1"], "--vocab-size must be >= 2"),
     (["--norm-epsilon", "0"], "--norm-epsilon must be > 0"),
     (["--data-path", "x"], "--data-path needs --tokenizer-model"),
-    (["--tokenizer-model", "/nonexistent.model"], "--tokenizer-model: file /nonexistent.model does not exist"),
+    (["--tokenizer-model", "/nonexistent.model"], "--tokenizer-model: /nonexistent.model does not exist"),
     (["--split", "a,b"], "--split 'a,b' must be up to three non-negative numbers"),
     (["--split", "0,5,5"], "--split '0,5,5' must be up to three non-negative numbers"),
     (["--default-corpus-vocab-size", "100"], "--default-corpus-vocab-size must be >= 512"),
