@@ -203,7 +203,6 @@ PIPELINE_RULES = [
     (["--num-layers-per-virtual-pipeline-stage", "1"], 1,
      "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"),
     (["--pipeline-schedule", "ZBVZeroBubble"], 1, "--pipeline-schedule needs --pipeline-model-parallel-size > 1"),
-    (["--pipeline-model-parallel-size", "2", "--num-layers", "4"], 2, "add --untie-embeddings-and-output-weights"),
     (PP + ["--num-layers", "3"], 2, "--num-layers 3 must be divisible by --pipeline-model-parallel-size 2"),
     (PP + ["--num-layers-per-virtual-pipeline-stage", "4"], 2,
      "--num-layers-per-virtual-pipeline-stage 4: --num-layers 4 must split into virtual stages"),
