@@ -157,6 +157,45 @@ def test_pattern_dtypes(dtype, core):
     assert all(grad.dtype == dtype and torch.isfinite(grad).all() for grad in grads)
 
 
+def test_padded_keys_stay_masked_when_every_score_is_very_negative(core):
+    """Scores near -100 (fp32's exp overflows at +88): padded keys must still weigh 0, in the backward too,
+    where an unmasked zero key would get weight exp(0 - LSE) = inf."""
+    g = torch.Generator().manual_seed(6)
+    q = (6 + 0.5 * torch.randn(1, 2, 13, 8, generator=g, dtype=torch.float64)).requires_grad_()
+    k = (-6 + 0.5 * torch.randn(1, 2, 13, 8, generator=g, dtype=torch.float64)).requires_grad_()
+    v = torch.randn(1, 2, 13, 8, generator=g, dtype=torch.float64).requires_grad_()
+    out = dilated_attention(q.float(), k.float(), v.float(), [5, 10], [1, 2], causal=False)
+    ref = reference(q, k, v, union_multiplicity(13, 2, [5, 10], [1, 2], causal=False))
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
+    got = torch.autograd.grad(out.double().sum(), (q, k, v))
+    want = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_mixture_lse_is_the_union_logsumexp(causal, core):
+    """The mixture's autograd function also returns the merged LSE, logsumexp over the union of the keys with
+    multiplicity (NOT_COVERED where no pattern covers a row), and takes a gradient on it."""
+    n, h, segments, ratios = 17, 5, [5, 10], [2, 3]
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, h, n, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    out, lse = dilated._DilatedAttention.apply(q, k, v, tuple(zip(segments, ratios)), causal, 0, CORES[core])
+    count = union_multiplicity(n, h, segments, ratios, causal).double()
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(8) + torch.log(count)
+    covered = count.sum(-1) > 0
+    ref_lse = torch.where(covered, torch.logsumexp(scores.masked_fill(~covered[..., None], 0.0), -1), NOT_COVERED)
+    ref_out = reference(q, k, v, count)
+    torch.testing.assert_close(out, ref_out, **FP64)
+    torch.testing.assert_close(lse, ref_lse, **FP64)
+    cotangents = torch.randn(out.shape, generator=g, dtype=torch.float64), torch.randn(lse.shape, generator=g,
+                                                                                   dtype=torch.float64)
+    got = torch.autograd.grad((out, lse), (q, k, v), cotangents)
+    want = torch.autograd.grad((ref_out, ref_lse), (q, k, v), cotangents)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **FP64)
+
+
 def test_merge_equals_the_softmax_formula():
     """merge_by_lse against softmax over the stacked LSEs, with autograd through both: fp64 values and the
     gradients of the outputs and of the LSEs, rows one partial skips and a row none covers (output 0)."""

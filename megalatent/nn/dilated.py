@@ -16,11 +16,11 @@ each segment to a multiple of r; padded rows are never attended to and their out
 "Minus infinity" is a large finite negative (NOT_COVERED) so that rows no pattern covers give a zero
 output and finite gradients instead of NaN.
 
-How (`_PatternAttention`): by chunks of segments, each head's kept rows are gathered into one attention
-problem per (head, segment), run by a fused core, torch's CPU flash attention (on other devices: blocks of
-query rows in plain PyTorch), and scattered back; the backward gathers again and takes the LSE's gradient
-through one extra head-dim column. Nothing of size rows x rows is kept. Computed in the inputs' dtype
-(fp64 stays fp64), bf16 and fp16 in fp32.
+How (`_DilatedAttention`, one autograd function for a pattern or a whole mixture): by chunks of segments,
+each head's kept rows are gathered into one attention problem per (head, segment), run by a fused core,
+torch's CPU flash attention (on other devices: blocks of query rows in plain PyTorch), and merged into
+the output by LSE; the backward gathers again. Nothing of size rows x rows is kept. Computed in the
+inputs' dtype (fp64 stays fp64), bf16 and fp16 in fp32.
 
 On CUDA the same computation runs as fused Triton kernels (kernels/dilated_attention.py: the sparse rows
 are read by strided loads, never gathered; kernels/lse_merge.py), tested against the functions here;
@@ -88,23 +88,18 @@ class _PatternRows:
         self.offsets = [(j, (first_head + j) % r) for j in range(min(h, r))]
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """[b, h, n, ...] -> [b, h, segments, rows, r, ...]: a view, or a copy padded with zeros if the pattern pads."""
+        """[b, h, n, ...] -> [b, h, segments, rows, r, ...]: a view, or a copy padded with zeros if the pattern
+        pads (then `write_back` returns what was scattered into it)."""
         if not self.padded:
             return x.unflatten(2, (self.segments, self.rows, self.r))
         trailing = (0, 0) * (x.dim() - 3)
         x = F.pad(x, trailing + (0, self.segments * self.w - self.n)).unflatten(2, (self.segments, self.w))
         return F.pad(x, trailing + (0, self.rows * self.r - self.w)).unflatten(3, (self.rows, self.r))
 
-    def unblock(self, x: torch.Tensor) -> torch.Tensor:
-        """The inverse of `blocks`: [b, h, segments, rows, r, ...] -> [b, h, n, ...], padding dropped."""
-        if not self.padded:
-            return x.flatten(2, 4)
-        return x.flatten(3, 4)[:, :, :, :self.w].flatten(2, 3)[:, :, :self.n].contiguous()
-
-    def canvas(self, lead: tuple, trailing: tuple, fill: float, dtype, device) -> torch.Tensor:
-        """A tensor shaped like `blocks` of a [*lead, n, *trailing] tensor, filled with `fill` (to scatter into)."""
-        shape = (*lead, self.segments, self.rows, self.r, *trailing)
-        return torch.full(shape, fill, dtype=dtype, device=device)
+    def write_back(self, blocks: torch.Tensor, x: torch.Tensor) -> None:
+        """Copy `blocks` (of x, scattered into) back to x, padding dropped; nothing to do when it is a view."""
+        if self.padded:
+            x.copy_(blocks.flatten(3, 4)[:, :, :, :self.w].flatten(2, 3)[:, :, :self.n])
 
     def count(self, segments: slice) -> int:
         return len(range(self.segments)[segments])
@@ -119,10 +114,11 @@ class _PatternRows:
         for j, offset in self.offsets:
             out[:, j::self.r].copy_(blocks[:, j::self.r, segments, :, offset])
 
-    def scatter(self, rows: torch.Tensor, segments: slice, blocks: torch.Tensor) -> None:
-        """The inverse of `gather`: rows [b, h, len, rows, ...] into blocks [b, h, segments, rows, r, ...]."""
+    def scatter(self, rows: torch.Tensor, segments: slice, blocks: torch.Tensor, add: bool = False) -> None:
+        """The inverse of `gather` (or, with `add`, adds the rows to what is there)."""
         for j, offset in self.offsets:
-            blocks[:, j::self.r, segments, :, offset].copy_(rows[:, j::self.r])
+            target = blocks[:, j::self.r, segments, :, offset]
+            target.add_(rows[:, j::self.r]) if add else target.copy_(rows[:, j::self.r])
 
     def real(self, segments: slice, device: torch.device) -> torch.Tensor:
         """[h, len, rows]: which kept rows of `segments` are not padding."""
@@ -132,31 +128,30 @@ class _PatternRows:
         return (within < self.w) & (start + within < self.n)
 
 
-def _rows_with_column(pattern: _PatternRows, blocks: torch.Tensor, segments: slice, column, dtype: torch.dtype):
-    """The kept rows of `segments` as one attention problem per (head, segment): [b, h * len, rows, d + 1]
-    in `dtype`, with a last column set to `column` (see _PatternAttention for what it carries)."""
-    b, h, _, rows, _, d = blocks.shape
-    out = blocks.new_empty((b, h, pattern.count(segments), rows, d + 1), dtype=dtype)
-    pattern.gather(blocks, segments, out[..., :d])
-    out[..., d] = column
+def _gathered(pattern: _PatternRows, blocks: torch.Tensor, segments: slice, dtype: torch.dtype,
+              column=None) -> torch.Tensor:
+    """The kept rows of `segments` as one attention problem per (head, segment): [b, h * len, rows, ...] in
+    `dtype`. With `column`, the rows [.., d] get one more column set to it (see _DilatedAttention)."""
+    b, h, _, rows, _, *trailing = blocks.shape
+    if column is None:
+        out = blocks.new_empty((b, h, pattern.count(segments), rows, *trailing), dtype=dtype)
+        pattern.gather(blocks, segments, out)
+    else:
+        d = trailing[0]
+        out = blocks.new_empty((b, h, pattern.count(segments), rows, d + 1), dtype=dtype)
+        pattern.gather(blocks, segments, out[..., :d])
+        out[..., d] = column
     return out.flatten(1, 2)
 
 
-def _operands(pattern: _PatternRows, q_blocks, k_blocks, v_blocks, segments: slice, dtype: torch.dtype):
-    """Q, K and V of the core for `segments`, with their extra columns: 1, the padding mask (0 for real keys,
-    -FAR for padded ones) and 0."""
+def _operands(pattern: _PatternRows, q_blocks, k_blocks, v_blocks, segments: slice, dtype, column: bool):
+    """Q, K and V of the core for `segments`; with `column`, their extra columns: 1, the padding mask (0 for
+    real keys, -FAR for padded ones) and 0."""
+    if not column:
+        return tuple(_gathered(pattern, x, segments, dtype) for x in (q_blocks, k_blocks, v_blocks))
     mask = 0.0 if not pattern.padded else torch.where(pattern.real(segments, q_blocks.device), 0.0, -_FAR)
-    return (_rows_with_column(pattern, q_blocks, segments, 1.0, dtype),
-            _rows_with_column(pattern, k_blocks, segments, mask, dtype),
-            _rows_with_column(pattern, v_blocks, segments, 0.0, dtype))
-
-
-def _gathered(pattern: _PatternRows, blocks: torch.Tensor, segments: slice, dtype: torch.dtype) -> torch.Tensor:
-    """The kept rows of `segments` of a per-row tensor (the LSE or its gradient): [b, h * len, rows]."""
-    b, h, _, rows, _ = blocks.shape
-    out = blocks.new_empty((b, h, pattern.count(segments), rows), dtype=dtype)
-    pattern.gather(blocks, segments, out)
-    return out.flatten(1, 2)
+    return (_gathered(pattern, q_blocks, segments, dtype, 1.0), _gathered(pattern, k_blocks, segments, dtype, mask),
+            _gathered(pattern, v_blocks, segments, dtype, 0.0))
 
 
 class _Core(NamedTuple):
@@ -224,55 +219,89 @@ def _core(device: torch.device) -> _Core:
     return FLASH_CPU if device.type == "cpu" else PLAIN
 
 
-class _PatternAttention(torch.autograd.Function):
-    """One (w, r) pattern on [b, h, n, d] -> (out [b, h, n, d], lse [b, h, n]), by chunks of segments.
+class _DilatedAttention(torch.autograd.Function):
+    """(w_i, r_i) patterns on [b, h, n, d] merged by their LSEs -> (out [b, h, n, d], lse [b, h, n]): with one
+    pattern, that pattern's output and LSE (0 and NOT_COVERED on the rows it does not keep).
 
-    Each head's kept rows of a segment are one attention problem for the core, with one extra column
-    that carries what the core's kernels cannot take otherwise:
+    Pattern by pattern and by chunks of segments, each head's kept rows of a segment are one attention
+    problem for the core; its output merges into the running output by LSE. The backward runs each
+    pattern's core backward with dO_i = w_i dO (w_i = exp(LSE_i - LSE)) and the merged O in place of O_i:
+    the core's D = rowsum(dO_i * O) = w_i <dO, O> is then the whole mixture's, as for one softmax over the
+    union of the keys, and each pattern adds its rows' dq, dk, dv. One extra head-dim column carries what
+    the core cannot take otherwise, where needed:
     - the padding mask: Q's column is 1, K's is 0 for real keys and -FAR for padded ones, so a padded key
       scores -FAR (its weight is 0); in causal patterns padding rows come last and are never seen anyway.
-    - the LSE's gradient g: the core's backward forms dS = P * (dO V^T - D) with D = rowsum(dO * O); since
-      d LSE / d S = P, g adds g P, i.e. D becomes D - g. With O's column 1 and dO's column -g the core's own
-      rowsum computes D - g, while V's column 0 keeps dO V^T (and the forward's O) as they were.
-    Padded query rows get dO = 0 and g = 0, so they add nothing to the gradients. The backward saves
-    nothing but the inputs and outputs and gathers the rows again, chunk by chunk; it runs in the LSE's dtype.
+    - a gradient g on the merged LSE: d LSE / d S_i = w_i P_i, so g turns D into w_i (<dO, O> - g). With
+      O's column 1 and dO's column -w_i g the core's own rowsum computes it, while V's column 0 keeps
+      dO V^T (and the forward's O) as they were.
+    Padded query rows get dO = 0 and g = 0, so they add nothing to the gradients. Nothing of size rows x
+    rows is kept: the backward saves the inputs, the outputs and each pattern's LSE, and gathers again.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, w: int, r: int, causal: bool, first_head: int, core: _Core):
+    def forward(ctx, q, k, v, patterns: tuple, causal: bool, first_head: int, core: _Core):
         b, h, n, d = q.shape
-        pattern = _PatternRows(n, h, w, r, first_head)
         dtype = _compute_dtype(q.dtype)
-        out_blocks = pattern.canvas((b, h), (d,), 0.0, q.dtype, q.device)
-        lse_blocks = pattern.canvas((b, h), (), NOT_COVERED, dtype, q.device)
-        q_blocks, k_blocks, v_blocks = (pattern.blocks(x) for x in (q, k, v))
-        for segments in pattern.chunks(b):
-            operands = _operands(pattern, q_blocks, k_blocks, v_blocks, segments, dtype)
-            out, lse = core.forward(*operands, causal, d ** -0.5)
-            pattern.scatter(out[..., :d].unflatten(1, (h, -1)), segments, out_blocks)
-            pattern.scatter(lse.unflatten(1, (h, -1)), segments, lse_blocks)
-        out, lse = pattern.unblock(out_blocks), pattern.unblock(lse_blocks)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.pattern, ctx.causal, ctx.core = pattern, causal, core
+        out = q.new_zeros((b, h, n, d), dtype=dtype)
+        lse = q.new_full((b, h, n), NOT_COVERED, dtype=dtype)
+        lses = []  # each pattern's: its merge weights in the backward
+        for w, r in patterns:
+            pattern = _PatternRows(n, h, w, r, first_head)
+            q_blocks, k_blocks, v_blocks, out_blocks, lse_blocks = map(pattern.blocks, (q, k, v, out, lse))
+            lses.append(q.new_full((b, h, n), NOT_COVERED, dtype=dtype))
+            own_blocks = pattern.blocks(lses[-1])
+            for segments in pattern.chunks(b):
+                operands = _operands(pattern, q_blocks, k_blocks, v_blocks, segments, dtype, pattern.padded)
+                part, part_lse = core.forward(*operands, causal, d ** -0.5)
+                running_lse = _gathered(pattern, lse_blocks, segments, dtype)
+                merged_lse = torch.logaddexp(running_lse, part_lse)
+                merged = _gathered(pattern, out_blocks, segments, dtype)
+                merged.mul_(torch.exp(running_lse - merged_lse).unsqueeze(-1))
+                merged.addcmul_(part[..., :d], torch.exp(part_lse - merged_lse).unsqueeze(-1))
+                for rows, blocks in ((merged, out_blocks), (merged_lse, lse_blocks), (part_lse, own_blocks)):
+                    pattern.scatter(rows.unflatten(1, (h, -1)), segments, blocks)
+            for blocks, x in ((out_blocks, out), (lse_blocks, lse), (own_blocks, lses[-1])):
+                pattern.write_back(blocks, x)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, *lses)
+        ctx.patterns, ctx.causal, ctx.first_head, ctx.core = patterns, causal, first_head, core
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        (b, h, _, d), pattern, dtype = q.shape, ctx.pattern, lse.dtype
-        q_blocks, k_blocks, v_blocks, out_blocks, dout_blocks = (pattern.blocks(x) for x in (q, k, v, out, dout))
-        lse_blocks, dlse_blocks = pattern.blocks(lse), pattern.blocks(dlse)
-        grad_blocks = [pattern.canvas((b, h), (d,), 0.0, x.dtype, x.device) for x in (q, k, v)]
-        for segments in pattern.chunks(b):
-            dlse_rows = _gathered(pattern, dlse_blocks, segments, dtype).unflatten(1, (h, -1))
-            grads = ctx.core.backward(
-                _rows_with_column(pattern, dout_blocks, segments, -dlse_rows, dtype),
-                *_operands(pattern, q_blocks, k_blocks, v_blocks, segments, dtype),
-                _rows_with_column(pattern, out_blocks, segments, 1.0, dtype),
-                _gathered(pattern, lse_blocks, segments, dtype), ctx.causal, d ** -0.5)
-            for grad, blocks in zip(grads, grad_blocks):
-                pattern.scatter(grad[..., :d].unflatten(1, (h, -1)), segments, blocks)
-        return (*(pattern.unblock(blocks) for blocks in grad_blocks), None, None, None, None, None)
+        q, k, v, out, lse, *lses = ctx.saved_tensors
+        (b, h, n, d), dtype = q.shape, lse.dtype
+        grads = [torch.zeros_like(x) for x in (q, k, v)]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        for (w, r), own_lse in zip(ctx.patterns, lses):
+            pattern = _PatternRows(n, h, w, r, ctx.first_head)
+            column = pattern.padded or dlse is not None
+            q_blocks, k_blocks, v_blocks, out_blocks, dout_blocks, lse_blocks, own_blocks = map(
+                pattern.blocks, (q, k, v, out, dout, lse, own_lse))
+            dlse_blocks = pattern.blocks(dlse) if dlse is not None else None
+            grad_blocks = [pattern.blocks(grad) for grad in grads]
+            for segments in pattern.chunks(b):
+                own = _gathered(pattern, own_blocks, segments, dtype)
+                weight = torch.exp(own - _gathered(pattern, lse_blocks, segments, dtype))
+                if not column:
+                    dout_column = None
+                elif dlse is None:
+                    dout_column = 0.0
+                else:
+                    dout_column = -_gathered(pattern, dlse_blocks, segments, dtype).unflatten(1, (h, -1))
+                dout_rows = _gathered(pattern, dout_blocks, segments, dtype, dout_column)
+                dout_rows.mul_(weight.unsqueeze(-1))  # dO_i = w_i dO, and the column -w_i g
+                part_grads = ctx.core.backward(
+                    dout_rows, *_operands(pattern, q_blocks, k_blocks, v_blocks, segments, dtype, column),
+                    _gathered(pattern, out_blocks, segments, dtype, 1.0 if column else None), own, ctx.causal,
+                    d ** -0.5)
+                for grad, blocks in zip(part_grads, grad_blocks):
+                    pattern.scatter(grad[..., :d].unflatten(1, (h, -1)), segments, blocks, add=True)
+            for blocks, grad in zip(grad_blocks, grads):
+                pattern.write_back(blocks, grad)
+        return (*grads, None, None, None, None)
 
 
 def attention_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, r: int,
@@ -281,7 +310,7 @@ def attention_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int,
     of head 0 (tensor parallelism holds a slice of the heads; offsets follow the global index).
     Returns (out [b, h, n, d], lse [b, h, n]); rows the pattern does not cover: 0 and NOT_COVERED.
     Computed in the inputs' dtype (bf16/fp16 in fp32; the LSE in that dtype)."""
-    return _PatternAttention.apply(q, k, v, w, r, causal, first_head, _core(q.device))
+    return _DilatedAttention.apply(q, k, v, ((w, r),), causal, first_head, _core(q.device))
 
 
 class _LseMerge(torch.autograd.Function):
@@ -355,9 +384,11 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     """The mixture of (w_i, r_i) patterns on [b, h, n, d]; K/V may have fewer heads (GQA).
     `kernel`: True/False forces the Triton kernels / the reference; None chooses (`use_kernel`)."""
     kernel = use_kernel(q, k, v, kernel)
-    pattern, merge = _pattern_and_merge(kernel)
-    if not kernel:  # the kernel reads each group's K/V head in place
+    if not kernel:  # all patterns in one autograd function, which needs no gradient on their LSEs
         k, v = _expand_kv(q, k, v)
+        patterns = tuple(zip(segment_lengths, dilated_ratios))
+        return _DilatedAttention.apply(q, k, v, patterns, causal, first_head, _core(q.device))[0]
+    pattern, merge = _pattern_and_merge(kernel)
     parts = [pattern(q, k, v, w, r, causal, first_head) for w, r in zip(segment_lengths, dilated_ratios)]
     return merge([o for o, _ in parts], [lse for _, lse in parts])
 
