@@ -118,7 +118,10 @@ class _PatternRows:
         """The inverse of `gather` (or, with `add`, adds the rows to what is there)."""
         for j, offset in self.offsets:
             target = blocks[:, j::self.r, segments, :, offset]
-            target.add_(rows[:, j::self.r]) if add else target.copy_(rows[:, j::self.r])
+            if add:
+                target.add_(rows[:, j::self.r])
+            else:
+                target.copy_(rows[:, j::self.r])
 
     def real(self, segments: slice, device: torch.device) -> torch.Tensor:
         """[h, len, rows]: which kept rows of `segments` are not padding."""
