@@ -322,3 +322,28 @@ def test_communication_per_rank_does_not_grow_with_the_sequence():
     paper = [received_rows(w, [1, 2, 4, 6, 12], local, cp=n // local) for n in (65536, 1048576)]
     assert paper[0] == paper[1]
 
+
+
+def test_positions_are_exact_beyond_float32_integers():
+    """Past 2^24 float32 cannot tell n from n + 1; a causal mask built on float positions lets a query see the
+    key after it. Positions here are integers: the gather of a pattern's rows at n = 2^24 + 16 picks the
+    exact positions, and decoding at position 2^24 does not see the key at 2^24 + 1."""
+    import math
+
+    from megalatent.nn.dilated import _PatternRows, dilated_attention_at_positions
+    n = 2**24 + 16
+    pattern = _PatternRows(n, 2, 16, 2, first_head=0)
+    positions = torch.arange(n).view(1, 1, n, 1).expand(1, 2, n, 1)
+    last = slice(pattern.segments - 1, pattern.segments)
+    rows = torch.empty(1, 2, 1, pattern.rows, 1, dtype=torch.int64)
+    pattern.gather(pattern.blocks(positions), last, rows)
+    for head in range(2):
+        assert rows[0, head, 0, :, 0].tolist() == list(range(2**24 + head, n, 2))
+    assert pattern.real(last, torch.device("cpu")).all()
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 1, 1, 4, generator=g), torch.randn(1, 1, 3, 4, generator=g), torch.randn(1, 1, 3, 4, generator=g)
+    keys = torch.tensor([2**24 - 1, 2**24, 2**24 + 1])
+    out = dilated_attention_at_positions(q, k, v, torch.tensor([2**24]), keys, [2**25], [1])
+    weights = (q[0, 0] @ k[0, 0, :2].T / math.sqrt(4)).softmax(-1)
+    torch.testing.assert_close(out[0, 0], weights @ v[0, 0, :2])
