@@ -105,11 +105,12 @@ def run_layout(layout_flags: dict, env, device) -> dict:
     return result
 
 
-def main():
+def main(run=run_layout):
+    """Runs `run(layout, env, device)` for each layout of the command line; rank 0 saves the results."""
     out_path, layouts = sys.argv[1], [json.loads(a) for a in sys.argv[2:]]
     env = discover()
     device = init_process_group(env)
-    results = [run_layout(layout, env, device) for layout in layouts]
+    results = [run(layout, env, device) for layout in layouts]
     if env.rank == 0:
         torch.save(results, out_path)
     exit_process()

@@ -170,6 +170,17 @@ def _shape_problems(cfg: ModelConfig, model_sd: dict[str, torch.Tensor]) -> list
     return problems
 
 
+def check_save_dir(save: str, force: bool) -> None:
+    """A conversion's --save: a directory, new or without checkpoints (unless forced: the converted one would
+    become the one a resume picks)."""
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise ConvertError(f"--save {save} is a file; give a directory (new, or one to add a checkpoint to)")
+    if os.path.isdir(save) and _iterations(save) and not force:
+        raise ConvertError(f"--save {save} already holds checkpoints {_iterations(save)}; the converted one "
+                           "would become the one a resume picks. Pass --force to write it there anyway, or "
+                           "choose an empty directory")
+
+
 def from_torch(input: str, save: str, iteration: Optional[int] = None, force: bool = False,
                log: Log = print) -> str:
     """Write the torch file `input` (as to_torch writes it) as a checkpoint under `save`; returns its path.
@@ -179,12 +190,7 @@ def from_torch(input: str, save: str, iteration: Optional[int] = None, force: bo
     """
     if not os.path.isfile(input):
         raise ConvertError(f"--input {input}: no such file")
-    if os.path.exists(save) and not os.path.isdir(save):
-        raise ConvertError(f"--save {save} is a file; give a directory (new, or one to add a checkpoint to)")
-    if os.path.isdir(save) and _iterations(save) and not force:
-        raise ConvertError(f"--save {save} already holds checkpoints {_iterations(save)}; the converted one "
-                           "would become the one a resume picks. Pass --force to write it there anyway, or "
-                           "choose an empty directory")
+    check_save_dir(save, force)
     log(f"reading {input}")
     try:
         data = torch.load(input, weights_only=True)

@@ -38,7 +38,7 @@ import torch
 from megalatent.config import ConfigError, ModelConfig
 from megalatent.distributed import checkpoint as ckpt
 from megalatent.families import build_model, build_parser, parse_args, validate
-from megalatent.interop.convert import (ConvertError, _check_output, _iterations, _single_process, model_config,
+from megalatent.interop.convert import (ConvertError, _check_output, _single_process, check_save_dir, model_config,
                                         read_state, resolve_checkpoint)
 from megalatent.interop.tokenizer_files import TokenizerError, copy_tokenizer, resolve_tokenizer, special_ids
 from megalatent.models.decoder import uses_bitlinear
@@ -544,11 +544,7 @@ def from_hf(input: str, save: str, model_flags: Iterable[str] = (), seed: int = 
     config_path = os.path.join(input, "config.json")
     if not os.path.isfile(config_path):
         raise ConvertError(f"--input {input}: no config.json; give a folder written by save_pretrained")
-    if os.path.exists(save) and not os.path.isdir(save):
-        raise ConvertError(f"--save {save} is a file; give a directory")
-    if os.path.isdir(save) and _iterations(save) and not force:
-        raise ConvertError(f"--save {save} already holds checkpoints {_iterations(save)}; pass --force to add "
-                           "iteration 0 there anyway, or choose an empty directory")
+    check_save_dir(save, force)
     with open(config_path) as f:
         config = json.load(f)
     arch, hf_fields = model_fields_from_hf(config)
