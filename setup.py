@@ -14,6 +14,7 @@ setup(
         "numpy",  # torch's CPU wheel does not bring it; torch.distributed.pipelining needs it
         "megatron-core>=0.14",  # Megatron indexed datasets, GPTDataset, blending
         "sentencepiece",
+        "tokenizers",  # Hugging Face tokenizers (--tokenizer-type HuggingFaceTokenizer)
         "pyyaml",
         "tensorboard",
         "tqdm",
@@ -22,7 +23,8 @@ setup(
         # triton: CUDA torch brings it; the CPU tests run the kernels in its interpreter (TRITON_INTERPRET=1)
         # scikit-learn: its bundled digits are the embedded image data (LongViT, the σ-VAE, LatentLM demos)
         "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "triton", "scikit-learn",
-                "pillow"],  # pillow: the image pipeline's PyTorch fallback (tests/test_image_pipeline.py)
+                "pillow",  # pillow: the image pipeline's PyTorch fallback (tests/test_image_pipeline.py)
+                "accelerate"],  # transformers' BitNet loader needs it (tests/test_hf_interop.py)
         "mpi": ["mpi4py", "mpich"],
         # scikit-learn: its wheel carries the digits images, the σ-VAE tokenizer's default data (no download)
         # pillow: decoding in the image pipeline's PyTorch fallback (megalatent/data/image_pipeline.py)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from megalatent.kernels import available
+from megalatent.nn import dilated as reference
 from megalatent.nn.dilated import _expand_kv, attention_pattern, merge_by_lse
 
 BACKENDS = ("auto", "triton", "torch", "gpu")
@@ -47,19 +48,21 @@ def dilated_pattern_and_merge(triton: bool):
         from megalatent.kernels.lse_merge import lse_merge
         return dilated_pattern, lse_merge
 
-    def reference(q, k, v, w, r, causal, first_head):
+    def one_pattern(q, k, v, w, r, causal, first_head):
         k, v = _expand_kv(q, k, v)
         return attention_pattern(q, k, v, w, r, causal, first_head)
 
-    return reference, merge_by_lse
+    return one_pattern, merge_by_lse
 
 
 def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: list[int],
                       dilated_ratios: list[int], causal: bool = True, first_head: int = 0,
                       backend: str = "auto") -> torch.Tensor:
     """The mixture of (w_i, r_i) patterns on [b, h, n, d] (GQA K/V allowed) by the backend's implementation;
-    equal to megalatent.nn.dilated.dilated_attention."""
-    pattern, merge = dilated_pattern_and_merge(dilated_uses_triton(q, k, v, backend))
+    equal to megalatent.nn.dilated.dilated_attention, which is the reference's."""
+    if not dilated_uses_triton(q, k, v, backend):
+        return reference.dilated_attention(q, k, v, segment_lengths, dilated_ratios, causal, first_head)
+    pattern, merge = dilated_pattern_and_merge(True)
     parts = [pattern(q, k, v, w, r, causal, first_head) for w, r in zip(segment_lengths, dilated_ratios)]
     return merge([o for o, _ in parts], [lse for _, lse in parts])
 

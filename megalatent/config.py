@@ -139,7 +139,11 @@ class DataConfig:
         None, "dataset prefixes, optionally weighted: 'p' or 'w1 p1 w2 p2 ...'; default: the embedded "
         "Python-stdlib corpus", nargs="+")
     split: str = flag("969,30,1", "train,valid,test proportions of each dataset")
-    tokenizer_model: Optional[str] = flag(None, "sentencepiece model; required with --data-path")
+    tokenizer_model: Optional[str] = flag(None, "the tokenizer: a sentencepiece .model, or a Hugging Face tokenizer "
+                                                "directory or tokenizer.json; required with --data-path")
+    tokenizer_type: Optional[str] = flag(None, "default: HuggingFaceTokenizer for a directory or .json, else "
+                                               "SentencePieceTokenizer", choices=["SentencePieceTokenizer",
+                                                                                  "HuggingFaceTokenizer"])
     data_cache_path: Optional[str] = flag(
         None, "where index caches and the default corpus live; default ~/.cache/megalatent")
     default_corpus_vocab_size: int = flag(8192, "vocabulary of the tokenizer trained on the default corpus")
@@ -212,7 +216,11 @@ class CheckpointConfig:
     save: Optional[str] = flag(None, "directory to save checkpoints to")
     load: Optional[str] = flag(None, "directory to resume from (the newest complete checkpoint)")
     save_interval: Optional[int] = flag(None, "save every this many steps; default: only at the end")
-    no_load_optim: bool = flag(False, "load weights only; start the optimizer and schedule fresh")
+    no_load_optim: bool = flag(False, "load weights only; start the optimizer and schedule fresh (a checkpoint "
+                                      "that holds weights only, e.g. from tools/convert_checkpoint.py from-hf, "
+                                      "always loads so)")
+    use_checkpoint_args: bool = flag(False, "take the model's architecture (and the tokenizer, unless "
+                                            "--tokenizer-model is given) from the --load checkpoint")
     no_load_rng: bool = flag(False, "do not restore random-number-generator states")
 
 
@@ -520,9 +528,9 @@ def config_errors(cfg: Config, dp: int, text_data: bool = True) -> list[str]:
     e += _moe_errors(m)
 
     if text_data and d.data_path is not None and d.tokenizer_model is None:
-        e.append("--data-path needs --tokenizer-model (the sentencepiece model the data was tokenized with)")
-    if d.tokenizer_model is not None and not os.path.isfile(d.tokenizer_model):
-        e.append(f"--tokenizer-model: file {d.tokenizer_model} does not exist")
+        e.append("--data-path needs --tokenizer-model (the tokenizer the data was tokenized with)")
+    if d.tokenizer_model is not None and not os.path.exists(d.tokenizer_model):
+        e.append(f"--tokenizer-model: {d.tokenizer_model} does not exist")
     parts = d.split.replace("/", ",").split(",")
     try:
         weights = [float(p) for p in parts]

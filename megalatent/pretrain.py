@@ -9,6 +9,7 @@ checked before a process group, a tensor or a dataset index is made.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Optional
 
@@ -32,17 +33,33 @@ def resolve_data(cfg: Config):
     """(tokenizer, dataset prefixes, weights); builds the default stdlib corpus on first use."""
     from megalatent.data.gpt_data import default_cache_dir, parse_data_path
     from megalatent.data.stdlib_corpus import prepare_default_corpus
-    from megalatent.data.tokenizer import Tokenizer
+    from megalatent.data.tokenizer import SENTENCEPIECE, load_tokenizer
 
     d = cfg.data
     if d.data_path is None:
         model_path, prefix = prepare_default_corpus(d.data_cache_path or default_cache_dir(),
                                                     d.default_corpus_vocab_size)
-        prefixes, weights = [prefix], None
-    else:
-        model_path = d.tokenizer_model
-        prefixes, weights = parse_data_path(d.data_path)
-    return Tokenizer.load(model_path), prefixes, weights
+        return load_tokenizer(model_path, SENTENCEPIECE), [prefix], None
+    prefixes, weights = parse_data_path(d.data_path)
+    return load_tokenizer(d.tokenizer_model, d.tokenizer_type), prefixes, weights
+
+
+def use_checkpoint_args(cfg: Config) -> None:
+    """--use-checkpoint-args (Megatron-LM's flag): the model's architecture (every field that shapes the
+    parameters, the family's included) comes from the --load checkpoint, and so does its tokenizer unless
+    --tokenizer-model is given; the run keeps its own values of the other model fields (e.g. --seq-length)."""
+    path = ckpt.find_loadable(cfg.checkpoint.load) if cfg.checkpoint.load else None
+    if path is None:
+        raise ConfigError([f"--use-checkpoint-args needs --load with a complete checkpoint, got {cfg.checkpoint.load}"])
+    train_state = ckpt.read_train_state(path)
+    saved, problems = model_config_from_saved(train_state["model_config"], fallback=train_state)
+    if problems:
+        raise ConfigError([f"--use-checkpoint-args: checkpoint {path}: {'; '.join(problems)}"])
+    own = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(saved)
+           if not f.metadata.get("architectural", True) and hasattr(cfg.model, f.name)}
+    cfg.model = dataclasses.replace(saved, **own)
+    if cfg.data.tokenizer_model is None and train_state.get("tokenizer_model"):
+        cfg.data.tokenizer_model = train_state["tokenizer_model"]
 
 
 def check_resumable(cfg: Config) -> Optional[str]:
@@ -66,6 +83,8 @@ def setup(argv: Optional[list[str]] = None) -> tuple[Config, DistEnv, ParallelLa
     """Everything that can fail cheaply, in order: flags, layout, data, checkpoint."""
     env = discover()
     cfg = parse_args(argv)
+    if cfg.checkpoint.use_checkpoint_args:
+        use_checkpoint_args(cfg)
     validate(cfg, world_size=env.world_size)
     layout = ParallelLayout.from_config(cfg, env.world_size, env.rank)
     family = get_family(cfg.model.model_family)

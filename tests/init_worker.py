@@ -5,19 +5,15 @@ reference init of one process.
 
     torchrun --nproc-per-node N tests/init_worker.py OUT.pt LAYOUT_JSON [LAYOUT_JSON ...]
 """
-import json
-import sys
-
 import torch
 import torch.distributed as dist
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from megalatent.distributed.env import discover, exit_process, init_process_group
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.families import build_model, parse_args, validate
 from megalatent.nn.init import initial_tensors
 from megalatent.pretrain import build_model_parts
-from parallel_worker import MODEL, flags
+from parallel_worker import MODEL, flags, main
 
 
 def local_bytes(t: torch.Tensor) -> int:
@@ -49,15 +45,5 @@ def run_layout(layout_flags: dict, env, device) -> dict:
     return result
 
 
-def main():
-    out_path, layouts = sys.argv[1], [json.loads(a) for a in sys.argv[2:]]
-    env = discover()
-    device = init_process_group(env)
-    results = [run_layout(layout, env, device) for layout in layouts]
-    if env.rank == 0:
-        torch.save(results, out_path)
-    exit_process()
-
-
 if __name__ == "__main__":
-    main()
+    main(run_layout)

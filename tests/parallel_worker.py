@@ -4,7 +4,8 @@ layouts and writes, per layout, the losses, grad norms, gathered gradients and f
     torchrun --nproc-per-node N tests/parallel_worker.py OUT.pt LAYOUT_JSON [LAYOUT_JSON ...]
     python tests/parallel_worker.py OUT.pt '{}'          (the single-process reference)
 
-A layout is a dict of megalatent flags (e.g. {"tensor-model-parallel-size": 2, "sequence-parallel": true}).
+A layout is a dict of megalatent flags (e.g. {"tensor-model-parallel-size": 2, "sequence-parallel": true});
+with "load" the model starts from that checkpoint's weights.
 """
 import json
 import sys
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megalatent.data.gpt_data import MicroBatchLoader
+from megalatent.distributed import checkpoint as ckpt
 from megalatent.distributed.env import discover, exit_process, init_process_group
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.families import FAMILIES, parse_args, validate
@@ -81,6 +83,8 @@ def run_layout(layout_flags: dict, env, device) -> dict:
         loader = MicroBatchLoader(samples(STEPS * t.global_batch_size, seed=1), t.micro_batch_size,
                                   t.global_batch_size, layout.dp_rank, layout.dp, keys=objective.batch_keys)
     trainer = make_trainer(cfg, layout, device, parts, loader, None, pipeline)
+    if cfg.checkpoint.load is not None:  # e.g. an imported checkpoint: its weights at this layout
+        trainer.resume(ckpt.find_loadable(cfg.checkpoint.load))
     result = {"loss": [], "grad_norm": [], "moe": []}
     for _ in range(STEPS):
         loss, norm = trainer.train_step(loader.next_global_batch())
@@ -101,11 +105,12 @@ def run_layout(layout_flags: dict, env, device) -> dict:
     return result
 
 
-def main():
+def main(run=run_layout):
+    """Runs `run(layout, env, device)` for each layout of the command line; rank 0 saves the results."""
     out_path, layouts = sys.argv[1], [json.loads(a) for a in sys.argv[2:]]
     env = discover()
     device = init_process_group(env)
-    results = [run_layout(layout, env, device) for layout in layouts]
+    results = [run(layout, env, device) for layout in layouts]
     if env.rank == 0:
         torch.save(results, out_path)
     exit_process()

@@ -16,6 +16,7 @@ from conftest import REPO, losses, run_trainer
 from megalatent.config import TrainingConfig
 from megalatent.distributed import checkpoint as ckpt
 from megalatent.interop import convert
+from megalatent.interop.tokenizer_files import find_default_tokenizer
 from megalatent import families
 from megalatent.families import build_model
 from megalatent.training.optim import build_optimizer
@@ -170,7 +171,7 @@ def test_hf_export_in_bfloat16(tmp_path):
 def test_what_llama_cannot_express_is_refused(tmp_path, capsys):
     _make_checkpoint(tmp_path / "odd", normalization="LayerNorm", swiglu=False, position_embedding_type="none")
     err = _refused(capsys, "to-hf", "--load", tmp_path / "odd", "--output", tmp_path / "hf")
-    assert "cannot be exported to Hugging Face LLaMA" in err
+    assert "cannot be exported to LlamaForCausalLM" in err
     assert "--normalization LayerNorm" in err and "--no-swiglu" in err and "--position-embedding-type none" in err
     cfg = dataclasses.asdict(families.model_config(**TINY, model_family="yoco"))
     _make_checkpoint(tmp_path / "yoco", model_config=cfg)
@@ -222,7 +223,7 @@ def test_a_tokenizer_of_another_size_is_refused(tmp_path, capsys, corpus_cache):
     err = _refused(capsys, "to-hf", "--load", tmp_path / "ck", "--output", tmp_path / "hf",
                    "--data-cache-path", corpus_cache)
     assert "holds no default-corpus tokenizer of 100 tokens" in err
-    [tokenizer] = convert.find_default_tokenizer(corpus_cache, 8192)
+    [tokenizer] = find_default_tokenizer(corpus_cache, 8192)
     err = _refused(capsys, "to-hf", "--load", tmp_path / "ck", "--output", tmp_path / "hf",
                    "--tokenizer-model", tokenizer)
     assert "has 8192 tokens but the model was trained with --vocab-size 100" in err

@@ -1,7 +1,6 @@
 """A model built on the meta device, parallelized there and materialised per rank holds exactly the weights a
 single process initialises (megalatent/nn/init.py keys every value by (seed, name, position)), at every
 layout; and a rank never allocates more than its shards plus one layer's worth during construction."""
-import pytest
 import torch
 
 from test_parallel import run_worker

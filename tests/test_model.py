@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megalatent.families import build_model, model_config
-from megalatent.models.decoder import Decoder, dense_decoder_flops_per_token
+from megalatent.models.decoder import dense_decoder_flops_per_token
 from megalatent.nn.attention import SelfAttention
 from megalatent.nn.norms import RMSNorm
 from megalatent.nn.rotary import Positions, RotaryEmbedding, apply_rotary

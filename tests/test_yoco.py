@@ -9,7 +9,7 @@ import torch
 
 from megalatent.config import ConfigError
 from megalatent.families import build_model, model_config, parse_args, validate
-from megalatent.models.yoco import YOCO, CrossAttention, flops_per_token
+from megalatent.models.yoco import CrossAttention, flops_per_token
 from megalatent.nn.attention import SlidingWindowCore
 from megalatent.nn.retention import GatedRetention
 from test_parallel import assert_equivalent, run_worker

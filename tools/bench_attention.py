@@ -13,6 +13,22 @@ dense grows quadratically. On a GPU the dilated runs use the Triton kernels (meg
 dispatches, and the reference is timed beside them as "dilated-reference"), on CPU the plain-PyTorch
 reference.
 
+--peer: instead, the same comparison against the dilated-attention-pytorch library (PyPI, 0.2.0) at equal
+attention FLOPs: that library splits the heads between the patterns while every head of ours runs every
+pattern, so it gets --heads x (number of patterns) heads. Causal, fixed patterns; each (length, library)
+point runs in a fresh process, which records its peak RSS above what it held before the inputs existed
+(ru_maxrss; the allocator returns large blocks to the system at once, so the peak is the call's own):
+
+    OMP_NUM_THREADS=1 python tools/bench_attention.py --peer --peer-python PEER_VENV/bin/python \
+        --lengths 4096 8192 16384 32768 --heads 8 --segment-lengths 512 1024 2048 --dilated-ratios 1 2 4 \
+        --output benchmarks/results/dilated-vs-peer-cpu.json
+
+The library needs xformers, which has no CPU kernel for these shapes (its one CPU operator takes head dims
+<= 32 and no causal mask) and whose wheels bring a CUDA torch: install the library with
+`pip install --no-deps dilated-attention-pytorch einops` (into another venv if you like: --peer-python), and
+this tool stands PyTorch's SDPA in for xformers.ops.memory_efficient_attention (on CPU that is the fused
+flash attention our CPU path uses too).
+
 --max-trainable-length: instead, the largest sequence length for which ONE training step (forward, backward,
 clipping, AdamW) of the tiny LongNet (examples/tiny/longnet.yaml: its layers, widths, heads and patterns;
 one sequence per step) completes on this device, and the same for that model with dense causal attention
@@ -58,9 +74,10 @@ def patterns(length: int, min_segment: int) -> tuple[list[int], list[int]]:
     return w, [2 ** i for i in range(len(w))]
 
 
-def measure(fn, q, k, v, repeats: int, device: torch.device) -> tuple[float, float | None]:
-    """Median seconds of forward + backward, and the peak memory (GiB) it needed (GPU only)."""
-    times = []
+def measure(fn, q, k, v, repeats: int, device: torch.device) -> tuple[float, float, float | None]:
+    """Median seconds of forward + backward (wall and this process's CPU time: on a shared machine the wall
+    time includes waiting for a core), and the peak memory (GiB) it needed (GPU only)."""
+    times, cpu_times = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -69,21 +86,23 @@ def measure(fn, q, k, v, repeats: int, device: torch.device) -> tuple[float, flo
             x.grad = None
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn(q, k, v).sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else None
-    return statistics.median(times[1:]), peak
+    return statistics.median(times[1:]), statistics.median(cpu_times[1:]), peak
 
 
-def tiny_config(length: int, kind: str, vocab_size: int):
+def tiny_config(length: int, kind: str, vocab_size: int, backend: str = "auto"):
     """The tiny LongNet's config at `length` tokens, one sequence per step; kind "dense" swaps in the same
     decoder with dense causal attention."""
     from megalatent.config import ModelConfig
     from megalatent.families import parse_args, validate
     argv = ["--config", TINY_LONGNET, "--seq-length", str(length), "--vocab-size", str(vocab_size),
+            "--attention-backend", backend,
             "--micro-batch-size", "1", "--global-batch-size", "1"]
     if kind == "dense":
         argv += ["--model-family", "gpt"]
@@ -95,7 +114,8 @@ def tiny_config(length: int, kind: str, vocab_size: int):
     return cfg
 
 
-def train_one_step(length: int, kind: str, vocab_size: int, memory_limit_gb: float | None) -> dict:
+def train_one_step(length: int, kind: str, vocab_size: int, memory_limit_gb: float | None,
+                   backend: str = "auto") -> dict:
     """One training step at `length` tokens in this process (the child of `trial`); its measurements."""
     from megalatent.families import build_model
     from megalatent.training.optim import build_optimizer, clip_grad_norm
@@ -104,7 +124,7 @@ def train_one_step(length: int, kind: str, vocab_size: int, memory_limit_gb: flo
     if device.type == "cuda" and memory_limit_gb:
         torch.cuda.set_per_process_memory_fraction(
             min(1.0, memory_limit_gb * 2**30 / torch.cuda.get_device_properties(device).total_memory))
-    cfg = tiny_config(length, kind, vocab_size)
+    cfg = tiny_config(length, kind, vocab_size, backend)
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.training)
@@ -139,7 +159,7 @@ def _rss_gib(pid: int) -> float:
 def trial(length: int, kind: str, args) -> dict:
     """`train_one_step` in a fresh process, killed past the time limit or (CPU) the memory limit."""
     cmd = [sys.executable, os.path.abspath(__file__), "--trial-step", str(length), kind,
-           "--vocab-size", str(args.vocab_size)]
+           "--vocab-size", str(args.vocab_size), "--attention-backend", args.attention_backend]
     if args.memory_limit_gb:
         cmd += ["--memory-limit-gb", str(args.memory_limit_gb)]
     cap = args.memory_limit_gb if not torch.cuda.is_available() else None
@@ -204,6 +224,87 @@ def _print_trial(r: dict) -> None:
           f"wall {r['wall_s']:6.1f} s  {extra}", flush=True)
 
 
+PEER = "dilated-attention-pytorch"
+
+
+def _max_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _xformers_on_sdpa() -> None:
+    """Stand PyTorch's SDPA in for xformers before the peer library imports it (see the module's doc): the
+    library calls xformers.ops.memory_efficient_attention on [b, n, h, d] with a LowerTriangularMask when causal."""
+    import types
+
+    class LowerTriangularMask:
+        pass
+
+    def memory_efficient_attention(query, key, value, attn_bias=None, op=None):
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        causal = isinstance(attn_bias, LowerTriangularMask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
+
+    ops = types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention, ops.LowerTriangularMask, ops.AttentionOp = (
+        memory_efficient_attention, LowerTriangularMask, object)
+    package = types.ModuleType("xformers")
+    package.ops = ops
+    sys.modules.update({"xformers": package, "xformers.ops": ops})
+
+
+def peer_point(implementation: str, length: int, args) -> dict:
+    """Forward + backward of one causal call at `length` tokens in this (fresh) process: ours with --heads
+    heads, each in every pattern, or the peer library with --heads x patterns heads split between them."""
+    w, r = args.segment_lengths, args.dilated_ratios
+    if implementation == PEER:
+        _xformers_on_sdpa()
+        from dilated_attention_pytorch.dilated_attention import DilatedAttention
+        peer = DilatedAttention(w, r)
+        shape = (args.batch, length, args.heads * len(w), args.head_dim)  # its layout: [b, n, h, d]
+        heads = shape[2]
+        fn = lambda q, k, v: peer(q, k, v, is_causal=True)  # noqa: E731
+    else:
+        shape = (args.batch, args.heads, length, args.head_dim)
+        heads = shape[1]
+        fn = lambda q, k, v: dilated_attention(q, k, v, w, r, causal=True)  # noqa: E731
+    base = _max_rss_gib()
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    seconds, cpu_seconds, _ = measure(fn, q, k, v, args.repeats, torch.device("cpu"))
+    peak = _max_rss_gib()
+    return {"implementation": implementation, "length": length, "heads": heads, "ms": 1000 * seconds,
+            "cpu_ms": 1000 * cpu_seconds, "peak_rss_gib": peak, "base_rss_gib": base,
+            "peak_above_base_gib": peak - base}
+
+
+def peer_main(args) -> None:
+    """--peer: every (length, implementation) point in its own process, the implementations taking turns."""
+    if not args.segment_lengths or not args.dilated_ratios:
+        raise SystemExit("--peer needs --segment-lengths and --dilated-ratios")
+    forwarded = ["--heads", str(args.heads), "--head-dim", str(args.head_dim), "--batch", str(args.batch),
+                 "--repeats", str(args.repeats), "--segment-lengths", *map(str, args.segment_lengths),
+                 "--dilated-ratios", *map(str, args.dilated_ratios)]
+    print(f"{'length':>8} {'implementation':>26} {'heads':>5} {'ms fwd+bwd':>11} {'CPU ms':>9} {'peak GiB':>9}")
+    records = []
+    for length in args.lengths:
+        for implementation in args.implementations:
+            python = args.peer_python if implementation == PEER else sys.executable
+            cmd = [python, os.path.abspath(__file__), "--peer-point", implementation, str(length), *forwarded]
+            child = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            if child.returncode != 0:
+                raise SystemExit(f"{implementation} at {length} failed:\n{child.stderr[-3000:]}")
+            r = json.loads(child.stdout.strip().splitlines()[-1])
+            records.append(r)
+            print(f"{length:>8} {implementation:>26} {r['heads']:>5} {r['ms']:>11.1f} {r['cpu_ms']:>9.1f} "
+                  f"{r['peak_above_base_gib']:>9.3f}", flush=True)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"environment": environment(torch.float32), "segment_lengths": args.segment_lengths,
+                       "dilated_ratios": args.dilated_ratios, "head_dim": args.head_dim, "batch": args.batch,
+                       "equal_flops": f"megalatent: {args.heads} heads, each in all {len(args.segment_lengths)} "
+                                      f"patterns; {PEER}: {args.heads * len(args.segment_lengths)} heads split "
+                                      "between the patterns", "records": records}, f, indent=1)
+
+
 def environment(dtype) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=REPO).stdout.strip()
@@ -221,8 +322,10 @@ def main() -> None:
         parser.add_argument("--trial-step", nargs=2)
         parser.add_argument("--vocab-size", type=int)
         parser.add_argument("--memory-limit-gb", type=float)
+        parser.add_argument("--attention-backend")
         a = parser.parse_args()
-        print(json.dumps(train_one_step(int(a.trial_step[0]), a.trial_step[1], a.vocab_size, a.memory_limit_gb)))
+        print(json.dumps(train_one_step(int(a.trial_step[0]), a.trial_step[1], a.vocab_size, a.memory_limit_gb,
+                                        a.attention_backend)))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
@@ -235,6 +338,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dense-max-length", type=int, default=16384, help="skip dense attention above this")
     parser.add_argument("--output", help="write the records as JSON here")
+    peer = parser.add_argument_group(f"--peer (against {PEER} at equal attention FLOPs, CPU)")
+    peer.add_argument("--peer", action="store_true", help=f"compare with {PEER} instead of dense attention")
+    peer.add_argument("--peer-python", default=sys.executable,
+                      help=f"the Python that has {PEER} and einops installed (default: this one)")
+    peer.add_argument("--implementations", nargs="+", default=["megalatent", PEER], choices=["megalatent", PEER])
+    peer.add_argument("--peer-point", nargs=2, metavar=("IMPLEMENTATION", "LENGTH"), help=argparse.SUPPRESS)
     search = parser.add_argument_group("--max-trainable-length (one training step of the tiny LongNet)")
     search.add_argument("--max-trainable-length", action="store_true",
                         help="search the longest sequence one training step fits, dilated and dense")
@@ -246,14 +355,21 @@ def main() -> None:
                         help="CPU: cap on the step process's resident memory (needed there); GPU: optional cap")
     search.add_argument("--time-limit", type=float, default=300.0, help="seconds per step process, start-up included")
     search.add_argument("--vocab-size", type=int, default=8192, help="the tiny configs' tokenizer size")
+    search.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"],
+                        help="dilated attention's implementation (torch: the PyTorch reference on a GPU too)")
     args = parser.parse_args()
+    if args.peer_point:  # the child of peer_main
+        print(json.dumps(peer_point(args.peer_point[0], int(args.peer_point[1]), args)))
+        return
+    if args.peer:
+        return peer_main(args)
     if args.max_trainable_length:
         return search_main(args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     records = []
-    print(f"{'length':>8} {'kind':>17} {'ms fwd+bwd':>11} {'peak GiB':>9}  patterns")
+    print(f"{'length':>8} {'kind':>17} {'ms fwd+bwd':>11} {'CPU ms':>9} {'peak GiB':>9}  patterns")
     for length in args.lengths:
         w, r = (args.segment_lengths, args.dilated_ratios) if args.segment_lengths else patterns(length, args.min_segment)
         shape = (args.batch, args.heads, length, args.head_dim)
@@ -265,12 +381,14 @@ def main() -> None:
         if length <= args.dense_max_length:
             runs.append(("dense", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
         for kind, fn in runs:
-            seconds, peak = measure(fn, q, k, v, args.repeats, device)
-            records.append({"length": length, "kind": kind, "ms": 1000 * seconds, "peak_gib": peak,
+            seconds, cpu_seconds, peak = measure(fn, q, k, v, args.repeats, device)
+            records.append({"length": length, "kind": kind, "ms": 1000 * seconds, "cpu_ms": 1000 * cpu_seconds,
+                            "peak_gib": peak,
                             "segment_lengths": w if kind != "dense" else None,
                             "dilated_ratios": r if kind != "dense" else None})
             memory = f"{peak:>9.3f}" if peak is not None else f"{'-':>9}"
-            print(f"{length:>8} {kind:>17} {1000 * seconds:>11.1f} {memory}  {(w, r) if kind != 'dense' else ''}",
+            print(f"{length:>8} {kind:>17} {1000 * seconds:>11.1f} {1000 * cpu_seconds:>9.1f} {memory}  "
+                  f"{(w, r) if kind != 'dense' else ''}",
                   flush=True)
     if args.output:
         with open(args.output, "w") as f:

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from megalatent.data.tokenizer import Tokenizer
+from megalatent.data.tokenizer import load_tokenizer
 from megalatent.interop.convert import ConvertError
 from megalatent.inference.generate import decode_step, prefill, sample
 from megalatent.inference.loading import load_for_inference
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     if loaded.tokenizer_model is None:
         print("error: the checkpoint's tokenizer is not on disk; pass --tokenizer-model", file=sys.stderr)
         return 2
-    tok = Tokenizer.load(loaded.tokenizer_model)
+    tok = load_tokenizer(loaded.tokenizer_model)
     model, cfg = loaded.model, loaded.config
     ids = tok.encode(args.prompt) if args.prompt else [tok.eod]
     prompt = torch.tensor([ids], device=args.device)

@@ -2,17 +2,21 @@
 
 Takes Megatron-LM's tools/preprocess_data.py flags and writes the same files,
 ``<output-prefix>_<key>_document.{bin,idx}``, one per ``--json-keys`` field; pass that prefix to
-``--data-path``. The tokenizer is a SentencePiece model (see tools/train_tokenizer.py).
+``--data-path``. The tokenizer is a SentencePiece model (see tools/train_tokenizer.py) or a Hugging Face
+tokenizer (a directory holding tokenizer.json, or the tokenizer.json file; the eod id is its eos token's).
 
 Example::
 
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
         --tokenizer-model data/tok.model --json-keys text --append-eod --workers 8
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model llama3/ --append-eod
 """
 
 import argparse
 
 from megalatent.data.preprocess import preprocess_files
+from megalatent.data.tokenizer import TOKENIZER_TYPES
 
 
 def main() -> None:
@@ -25,10 +29,13 @@ def main() -> None:
         "--output-prefix", required=True,
         help="outputs are <output-prefix>_<key>_document.bin/.idx",
     )
-    parser.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
     parser.add_argument(
-        "--tokenizer-type", default="SentencePieceTokenizer", choices=["SentencePieceTokenizer"],
-        help="accepted for Megatron-LM compatibility; only SentencePiece models are supported",
+        "--tokenizer-model", required=True,
+        help="SentencePiece .model file, or Hugging Face tokenizer directory / tokenizer.json",
+    )
+    parser.add_argument(
+        "--tokenizer-type", default=None, choices=TOKENIZER_TYPES,
+        help="default: HuggingFaceTokenizer for a directory or .json, else SentencePieceTokenizer",
     )
     parser.add_argument(
         "--json-keys", nargs="+", default=["text"],
@@ -50,6 +57,7 @@ def main() -> None:
         workers=args.workers,
         append_eod=args.append_eod,
         progress=not args.no_progress,
+        tokenizer_type=args.tokenizer_type,
     )
     for prefix in prefixes:
         print(f"wrote {prefix}.bin and {prefix}.idx")

@@ -134,12 +134,12 @@ def build_latent_loaders(cfg: Config, layout, keys: dict[str, torch.dtype]):
     if d.data_path is not None:
         from megalatent.data.gpt_data import index_cache_dir, parse_data_path, samples_per_split
         from megalatent.data.interleaved import build_interleaved_datasets
-        from megalatent.data.tokenizer import Tokenizer
+        from megalatent.data.tokenizer import load_tokenizer
 
         prefixes, weights = parse_data_path(d.data_path)
         num_samples = samples_per_split(cfg)
         train, valid = build_interleaved_datasets(prefixes, weights, d.split, cfg.model.seq_length, t.seed,
-                                                  Tokenizer.load(d.tokenizer_model), num_samples,
+                                                  load_tokenizer(d.tokenizer_model, d.tokenizer_type), num_samples,
                                                   index_cache_dir(cfg), m.latent_tokenizer)
         return (latent_loader(train, cfg, layout, keys, 0),
                 latent_loader(valid, cfg, layout, keys, 1) if valid is not None and num_samples[1] else None)

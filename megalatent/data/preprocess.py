@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from megalatent.data.tokenizer import Tokenizer
+from megalatent.data.tokenizer import load_tokenizer
 
 # Documents handed to a worker at a time: large enough to amortize inter-process traffic and the worker's
 # loading of the tokenizer (once per task), small enough to keep the in-flight text (and the progress bar)
@@ -27,10 +27,10 @@ from megalatent.data.tokenizer import Tokenizer
 _TASK_DOCUMENTS = 64
 
 
-def _encode_task(task: tuple[str, bool, list[dict[str, str]]]) -> list[dict[str, list[int]]]:
+def _encode_task(task: tuple[str, Optional[str], bool, list[dict[str, str]]]) -> list[dict[str, list[int]]]:
     """Token ids per key of each document of a task; an empty text stays empty (no lone EOD)."""
-    tokenizer_model, append_eod, records = task
-    tokenizer = Tokenizer.load(tokenizer_model)
+    tokenizer_model, tokenizer_type, append_eod, records = task
+    tokenizer = load_tokenizer(tokenizer_model, tokenizer_type)
     encoded = []
     for record in records:
         ids_by_key = {}
@@ -43,15 +43,15 @@ def _encode_task(task: tuple[str, bool, list[dict[str, str]]]) -> list[dict[str,
     return encoded
 
 
-def _tasks(records: Iterable[dict[str, str]], tokenizer_model: str, append_eod: bool):
+def _tasks(records: Iterable[dict[str, str]], tokenizer_model: str, tokenizer_type: Optional[str], append_eod: bool):
     task = []
     for record in records:
         task.append(record)
         if len(task) == _TASK_DOCUMENTS:
-            yield tokenizer_model, append_eod, task
+            yield tokenizer_model, tokenizer_type, append_eod, task
             task = []
     if task:
-        yield tokenizer_model, append_eod, task
+        yield tokenizer_model, tokenizer_type, append_eod, task
 
 
 def encode_to_indexed_datasets(
@@ -62,6 +62,7 @@ def encode_to_indexed_datasets(
     workers: int = 1,
     append_eod: bool = True,
     progress: bool = True,
+    tokenizer_type: Optional[str] = None,
 ) -> list[str]:
     """Tokenize a stream of documents (``{key: text}`` dicts) and write one dataset per key.
 
@@ -72,7 +73,7 @@ def encode_to_indexed_datasets(
 
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    vocab_size = Tokenizer.load(tokenizer_model).vocab_size
+    vocab_size = load_tokenizer(tokenizer_model, tokenizer_type).vocab_size
     dtype = DType.optimal_dtype(vocab_size)
     prefixes = [f"{output_prefix}_{key}_document" for key in json_keys]
     directory = os.path.dirname(os.path.abspath(output_prefix))
@@ -87,7 +88,7 @@ def encode_to_indexed_datasets(
             unit="doc", desc="tokenizing", disable=not progress, mininterval=1.0
         ) as bar:
             num_tokens = 0
-            for encoded in pool.imap(_encode_task, _tasks(records, tokenizer_model, append_eod)):
+            for encoded in pool.imap(_encode_task, _tasks(records, tokenizer_model, tokenizer_type, append_eod)):
                 for document in encoded:
                     for key, ids in document.items():
                         if ids:
@@ -149,6 +150,7 @@ def preprocess_files(
     workers: int = 1,
     append_eod: bool = True,
     progress: bool = True,
+    tokenizer_type: Optional[str] = None,
 ) -> list[str]:
     """Tokenize JSONL and ``.txt`` files into ``<output_prefix>_<key>_document.{bin,idx}``.
 
@@ -156,7 +158,8 @@ def preprocess_files(
     documents of the matching datasets. A ``.txt`` file is one whole document; it needs a single
     json key, whose dataset it joins. All inputs go, in order, into the same datasets. Files are
     streamed, so their size is not limited by memory (a ``.txt`` file is read whole, as it is a
-    single document). Returns the dataset prefixes, in ``json_keys`` order.
+    single document). ``tokenizer_type`` is --tokenizer-type (default: inferred from ``tokenizer_model``,
+    see :func:`megalatent.data.tokenizer.tokenizer_type_of`). Returns the dataset prefixes, in ``json_keys`` order.
     """
     if not inputs:
         raise ValueError("no input files given")
@@ -177,4 +180,5 @@ def preprocess_files(
         workers=workers,
         append_eod=append_eod,
         progress=progress,
+        tokenizer_type=tokenizer_type,
     )

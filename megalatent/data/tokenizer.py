@@ -1,4 +1,6 @@
-"""SentencePiece BPE tokenizer: training, and a small wrapper that megatron-core datasets accept.
+"""Tokenizers: SentencePiece BPE (training, and a small wrapper that megatron-core datasets accept), and Hugging
+Face fast tokenizers (a tokenizer.json, e.g. Llama 3's), chosen as Megatron-LM does with --tokenizer-type
+{SentencePieceTokenizer, HuggingFaceTokenizer} (`load_tokenizer`).
 
 The trained model is tuned for source code and exact round trips: no text normalization, no
 whitespace collapsing, no dummy-prefix space, runs of spaces (indentation) may become single
@@ -11,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections import OrderedDict
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import sentencepiece as spm
 
@@ -123,6 +126,8 @@ class Tokenizer:
         self.pad: int = processor.pad_id()
         if self.pad < 0:  # a model trained elsewhere without a pad piece
             self.pad = processor.unk_id()
+        ids = {"bos_token": processor.bos_id(), "eos_token": processor.eos_id(), "pad_token": processor.pad_id()}
+        self.special_ids = {k: v for k, v in ids.items() if v >= 0}  # those it defines
         with open(model_path, "rb") as f:
             model_digest = hashlib.md5(f.read(), usedforsecurity=False).hexdigest()
         self.unique_identifiers = OrderedDict(
@@ -145,3 +150,100 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; the inverse of :meth:`encode` for any text."""
         return self._sp.decode([int(i) for i in ids])
+
+
+SENTENCEPIECE, HUGGINGFACE = "SentencePieceTokenizer", "HuggingFaceTokenizer"  # Megatron-LM's --tokenizer-type names
+TOKENIZER_TYPES = (SENTENCEPIECE, HUGGINGFACE)
+# What a Hugging Face tokenizer directory holds that this reads (and the HF import and export copy).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MEGATRON_NO_PAD = -1  # megatron-core's pad id when the tokenizer has none: an id no dataset holds
+
+
+def tokenizer_type_of(path: str, declared: Optional[str] = None) -> str:
+    """`declared`, else what `path` is: a directory or a .json file is a Hugging Face tokenizer, anything else
+    a SentencePiece model."""
+    if declared is not None:
+        return declared
+    return HUGGINGFACE if os.path.isdir(path) or path.endswith(".json") else SENTENCEPIECE
+
+
+def load_tokenizer(path: str, tokenizer_type: Optional[str] = None):
+    """The tokenizer at `path` (--tokenizer-model) of `tokenizer_type` (--tokenizer-type; default: inferred
+    from the path, see `tokenizer_type_of`)."""
+    kind = tokenizer_type_of(path, tokenizer_type)
+    if kind == HUGGINGFACE:
+        return HuggingFaceTokenizer.load(path)
+    if kind == SENTENCEPIECE:
+        if os.path.isdir(path):
+            raise ValueError(f"--tokenizer-model {path} is a directory; a SentencePiece model is a .model file "
+                             f"(or give --tokenizer-type {HUGGINGFACE} for a Hugging Face tokenizer directory)")
+        return Tokenizer.load(path)
+    raise ValueError(f"--tokenizer-type {tokenizer_type!r}: choose one of {', '.join(TOKENIZER_TYPES)}")
+
+
+def _special_token(value) -> Optional[str]:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class HuggingFaceTokenizer:
+    """A Hugging Face fast tokenizer (tokenizer.json, run by the `tokenizers` library) with the interface of
+    :class:`Tokenizer`.
+
+    ``path`` is a directory holding tokenizer.json, or a tokenizer.json file; its special tokens (eos, and bos
+    and pad when it has them) come from tokenizer_config.json or special_tokens_map.json beside it, as
+    transformers reads them. The end-of-document id is the eos token's, as in Megatron-LM. ``encode`` adds no
+    special tokens (documents are separated by eod alone, as with the SentencePiece tokenizer).
+    """
+
+    def __init__(self, path: str) -> None:
+        from tokenizers import Tokenizer as FastTokenizer
+
+        directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        self.tokenizer_file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(self.tokenizer_file):
+            raise FileNotFoundError(f"Hugging Face tokenizer {path!r}: no {self.tokenizer_file}; give a directory "
+                                    "holding tokenizer.json (save_pretrained writes one) or the tokenizer.json file")
+        self._tok = FastTokenizer.from_file(self.tokenizer_file)
+        self.model_path = path
+        self.special_tokens = self._read_special_tokens(directory)
+        ids = {name: self._tok.token_to_id(token) for name, token in self.special_tokens.items() if token}
+        if ids.get("eos_token") is None:
+            raise ValueError(f"Hugging Face tokenizer {path!r} names no eos token (the end-of-document id) in a "
+                             "tokenizer_config.json or special_tokens_map.json beside its tokenizer.json; add "
+                             '"eos_token" to tokenizer_config.json')
+        self.special_ids = ids
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eod: int = ids["eos_token"]
+        self.eos: int = self.eod
+        self.pad: int = ids.get("pad_token", MEGATRON_NO_PAD)
+        with open(self.tokenizer_file, "rb") as f:
+            digest = hashlib.md5(f.read(), usedforsecurity=False).hexdigest()
+        self.unique_identifiers = OrderedDict(
+            [("class", "megalatent.data.tokenizer.HuggingFaceTokenizer"), ("model_md5", digest)]
+        )
+
+    @staticmethod
+    def _read_special_tokens(directory: str) -> dict[str, Optional[str]]:
+        tokens: dict[str, Optional[str]] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins, as in transformers
+            file = os.path.join(directory, name)
+            if os.path.isfile(file):
+                with open(file) as f:
+                    config = json.load(f)
+                tokens.update({k: _special_token(config[k]) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+                               if config.get(k) is not None})
+        return tokens
+
+    @classmethod
+    def load(cls, path: str) -> "HuggingFaceTokenizer":
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer {path!r} not found")
+        return cls(path)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without special tokens."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

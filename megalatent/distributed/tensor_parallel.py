@@ -18,7 +18,6 @@ overrides entries) from its parallel plan (megalatent/families/).
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Placement, Replicate, Shard, distribute_tensor

@@ -27,7 +27,7 @@ class LoadedModel:
     model: nn.Module
     config: ModelConfig
     checkpoint: str  # the iter_XXXXXXX directory read
-    tokenizer_model: Optional[str]  # the sentencepiece model the run trained with, if still on disk
+    tokenizer_model: Optional[str]  # the tokenizer the run trained with (a .model, or a HF directory / .json), if on disk
 
     @property
     def latent_tokenizer(self) -> Optional[str]:
@@ -57,6 +57,6 @@ def load_for_inference(load: str, iteration: Optional[int] = None, device: str |
     model.load_state_dict(weights, assign=True)  # (the models keep no state a checkpoint lacks)
     model = model.to(device=device, dtype=dtype).eval()
     tokenizer_model = tokenizer_model or train_state.get("tokenizer_model")
-    if tokenizer_model is not None and not os.path.isfile(tokenizer_model):
+    if tokenizer_model is not None and not os.path.exists(tokenizer_model):
         tokenizer_model = None
     return LoadedModel(model, cfg, path, tokenizer_model)

@@ -13,7 +13,8 @@ A packed directory holds
                       that layout), X.P.weight_scale (γ per expert, fp32 [E]); X.input_norm [E, dim] and
                       X.hidden_norm [E, ffn] (the experts' input-norm gains);
                       the embedding, final norm, routers and head as they were trained (or in --dtype)
-    tokenizer.model   the sentencepiece model, when the checkpoint names one
+    tokenizer.model   the sentencepiece model, when the checkpoint names one (a Hugging Face tokenizer: its
+                      tokenizer.json, tokenizer_config.json, ...; config.json's "tokenizer" is then ".")
 
 Every BitLinear of the trained model becomes a `PackedBitLinear`: its weights are quantised once,
 offline, with the training quantiser; at run time the fused RMSNorm + int8 kernel and the W2A8 kernel
@@ -37,11 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megalatent.data.tokenizer import HUGGINGFACE, tokenizer_type_of
 from megalatent.distributed import checkpoint as ckpt
 from megalatent.families import build_model
 from megalatent.interop import convert
+from megalatent.interop.tokenizer_files import TokenizerError, copy_tokenizer, resolve_tokenizer
 from megalatent.kernels.bitnet import CODES_PER_BYTE, pack_ternary, rmsnorm_act_quant, w2a8_matmul
-from megalatent.nn.bitlinear import BitLinear, quantize_weights
+from megalatent.nn.bitlinear import BitLinear, TernaryLinear, quantize_weights
 from megalatent.nn.moe import Experts
 
 FORMAT = "megalatent-bitnet-packed"
@@ -189,6 +192,9 @@ def export_problems(cfg) -> list[str]:
     with torch.device("meta"):
         model = build_model(cfg)
     names = bitlinear_names(model)
+    if any(type(m) is TernaryLinear for m in model.modules()):
+        return ["its ternary layers without an input norm (--bitnet-variant hf-2b4t) have no packed form here: export "
+                "it with tools/convert_checkpoint.py to-hf (transformers' BitNet layout, weights 2-bit packed too)"]
     if not names:
         return [f"the model (family {cfg.model_family!r}, --linear-impl {cfg.linear_impl}) has no BitLinear layers: "
                 "train it with --model-family bitnet or --linear-impl bitlinear"]
@@ -228,7 +234,10 @@ def export_packed(load: str, output: str, iteration: Optional[int] = None, dtype
     problems = export_problems(cfg)
     if problems:
         raise convert.ConvertError(f"checkpoint {path} cannot be packed: " + "; ".join(problems))
-    tokenizer_model = convert._resolve_tokenizer(cfg, tokenizer_model, None, train_state, log)
+    try:
+        tokenizer_model = resolve_tokenizer(cfg, tokenizer_model, None, train_state, log)
+    except TokenizerError as e:
+        raise convert.ConvertError(str(e)) from None
 
     log(f"reading the weights of {path}")
     model = build_model(cfg)
@@ -251,8 +260,8 @@ def export_packed(load: str, output: str, iteration: Optional[int] = None, dtype
             "packed_layers": layers, "packed_experts": experts, "dtype": dtype, "source": os.path.abspath(path),
             "iteration": train_state["iteration"], "tokenizer": None}
     if tokenizer_model is not None:
-        shutil.copyfile(tokenizer_model, os.path.join(partial, "tokenizer.model"))
-        meta["tokenizer"] = "tokenizer.model"
+        copy_tokenizer(tokenizer_model, partial)
+        meta["tokenizer"] = "." if tokenizer_type_of(tokenizer_model) == HUGGINGFACE else "tokenizer.model"
     with open(os.path.join(partial, "config.json"), "w") as f:
         json.dump(meta, f, indent=2)
     if os.path.exists(output):

@@ -84,18 +84,33 @@ class _TernaryLinear(torch.autograd.Function):
         return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1])
 
 
-class BitLinear(nn.Linear):
-    """A bias-free linear layer with BitNet b1.58's input RMSNorm and ternary/int8 fake quantisation.
+class TernaryLinear(nn.Linear):
+    """A bias-free linear layer with b1.58's ternary weights and int8 activations, and no norm of its own: the
+    input is quantised as it comes (the layout of transformers' BitNetForCausalLM, where a block RMSNorm or a
+    sub-layer norm feeds each projection). `weight` is the full-precision latent weight."""
 
-    `weight` is the full-precision latent weight; `norm_weight` the RMSNorm's gain (ones at init, not
-    weight-decayed, like every vector). Drop-in for nn.Linear in the decoder's `linear=` hooks.
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
+        if bias:
+            raise ValueError("BitLinear has no bias (BitNet b1.58 is LLaMA-like: bias-free)")
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _TernaryLinear.apply(x.to(torch.promote_types(x.dtype, torch.float32)), self.weight).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ternary weights, int8 activations"
+
+
+class BitLinear(TernaryLinear):
+    """A TernaryLinear with BitNet b1.58's input RMSNorm: the paper's BitLinear.
+
+    `norm_weight` is the RMSNorm's gain (ones at init, not weight-decayed, like every vector). Drop-in for
+    nn.Linear in the decoder's `linear=` hooks.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, eps: float = 1e-5,
                  device=None, dtype=None):
-        if bias:
-            raise ValueError("BitLinear has no bias (BitNet b1.58 is LLaMA-like: bias-free)")
-        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.eps = eps
         self.norm_weight = nn.Parameter(torch.ones(in_features, device=device, dtype=dtype))
 
@@ -104,4 +119,4 @@ class BitLinear(nn.Linear):
         return _TernaryLinear.apply(x_n, self.weight).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, eps={self.eps}, ternary weights, int8 activations"
+        return f"{super().extra_repr()}, eps={self.eps}, input RMSNorm"

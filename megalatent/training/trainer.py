@@ -117,9 +117,11 @@ class Trainer:
 
     def resume(self, path: str) -> None:
         c = self.cfg.checkpoint
-        state = ckpt.load_checkpoint(path, self.parts, None if c.no_load_optim else self.optimizers,
+        # A checkpoint of weights alone (an import: tools/convert_checkpoint.py from-hf) loads as --no-load-optim.
+        weights_only = c.no_load_optim or ckpt.read_train_state(path).get("weights_only", False)
+        state = ckpt.load_checkpoint(path, self.parts, None if weights_only else self.optimizers,
                                      load_rng=not c.no_load_rng)
-        if not c.no_load_optim:  # weights-only loads start the schedule and data afresh
+        if not weights_only:  # weights-only loads start the schedule and data afresh
             self.iteration = state["iteration"]
             self.train_loader.load_state_dict(state["data_loader"])
             self.skipped, self.nan = state["skipped"], state["nan"]
