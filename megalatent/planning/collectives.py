@@ -72,8 +72,8 @@ class Transfer:
     """One collective call of this rank."""
     kind: str                # all_reduce, all_gather, reduce_scatter, all_to_all, broadcast, send, recv
     ranks: tuple[int, ...]   # the global ranks of its group
-    bytes: int               # payload (see the module doc)
-    group: str = ""          # the process group's name (simulate.group_labels says which mesh dims it spans)
+    bytes: float             # payload (see the module doc; a mean over calls when extrapolated: depth.py)
+    group: str = ""          # its process group's name (the simulation's reports: the mesh dims it spans)
 
 
 class CollectiveRecorder(TorchDispatchMode):

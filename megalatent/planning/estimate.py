@@ -107,7 +107,7 @@ def estimate_role(report: RankReport, target: Target, gpus_per_node: int, shape:
     traffic: dict[str, GroupTraffic] = {}
     overlapped = exposed = 0.0
     for t, weight in zip(report.transfers, report.weights):
-        name = report.group_labels.get(t.group) or spanned_dims(t.ranks, shape)
+        name = t.group or spanned_dims(t.ranks, shape)
         kind = link(t.ranks, gpus_per_node)
         seconds = weight * transfer_seconds(t, kind, target)
         fsdp = name in FSDP_DIMS and t.kind in ("all_gather", "reduce_scatter")

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 from megalatent.config import Config
 from megalatent.families import validate
+from megalatent.planning.depth import extrapolate, reduced_depths
 from megalatent.planning.estimate import StepEstimate, estimate_step
 from megalatent.planning.hardware import GiB, Target, device_memory
 from megalatent.planning.simulate import RankReport
@@ -37,6 +38,7 @@ class Plan:
     allowances: Allowances
     roles: list[RankReport]
     step: StepEstimate
+    simulated_layers: Optional[tuple[int, int]] = None  # the two depths extrapolated from (depth.py), or None
 
     @property
     def world_size(self) -> int:
@@ -76,6 +78,7 @@ class Plan:
                           "simulated_in_s": report.simulated_s})
         return {"model_family": self.cfg.model.model_family, "nodes": self.nodes, "gpus_per_node": self.gpus_per_node,
                 "world_size": self.world_size, "gpu": self.target.name, "capacity_bytes": self.capacity,
+                "num_layers": self.cfg.model.num_layers, "simulated_layers": self.simulated_layers,
                 "compute_tflops": self.target.peak_flops / 1e12, "peak_tflops": self.target.peak_tflops,
                 "allowances": asdict(self.allowances), "layout": self.layout(), "fits": self.fits, "roles": roles,
                 "step_s": self.step.step_s, "pipeline_bubble_fraction": self.step.bubble_fraction,
@@ -84,17 +87,21 @@ class Plan:
 
 
 def plan_layout(cfg: Config, nodes: int, gpus_per_node: int, target: Target,
-                allowances: Allowances = Allowances(),
+                allowances: Allowances = Allowances(), full_depth: bool = False,
                 simulate: Callable[[Config, int, Target], list[RankReport]] = simulate_roles) -> Plan:
-    """Simulate `cfg` (its layout flags) on nodes x gpus_per_node GPUs of `target`. The configuration is
-    checked by the trainer's own rules first (ConfigError names every broken one)."""
+    """Simulate `cfg` (its layout flags) on nodes x gpus_per_node GPUs of `target`: at two smaller depths,
+    extrapolated, when its layers repeat (depth.py) unless `full_depth`. The configuration is checked by the
+    trainer's own rules first (ConfigError names every broken one)."""
     world_size = nodes * gpus_per_node
     cfg = target.prepare(copy.deepcopy(cfg))
     validate(cfg, world_size)
-    reports = simulate(cfg, world_size, target)
+    reduced = None if full_depth else reduced_depths(cfg, world_size)
+    if reduced is None:
+        reports, depths = simulate(cfg, world_size, target), None
+    else:
+        small, large, factor = reduced
+        reports = [extrapolate(a, b, factor) for a, b in zip(simulate(small, world_size, target),
+                                                              simulate(large, world_size, target))]
+        depths = (small.model.num_layers, large.model.num_layers)
     return Plan(cfg, nodes, gpus_per_node, target, allowances, reports,
-                estimate_step(cfg, world_size, reports, target, gpus_per_node))
-
-
-def first_unfit(plan: Plan) -> Optional[RankReport]:
-    return next((r for r in plan.roles if plan.headroom(r) < 0), None)
+                estimate_step(cfg, world_size, reports, target, gpus_per_node), depths)

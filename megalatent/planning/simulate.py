@@ -39,9 +39,10 @@ class RankReport:
     coordinates: dict[str, int]           # pp, dp, cp, tp of this rank
     stages: list[int]                     # its pipeline stages (empty without pipeline parallelism)
     memory: Memory
-    transfers: list[Transfer] = field(default_factory=list)  # the collectives of the simulated micro-batches
-    weights: list[float] = field(default_factory=list)       # how often each counts in the full step
-    group_labels: dict[str, str] = field(default_factory=dict)  # process group name -> the mesh dims it spans
+    # The collectives of the simulated micro-batches, each with the mesh dims its group spans as its `group`
+    # ('' for a group outside the layout's meshes), and how often each counts in the full step.
+    transfers: list[Transfer] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
     cost: Cost = field(default_factory=Cost)                 # of the full step
     micro_batches: tuple[int, int] = (1, 1)                  # (simulated, in the step): step.simulated_micro_batches
     simulated_s: float = 0.0                                 # how long the simulation took on this machine
@@ -89,8 +90,9 @@ def simulate_rank(cfg: Config, world_size: int, rank: int, target: Target,
         coordinates = {d: layout._local_rank(d) for d in ("pp", "dp", "cp", "tp")}
         stages = list(pipeline.stage_ids) if pipeline is not None else []
         labels = group_labels(layout)
-    return RankReport(rank, coordinates, stages, memory, recorder.transfers, weights, labels, step_cost,
-                      (simulated, steps), time.time() - start)
+        transfers = [dataclasses.replace(t, group=labels.get(t.group, "")) for t in recorder.transfers]
+    return RankReport(rank, coordinates, stages, memory, transfers, weights, step_cost, (simulated, steps),
+                      time.time() - start)
 
 
 def group_labels(layout: ParallelLayout) -> dict[str, str]:

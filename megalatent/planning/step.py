@@ -6,15 +6,17 @@ data: zeros, a loss on every token, positions 0..s-1. No dataset or tokenizer is
 
 Fewer micro-batches (`simulated_micro_batches`): a step of m micro-batches repeats the same work, so the
 simulation runs m' <= m of them, enough for every distinct state of the step to occur, and counts one
-steady-state micro-batch again for the ones it did not run (`StepMarks.repeated`). Without a pipeline:
-the first micro-batch (no gradients held yet), a middle one (gradients held; ZeRO-1 not yet reducing them)
-and the last (gradients reduced): m' = 3, the middle one's work counted m - 2 times. With 1F1B (torch's:
-p - stage forwards, then backward-forward pairs, then the remaining backwards): the rank holds its most
-micro-batches in flight, with gradients, from its first pair on, and the pairs after the first are alike
+steady-state micro-batch again for the ones it did not run (`StepMarks.repeated`). Without a pipeline, when
+FSDP reduces gradients after every micro-batch (ZeRO-2/3): the first micro-batch (no gradients held yet) and a
+second (gradients held), m' = 2, the first one's work counted m - 1 times (the second adds them to the held
+ones: a few element-wise additions more). With ZeRO-1, which holds full gradients until the last micro-batch
+reduces them: the first, a middle one and the last, m' = 3, the middle one counted m - 2 times. With 1F1B
+(torch's: p - stage forwards, then backward-forward pairs, then the remaining backwards): the rank holds its
+most micro-batches in flight, with gradients, from its first pair on, and the pairs after the first are alike
 (the first forward of the step and of a pair before any backward gathers FSDP's shards, the last backward
-reduces them): m' = p + 2, the second pair (forward p - stage + 1... counted from its forward to the next
-forward) counted m - m' + 1 times. Schedules with several stages per rank run all their micro-batches. So memory (the peak
-over the states) and the step's totals are those of the full step.
+reduces them): m' = p + 2, the second pair (counted from its forward to the next forward) counted m - m' + 1
+times. Schedules with several stages per rank run all their micro-batches. So memory (the peak over the
+states) and the step's totals are those of the full step.
 """
 from __future__ import annotations
 
@@ -37,8 +39,13 @@ def simulated_micro_batches(cfg: Config, layout: ParallelLayout, stages_per_rank
     """m' of the step's m micro-batches (see the module doc)."""
     m = micro_batches_per_step(cfg, layout)
     if layout.pp == 1:
-        return min(m, 3)
+        return min(m, 3 if _reduces_once_per_step(cfg) else 2)
     return min(m, layout.pp + 2) if stages_per_rank == 1 else m
+
+
+def _reduces_once_per_step(cfg: Config) -> bool:
+    """ZeRO-1: full gradients accumulate until the step's last micro-batch (Trainer._sync_grads_on)."""
+    return cfg.parallel.data_parallel_sharding_strategy == "optim"
 
 
 def synthetic_micro_batches(cfg: Config, objective: Objective, layout: ParallelLayout,
@@ -123,6 +130,8 @@ class StepMarks:
         `weight` times in the full step (see the module doc); None when every micro-batch ran."""
         if steps == simulated:
             return None
+        if layout.pp == 1 and simulated == 2:  # the first micro-batch, from its forward to the second's
+            return self.starts[0], self.starts[1], float(steps - 1)
         if layout.pp == 1:  # the second micro-batch, from its forward to the third's
             return self.starts[1], self.starts[2], float(steps - 2)
         first = layout.pp - layout.pp_rank  # 1F1B: the forward of the second backward-forward pair

@@ -1,14 +1,17 @@
-"""Simulating the rank roles of a layout, each in a process of its own.
+"""Simulating the rank roles of a layout: which ranks, and in which processes.
 
-The roles are the ranks of rank 0's pipeline column (one per pipeline stage rank): every other rank holds
-a shard of the same size as the rank of its stage in that column (tensor, data, context and expert
-parallelism split evenly; MoE routing is simulated balanced), so they are the ranks whose memory differs.
-Rank 0 is also the worst case where ranks are not alike: a rank of a ragged last context-parallel
-segment group receives fewer rows than rank 0.
+The roles are the ranks of rank 0's pipeline column (one per pipeline rank): tensor, data and expert
+parallelism split evenly (MoE routing is simulated balanced), so every other rank of a stage holds shards of
+the same sizes and issues the same collectives over its own groups. Context parallelism splits evenly too
+when the family's split balances causal attention (zigzag); when it is contiguous, the last context-parallel
+rank's queries see the most keys, so the column of that rank is simulated as well. (Rank 0 is the worst case
+of what remains uneven: a rank of a ragged last group of dilated segments receives fewer rows than rank 0.)
 
-The pipeline ranks of a column are simulated at the same time, one process each, because pipelining's set-up
-messages between stages are values its schedule reads (world.py). Each process is a fresh interpreter
-(multiprocessing's spawn), so that torch.distributed's process-wide state belongs to one simulated rank.
+Without pipeline parallelism each role is simulated in this process, one after the other
+(world.simulated_world tears torch.distributed down after each). The pipeline ranks of a column are simulated
+at the same time, one process each, because pipelining's set-up messages between stages are values its
+schedule reads (world.py); each process is a fresh interpreter (multiprocessing's spawn), so that
+torch.distributed's process-wide state belongs to one simulated rank.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from queue import Empty
 
 from megalatent.config import Config
 from megalatent.distributed.layout import ParallelLayout
+from megalatent.families import get_family
 from megalatent.planning.hardware import Target
 from megalatent.planning.simulate import RankReport, pipeline_column, simulate_rank
 
@@ -37,21 +41,35 @@ def _run(cfg: Config, world_size: int, rank: int, target: Target, store_path, re
         results.put((rank, None, traceback.format_exc()))
 
 
-def roles(cfg: Config, world_size: int) -> tuple[int, ...]:
-    """The ranks to simulate: rank 0's pipeline column."""
-    return pipeline_column(ParallelLayout.from_config(cfg, world_size, 0), 0)
+def _in_this_process(cfg: Config, world_size: int, rank: int, target: Target) -> RankReport:
+    try:
+        return simulate_rank(cfg, world_size, rank, target)
+    except Exception as err:  # the same report as from a process of its own
+        raise SimulationError(f"simulating rank {rank} of {world_size} failed:\n{traceback.format_exc()}") from err
+
+
+def columns(cfg: Config, world_size: int) -> list[tuple[int, ...]]:
+    """The pipeline columns to simulate (see the module doc), each its ranks in pipeline order."""
+    layout = ParallelLayout.from_config(cfg, world_size, 0)
+    firsts = [0]
+    if layout.cp > 1 and get_family(cfg.model.model_family).parallel.context_parallel_split == "contiguous":
+        firsts.append((layout.cp - 1) * layout.tp)  # pp 0, dp 0, the last cp coordinate, tp 0
+    return [pipeline_column(layout, first) for first in firsts]
 
 
 def simulate_roles(cfg: Config, world_size: int, target: Target, timeout_s: float = 3600.0) -> list[RankReport]:
-    """Simulate every role of `cfg`'s layout at `world_size` ranks (each in its own process, at the same time);
-    reports in pipeline order."""
-    ranks = roles(cfg, world_size)
+    """Simulate every role of `cfg`'s layout at `world_size` ranks; reports column by column, each in
+    pipeline order."""
+    cols = columns(cfg, world_size)
+    if len(cols[0]) == 1:
+        return [_in_this_process(cfg, world_size, rank, target) for (rank,) in cols]
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
+    ranks = [rank for col in cols for rank in col]
     with tempfile.TemporaryDirectory(prefix="megalatent-plan-") as tmp:
-        store_path = os.path.join(tmp, "pipeline-store") if len(ranks) > 1 else None
-        processes = [context.Process(target=_run, args=(cfg, world_size, r, target, store_path, results), daemon=True)
-                     for r in ranks]
+        processes = [context.Process(target=_run, daemon=True, args=(
+            cfg, world_size, rank, target, os.path.join(tmp, f"pipeline-store-{i}"), results))
+            for i, col in enumerate(cols) for rank in col]
         for p in processes:
             p.start()
         reports: dict[int, RankReport] = {}

@@ -83,7 +83,8 @@ class ValueModel(TorchDispatchMode):
             # A router's tokens per expert: the balanced counts (the planner's routing assumption).
             x = args[0]
             bins = max(kwargs.get("minlength", args[2] if len(args) > 2 else 0), 1)
-            return balanced_counts(x.numel(), bins).to(x.device)
+            with _disable_current_modes():  # a real tensor: the program reads it (expert parallelism's splits)
+                return balanced_counts(x.numel(), bins).to(x.device)
         if func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor) \
                 and kwargs.get("output_size") is None:
             repeats = args[0] if func is aten.repeat_interleave.Tensor else args[1]
@@ -116,12 +117,12 @@ def _symmetric_collective(func, args, kwargs):
             # Every rank sends us its chunk `rank`, which equals our own chunk `rank`.
             output.copy_(inp.chunk(size)[rank].repeat((size,) + (1,) * (inp.dim() - 1)))
         elif func is c10d.allreduce_.default:
-            op = args[2].op if hasattr(args[2], "op") else dist.ReduceOp.SUM
-            if op in (dist.ReduceOp.SUM, getattr(dist.ReduceOp, "PREMUL_SUM", None)):
+            op = args[2].op()  # the boxed ReduceOp's code
+            if op == int(dist.ReduceOp.SUM):
                 for t in args[0]:
                     t.mul_(size)
-            elif op not in (dist.ReduceOp.MAX, dist.ReduceOp.MIN, dist.ReduceOp.AVG):
-                raise NotImplementedError(f"simulated all-reduce of real tensors with {op}")
+            elif op not in (int(dist.ReduceOp.MAX), int(dist.ReduceOp.MIN), int(dist.ReduceOp.AVG)):
+                raise NotImplementedError(f"simulated all-reduce of real tensors with reduce op {op}")
         elif func is c10d._allgather_base_.default:
             output, inp = args[0], args[1]
             output.copy_(inp.repeat((size,) + (1,) * (inp.dim() - 1)).view_as(output))
