@@ -39,6 +39,9 @@ def planner_flags() -> argparse.ArgumentParser:
                    help="memory outside PyTorch's tensors (CUDA context, NCCL buffers, workspaces)")
     p.add_argument("--fragmentation", type=float, default=Allowances.fragmentation,
                    help="the caching allocator's overhead over the tensors' peak, as a fraction")
+    p.add_argument("--full-depth", action="store_true",
+                   help="simulate every layer (default: layers that repeat are simulated at two smaller depths "
+                        "and extrapolated, which gives the same numbers faster)")
     p.add_argument("--search", action="store_true", help="simulate every valid layout; rank those that fit")
     p.add_argument("--virtual-stages", action="store_true", help="--search: also 2 stages per pipeline rank")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2),
@@ -61,12 +64,12 @@ def main(argv=None) -> int:
         allowances = Allowances(ours.reserved_gib, ours.fragmentation)
         if ours.search:
             plans, failed = search(cfg, ours.nodes, ours.gpus_per_node, target, allowances, ours.virtual_stages,
-                                   ours.jobs)
+                                   ours.jobs, ours.full_depth)
             print(format_search(plans, failed))
             result = {"plans": [p.to_dict() for p in sorted(plans, key=lambda p: (not p.fits, p.step.step_s))],
                       "failed": [{"layout": layout, "error": reason} for layout, reason in failed]}
         else:
-            plan = plan_layout(cfg, ours.nodes, ours.gpus_per_node, target, allowances)
+            plan = plan_layout(cfg, ours.nodes, ours.gpus_per_node, target, allowances, ours.full_depth)
             print(format_plan(plan, title=cfg.model.model_family))
             result = plan.to_dict()
     except (ConfigError, ValueError) as err:

@@ -27,27 +27,41 @@ from megalatent.planning.collectives import _OPS as COLLECTIVES
 
 aten = torch.ops.aten
 # Fake tensors live on the CPU, where SDPA picks its CPU flash-attention kernel; it stands for the GPU's flash
-# attention: torch's formula for that (same arguments first), halved under the causal mask, whose upper
-# triangle the GPU kernel skips. (operator -> (the GPU operator whose formula applies, position of is_causal))
+# attention, whose formula (same arguments first) applies. (CPU operator -> GPU operator)
 _CPU_STAND_INS = {
-    aten._scaled_dot_product_flash_attention_for_cpu.default: (aten._scaled_dot_product_flash_attention, 4),
+    aten._scaled_dot_product_flash_attention_for_cpu.default: aten._scaled_dot_product_flash_attention,
     aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
-        (aten._scaled_dot_product_flash_attention_backward, 7),
+        aten._scaled_dot_product_flash_attention_backward,
+}
+# Flash attention skips the key blocks its causal mask hides, which torch's formulas count: operator ->
+# (position of is_causal, of the query, of the key).
+_CAUSAL = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default: (4, 0, 1),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (7, 1, 2),
+    aten._scaled_dot_product_flash_attention.default: (4, 0, 1),
+    aten._scaled_dot_product_flash_attention_backward.default: (11, 1, 2),
 }
 # Allocations without a write: no memory traffic.
 _NO_TRAFFIC = {aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty, aten.new_empty_strided}
 
 
+def visible_fraction(queries: int, keys: int) -> float:
+    """The pairs a causal mask leaves visible when the queries are the last of the keys (flash attention's
+    alignment): query i of q sees k - q + 1 + i keys; 1/2 + 1/(2q) for as many queries as keys."""
+    return (queries * (keys - queries) + queries * (queries + 1) / 2) / (queries * keys)
+
+
 def operator_flops(func, args, kwargs, out) -> float:
     """FLOPs of one operator by torch's formulas (flop_counter.flop_registry); 0 for one without a formula."""
-    packet = func._overloadpacket
-    if func in _CPU_STAND_INS:
-        gpu_packet, causal_at = _CPU_STAND_INS[func]
-        causal = args[causal_at] if len(args) > causal_at else kwargs.get("is_causal", False)
-        return flop_registry[gpu_packet](*args, **kwargs, out_val=out) * (0.5 if causal else 1.0)
-    if packet in flop_registry:
-        return float(flop_registry[packet](*args, **kwargs, out_val=out))
-    return 0.0
+    packet = _CPU_STAND_INS.get(func, func._overloadpacket)
+    if packet not in flop_registry:
+        return 0.0
+    flops = float(flop_registry[packet](*args, **kwargs, out_val=out))
+    if func in _CAUSAL:
+        causal_at, q_at, k_at = _CAUSAL[func]
+        if (args[causal_at] if len(args) > causal_at else kwargs.get("is_causal", False)):
+            flops *= visible_fraction(args[q_at].shape[-2], args[k_at].shape[-2])
+    return flops
 
 
 @dataclass

@@ -8,12 +8,18 @@ measured ones.
 A simulated GPU run differs from a CPU run of the same config in what the code chooses by device
 (`Target.prepare`): bf16 autocast with bf16 FSDP all-gathers (the default on a GPU; `--bf16/--no-bf16` in the
 config still wins), the attention kernels a GPU takes (`--attention-backend auto` becomes the kernels'
-`gpu` choice: kernels/backend.py), and fused AdamW (no per-tensor temporaries in the optimizer step).
+`gpu` choice: kernels/backend.py), fused AdamW (no per-tensor temporaries in the optimizer step), and what
+PyTorch itself decides by device (`Target.kernels`): SDPA with a lower-right causal bias (fewer queries than
+keys: a context-parallel rank's queries against the keys gathered before them) runs flash attention, where on
+the CPU it would materialise the queries x keys mask.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Iterator, Optional
+
+from torch.nn.attention import bias as attention_bias
 
 from megalatent.config import Config
 
@@ -48,6 +54,19 @@ class Target:
             if cfg.model.attention_backend == "auto":
                 cfg.model.attention_backend = "gpu"
         return cfg
+
+    @contextlib.contextmanager
+    def kernels(self) -> Iterator[None]:
+        """PyTorch's own kernel choices as on this device (see the module doc)."""
+        if not self.gpu:
+            yield
+            return
+        chooses_flash = attention_bias.can_use_flash_attention
+        attention_bias.can_use_flash_attention = lambda params, debug=False: True
+        try:
+            yield
+        finally:
+            attention_bias.can_use_flash_attention = chooses_flash
 
     def prepare_optimizers(self, optimizers) -> None:
         """On a GPU the trainer's AdamW is the fused kernel (training/optim.py: fused on CUDA parameters)."""

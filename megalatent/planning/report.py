@@ -31,6 +31,9 @@ def format_plan(plan: Plan, title: str = "") -> str:
     t = plan.target
     lines = [f"{title or plan.cfg.model.model_family} on {plan.nodes} node(s) x {plan.gpus_per_node} {t.name} "
              f"({plan.world_size} GPUs): {layout_line(plan)}",
+             f"{plan.cfg.model.num_layers} layers, " + (
+                 f"simulated at depths {plan.simulated_layers[0]} and {plan.simulated_layers[1]} and extrapolated "
+                 "(the layers repeat)" if plan.simulated_layers else "all simulated"),
              f"memory per rank role (GiB; device {gib(plan.capacity)}, needed = peak x "
              f"{1 + plan.allowances.fragmentation:.2f} + {plan.allowances.reserved_gib:g} reserved):",
              f"  {'role':<22}{'params':>8}{'grads':>8}{'optim':>8}{'activ':>8}{'peak':>8}{'needed':>8}"
@@ -47,7 +50,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
     lines.append(f"  {'role':<8}{'mesh dims':<24}{'link':<8}{'calls':>7}{'GiB':>10}{'seconds':>10}  overlap")
     for role in plan.step.roles:
         for g in role.traffic:
-            lines.append(f"  {role.rank:<8}{g.label:<24}{g.link:<8}{g.calls:>7}{g.bytes / GiB:>10.3f}"
+            lines.append(f"  {role.rank:<8}{g.label:<24}{g.link:<8}{g.calls:>7.0f}{g.bytes / GiB:>10.3f}"
                          f"{g.seconds:>10.4f}  {'with compute (FSDP)' if g.overlapped else 'exposed'}")
     s = plan.step
     slowest = max(s.roles, key=lambda r: r.busy_s)

@@ -9,8 +9,9 @@ any divisor of dp x cp that divides the experts; optionally 2 virtual stages per
 from __future__ import annotations
 
 import copy
-from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator, Optional
 
 from megalatent.config import Config, ConfigError
 from megalatent.families import validate
@@ -55,20 +56,28 @@ def describe(cfg: Config) -> dict:
             "layers_per_virtual_stage": p.num_layers_per_virtual_pipeline_stage}
 
 
+def _plan(candidate: Config, nodes: int, gpus_per_node: int, target: Target, allowances: Allowances,
+          full_depth: bool) -> tuple[Optional[Plan], Optional[str]]:
+    try:
+        return plan_layout(candidate, nodes, gpus_per_node, target, allowances, full_depth), None
+    except SimulationError as err:
+        return None, str(err).strip().splitlines()[-1]
+
+
 def search(cfg: Config, nodes: int, gpus_per_node: int, target: Target, allowances: Allowances = Allowances(),
-           virtual_stages: bool = False, jobs: int = 1) -> tuple[list[Plan], list[tuple[dict, str]]]:
-    """(the plans of every valid layout, the layouts whose simulation failed with the reason)."""
+           virtual_stages: bool = False, jobs: int = 1,
+           full_depth: bool = False) -> tuple[list[Plan], list[tuple[dict, str]]]:
+    """(the plans of every valid layout, the layouts whose simulation failed with the reason). `jobs` > 1:
+    that many layouts at once, each in a process of its own (a simulation holds torch.distributed's
+    process-wide state)."""
     candidates = list(layouts(target.prepare(copy.deepcopy(cfg)), nodes * gpus_per_node, gpus_per_node,
                               virtual_stages))
-
-    def run(candidate: Config):
-        try:
-            return plan_layout(candidate, nodes, gpus_per_node, target, allowances), None
-        except SimulationError as err:
-            return None, str(err).strip().splitlines()[-1]
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(run, candidates))
+    args = [(c, nodes, gpus_per_node, target, allowances, full_depth) for c in candidates]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_plan, *zip(*args)))
+    else:
+        results = [_plan(*a) for a in args]
     plans = [plan for plan, _ in results if plan is not None]
     failed = [(describe(c), reason) for c, (plan, reason) in zip(candidates, results) if plan is None]
     return plans, failed

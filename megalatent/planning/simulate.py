@@ -61,7 +61,7 @@ def simulate_rank(cfg: Config, world_size: int, rank: int, target: Target,
         parts, pipeline = meta_model_parts(cfg, layout, DEVICE)
         family = get_family(cfg.model.model_family)
         exchanges = control_exchanges() if layout.pp > 1 else contextlib.nullcontext()
-        with fake_tensors() as values, exchanges:
+        with fake_tensors() as values, exchanges, target.kernels():
             for part in parts:
                 part.to_empty(device=DEVICE)  # allocated, never initialised: values play no part
             trainer = make_trainer(cfg, layout, DEVICE, parts, None, None, pipeline)

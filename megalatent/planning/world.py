@@ -29,6 +29,8 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import FakeProcessGroup, ProcessGroup
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
+from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+from torch.nn.attention.bias import CausalBias
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
@@ -154,7 +156,11 @@ def fake_tensors() -> Iterator[ValueModel]:
 
     DTensor infers an operator's output shape by running it on fake tensors of the global shapes, in the fake
     mode it finds active: in a simulation that is ours, where the trackers would count those global-size
-    tensors as the rank's. As in a real run, it gets a fake mode of its own, outside every mode of ours."""
+    tensors as the rank's. As in a real run, it gets a fake mode of its own, outside every mode of ours.
+    torch's CausalBias (SDPA's lower-right causal mask) is a tensor subclass whose constructor makes an
+    uninitialised tensor of [variant, queries, keys] elements (on the host, never read), which FakeTensorMode
+    would make a FakeTensor that cannot become a CausalBias: here it is made outside the modes, on the meta
+    device."""
     values = ValueModel()
     propagator = ShardingPropagator._propagate_tensor_meta_non_cached
 
@@ -163,12 +169,22 @@ def fake_tensors() -> Iterator[ValueModel]:
         with _disable_current_modes():
             return propagator(self, op_schema)
 
+    def causal_bias(cls, variant, seq_len_q, seq_len_kv):
+        with _disable_current_modes():
+            return torch.Tensor._make_subclass(cls, torch.empty((variant, seq_len_q, seq_len_kv), device="meta"))
+
+    own_new = CausalBias.__dict__.get("__new__")  # None: it inherits torch.Tensor's
     ShardingPropagator._propagate_tensor_meta_non_cached = outside_our_modes
+    CausalBias.__new__ = causal_bias
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), values:
             yield values
     finally:
         ShardingPropagator._propagate_tensor_meta_non_cached = propagator
+        if own_new is None:
+            del CausalBias.__new__
+        else:
+            CausalBias.__new__ = own_new
 
 
 def _create_backend(pipeline_ranks: tuple[int, ...], store_path: Optional[str], common, backend_options):
@@ -198,6 +214,9 @@ def simulated_world(rank: int, world_size: int, pipeline_ranks: tuple[int, ...] 
         yield
     finally:
         dist.destroy_process_group()
+        # DTensor caches its sharding decisions by mesh shape and names, which the next simulated world's
+        # mesh shares; the cached decisions name this world's process groups, gone now.
+        _clear_sharding_prop_cache()
 
 
 @contextlib.contextmanager
