@@ -17,7 +17,7 @@ import os
 import sys
 
 from megalatent.config import ConfigError
-from megalatent.families import get_family, parse_args
+from megalatent.families import parse_args
 from megalatent.planning import hardware
 from megalatent.planning.plan import Allowances, plan_layout
 from megalatent.planning.report import format_plan, format_search
@@ -54,12 +54,6 @@ def main(argv=None) -> int:
     ours, rest = planner_flags().parse_known_args(argv)
     try:
         cfg = parse_args(rest)
-        family = get_family(cfg.model.model_family)
-        if cfg.model.vocab_size is None:
-            if family.data is None or family.data.vocab_size is None:
-                raise ConfigError(["--vocab-size is needed: the planner reads no tokenizer (give the size of "
-                                   "the tokenizer's vocabulary the run will use)"])
-            cfg.model.vocab_size = family.data.vocab_size(cfg)
         target = hardware.target(ours.gpu, ours.peak_tflops, ours.nvlink_gbps, ours.ib_gbps)
         allowances = Allowances(ours.reserved_gib, ours.fragmentation)
         if ours.search:

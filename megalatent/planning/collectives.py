@@ -12,6 +12,7 @@ all-to-all what this rank sends. What crosses the wire per rank follows from the
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,7 @@ class Transfer:
     ranks: tuple[int, ...]   # the global ranks of its group
     bytes: float             # payload (see the module doc; a mean over calls when extrapolated: depth.py)
     group: str = ""          # its process group's name (the simulation's reports: the mesh dims it spans)
+    fsdp: bool = False       # issued by FSDP (its gathers and reductions run on streams of their own)
 
 
 class CollectiveRecorder(TorchDispatchMode):
@@ -93,5 +95,15 @@ class CollectiveRecorder(TorchDispatchMode):
             kind, group_of, payload = spec
             group = group_of(args)
             self.transfers.append(Transfer(kind, tuple(dist.get_process_group_ranks(group)), payload(args, result),
-                                           group.group_name))
+                                           group.group_name, _issued_by_fsdp()))
         return result
+
+
+def _issued_by_fsdp() -> bool:
+    """Whether FSDP's code is on the call stack (its collectives run from its hooks)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("torch.distributed.fsdp"):
+            return True
+        frame = frame.f_back
+    return False

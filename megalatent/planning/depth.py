@@ -102,10 +102,10 @@ def extrapolate(small: RankReport, large: RankReport, factor: Fraction) -> RankR
     the calls."""
     memory = Memory(**{f: round(_affine(getattr(small.memory, f), getattr(large.memory, f), factor))
                        for f in vars(small.memory)})
-    totals = [{}, {}]  # (kind, ranks, group) -> [calls, bytes]
+    totals = [{}, {}]  # (kind, ranks, group, fsdp) -> [calls, bytes]
     for report, total in zip((small, large), totals):
         for t, weight in zip(report.transfers, report.weights):
-            calls_bytes = total.setdefault((t.kind, t.ranks, t.group), [0.0, 0.0])
+            calls_bytes = total.setdefault((t.kind, t.ranks, t.group, t.fsdp), [0.0, 0.0])
             calls_bytes[0] += weight
             calls_bytes[1] += weight * t.bytes
     transfers, weights = [], []
@@ -113,8 +113,8 @@ def extrapolate(small: RankReport, large: RankReport, factor: Fraction) -> RankR
         (calls_a, bytes_a), (calls_b, bytes_b) = (total.get(key, (0.0, 0.0)) for total in totals)
         calls, nbytes = _affine(calls_a, calls_b, factor), _affine(bytes_a, bytes_b, factor)
         if calls > 0:
-            kind, ranks, group = key
-            transfers.append(Transfer(kind, ranks, nbytes / calls, group))
+            kind, ranks, group, fsdp = key
+            transfers.append(Transfer(kind, ranks, nbytes / calls, group, fsdp))
             weights.append(calls)
     cost = small.cost.plus(large.cost.minus(small.cost), float(factor))
     return replace(large, memory=memory, transfers=transfers, weights=weights, cost=cost,

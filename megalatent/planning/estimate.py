@@ -31,13 +31,13 @@ LATENCY_S = {"nvlink": 10e-6, "ib": 20e-6}  # per collective call (NCCL's small-
 _SENT_FRACTION = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
                   "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
                   "broadcast": lambda n: 1.0, "send": lambda n: 1.0, "recv": lambda n: 1.0}
-FSDP_DIMS = ("dp", "dp×cp", "edp", "edp×tp", "dp×cp×tp", "dp×tp", "cp×tp")  # meshes FSDP shards over
 
 
 @dataclass
 class GroupTraffic:
-    """One rank's collectives over one mesh dimension in a step."""
+    """One rank's collectives of one kind over one mesh dimension in a step."""
     label: str
+    collective: str  # all_reduce, all_gather, reduce_scatter, all_to_all, broadcast, send, recv
     calls: float = 0   # fractional when a pipeline's simulated micro-batches are scaled to the step's
     bytes: float = 0
     seconds: float = 0.0
@@ -104,18 +104,16 @@ def transfer_seconds(t: Transfer, link_kind: str, target: Target) -> float:
 
 
 def estimate_role(report: RankReport, target: Target, gpus_per_node: int, shape: dict[str, int]) -> RoleEstimate:
-    traffic: dict[str, GroupTraffic] = {}
+    traffic: dict[tuple[str, str, bool], GroupTraffic] = {}
     overlapped = exposed = 0.0
     for t, weight in zip(report.transfers, report.weights):
         name = t.group or spanned_dims(t.ranks, shape)
         kind = link(t.ranks, gpus_per_node)
         seconds = weight * transfer_seconds(t, kind, target)
-        fsdp = name in FSDP_DIMS and t.kind in ("all_gather", "reduce_scatter")
-        g = traffic.setdefault(name, GroupTraffic(name, link=kind))
+        g = traffic.setdefault((name, t.kind, t.fsdp), GroupTraffic(name, t.kind, link=kind, overlapped=t.fsdp))
         g.calls, g.bytes, g.seconds = g.calls + weight, g.bytes + weight * t.bytes, g.seconds + seconds
         g.link = "ib" if kind == "ib" else g.link
-        g.overlapped = g.overlapped or fsdp
-        if fsdp:
+        if t.fsdp:
             overlapped += seconds
         else:
             exposed += seconds

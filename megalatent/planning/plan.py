@@ -14,8 +14,8 @@ import copy
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-from megalatent.config import Config
-from megalatent.families import validate
+from megalatent.config import Config, ConfigError
+from megalatent.families import get_family, validate
 from megalatent.planning.depth import extrapolate, reduced_depths
 from megalatent.planning.estimate import StepEstimate, estimate_step
 from megalatent.planning.hardware import GiB, Target, device_memory
@@ -86,6 +86,19 @@ class Plan:
                 "tokens_per_s_per_gpu": self.step.tokens_per_s_per_gpu, "mfu": self.step.mfu}
 
 
+def set_vocab_size(cfg: Config) -> None:
+    """The vocabulary a run takes from its data (pretrain.setup), without the data: a family with data of its
+    own says it; a text run's is its tokenizer's, which the planner does not read, so --vocab-size must say."""
+    if cfg.model.vocab_size is not None:
+        return
+    data = get_family(cfg.model.model_family).data
+    if data is None:
+        raise ConfigError(["--vocab-size is needed: the planner reads no tokenizer (give the size of the "
+                           "vocabulary of the tokenizer the run will use, e.g. --vocab-size 32000)"])
+    if data.vocab_size is not None:
+        cfg.model.vocab_size = data.vocab_size(cfg)
+
+
 def plan_layout(cfg: Config, nodes: int, gpus_per_node: int, target: Target,
                 allowances: Allowances = Allowances(), full_depth: bool = False,
                 simulate: Callable[[Config, int, Target], list[RankReport]] = simulate_roles) -> Plan:
@@ -94,6 +107,7 @@ def plan_layout(cfg: Config, nodes: int, gpus_per_node: int, target: Target,
     trainer's own rules first (ConfigError names every broken one)."""
     world_size = nodes * gpus_per_node
     cfg = target.prepare(copy.deepcopy(cfg))
+    set_vocab_size(cfg)
     validate(cfg, world_size)
     reduced = None if full_depth else reduced_depths(cfg, world_size)
     if reduced is None:

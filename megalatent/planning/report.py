@@ -47,11 +47,12 @@ def format_plan(plan: Plan, title: str = "") -> str:
                      f"{gib(m.activations):>8}{gib(m.peak):>8}{gib(plan.needed(report)):>8}{gib(headroom):>10}  "
                      f"{verdict}")
     lines.append("communication per step (per rank role):")
-    lines.append(f"  {'role':<8}{'mesh dims':<24}{'link':<8}{'calls':>7}{'GiB':>10}{'seconds':>10}  overlap")
+    lines.append(f"  {'role':<8}{'mesh dims':<22}{'collective':<16}{'link':<8}{'calls':>7}{'GiB':>10}{'seconds':>10}"
+                 "  overlap")
     for role in plan.step.roles:
         for g in role.traffic:
-            lines.append(f"  {role.rank:<8}{g.label:<24}{g.link:<8}{g.calls:>7.0f}{g.bytes / GiB:>10.3f}"
-                         f"{g.seconds:>10.4f}  {'with compute (FSDP)' if g.overlapped else 'exposed'}")
+            lines.append(f"  {role.rank:<8}{g.label:<22}{g.collective:<16}{g.link:<8}{g.calls:>7.0f}"
+                         f"{g.bytes / GiB:>10.3f}{g.seconds:>10.4f}  {'with compute (FSDP)' if g.overlapped else 'exposed'}")
     s = plan.step
     slowest = max(s.roles, key=lambda r: r.busy_s)
     lines += [f"step time: compute {slowest.compute_s:.3f} s at {t.peak_flops / 1e12:.0f} TFLOP/s, "

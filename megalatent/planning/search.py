@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 from megalatent.config import Config, ConfigError
 from megalatent.families import validate
-from megalatent.planning.plan import Allowances, Plan, plan_layout
+from megalatent.planning.plan import Allowances, Plan, plan_layout, set_vocab_size
 from megalatent.planning.hardware import Target
 from megalatent.planning.workers import SimulationError
 
@@ -70,8 +70,9 @@ def search(cfg: Config, nodes: int, gpus_per_node: int, target: Target, allowanc
     """(the plans of every valid layout, the layouts whose simulation failed with the reason). `jobs` > 1:
     that many layouts at once, each in a process of its own (a simulation holds torch.distributed's
     process-wide state)."""
-    candidates = list(layouts(target.prepare(copy.deepcopy(cfg)), nodes * gpus_per_node, gpus_per_node,
-                              virtual_stages))
+    cfg = target.prepare(copy.deepcopy(cfg))
+    set_vocab_size(cfg)  # once, before the layouts (plan_layout would for each)
+    candidates = list(layouts(cfg, nodes * gpus_per_node, gpus_per_node, virtual_stages))
     args = [(c, nodes, gpus_per_node, target, allowances, full_depth) for c in candidates]
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -56,7 +58,7 @@ def simulate_rank(cfg: Config, world_size: int, rank: int, target: Target,
     start = time.time()
     layout = ParallelLayout.from_config(cfg, world_size, rank)
     pipeline_ranks = pipeline_column(layout, rank)
-    with simulated_world(rank, world_size, pipeline_ranks, store_path):
+    with _run_logs_silenced(), simulated_world(rank, world_size, pipeline_ranks, store_path):
         layout.build_mesh(DEVICE)
         parts, pipeline = meta_model_parts(cfg, layout, DEVICE)
         family = get_family(cfg.model.model_family)
@@ -95,6 +97,15 @@ def simulate_rank(cfg: Config, world_size: int, rank: int, target: Target,
                       time.time() - start)
 
 
+@contextlib.contextmanager
+def _run_logs_silenced() -> Iterator[None]:
+    """The simulated run's own prints and warnings (its layout, its parameter count, deprecations) are not the
+    plan's."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def group_labels(layout: ParallelLayout) -> dict[str, str]:
     """The name of every process group of the layout's meshes -> the mesh dims it spans ('dp', 'dp×cp', 'ep',
     ...). Groups outside the meshes (a dilated segment's ranks, the tied-embedding ranks) are not here."""
@@ -104,7 +115,10 @@ def group_labels(layout: ParallelLayout) -> dict[str, str]:
     if layout.expert_mesh is not None:
         meshes += [layout.expert_mesh[d] for d in ("edp", "ep")]
     meshes += [m for m in (layout._fsdp_mesh, layout._token_mesh, layout._expert_fsdp_mesh) if m is not None]
-    return {m.get_group().group_name: m.mesh_dim_names[0].replace("_", "×") for m in meshes}
+    labels: dict[str, str] = {}
+    for m in meshes:  # a group of several meshes (dp x cp flattened with dp = 1 is cp's) keeps its first name
+        labels.setdefault(m.get_group().group_name, m.mesh_dim_names[0].replace("_", "×"))
+    return labels
 
 
 def pipeline_column(layout: ParallelLayout, rank: int) -> tuple[int, ...]:
