@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -29,7 +27,8 @@ from megalatent.planning.hardware import Target
 from megalatent.planning.memory import Memory, StepMemoryTracker, memory_of_step
 from megalatent.planning.step import (StepMarks, micro_batches_per_step, quiet_hooks, simulated_micro_batches,
                                      synthetic_micro_batches, training_step, warm_up)
-from megalatent.planning.world import MetadataFastPath, control_exchanges, fake_tensors, simulated_world
+from megalatent.planning.world import (MetadataFastPath, control_exchanges, fake_tensors, run_logs_silenced,
+                                      simulated_world)
 from megalatent.pretrain import make_trainer, meta_model_parts
 
 DEVICE = torch.device("cpu")  # fake tensors live on the CPU device (see world.py)
@@ -58,7 +57,7 @@ def simulate_rank(cfg: Config, world_size: int, rank: int, target: Target,
     start = time.time()
     layout = ParallelLayout.from_config(cfg, world_size, rank)
     pipeline_ranks = pipeline_column(layout, rank)
-    with _run_logs_silenced(), simulated_world(rank, world_size, pipeline_ranks, store_path):
+    with run_logs_silenced(), simulated_world(rank, world_size, pipeline_ranks, store_path):
         layout.build_mesh(DEVICE)
         parts, pipeline = meta_model_parts(cfg, layout, DEVICE)
         family = get_family(cfg.model.model_family)
@@ -95,15 +94,6 @@ def simulate_rank(cfg: Config, world_size: int, rank: int, target: Target,
         transfers = [dataclasses.replace(t, group=labels.get(t.group, "")) for t in recorder.transfers]
     return RankReport(rank, coordinates, stages, memory, transfers, weights, step_cost, (simulated, steps),
                       time.time() - start)
-
-
-@contextlib.contextmanager
-def _run_logs_silenced() -> Iterator[None]:
-    """The simulated run's own prints and warnings (its layout, its parameter count, deprecations) are not the
-    plan's."""
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def group_labels(layout: ParallelLayout) -> dict[str, str]:

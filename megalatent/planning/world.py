@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import uuid
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -217,6 +219,15 @@ def simulated_world(rank: int, world_size: int, pipeline_ranks: tuple[int, ...] 
         # DTensor caches its sharding decisions by mesh shape and names, which the next simulated world's
         # mesh shares; the cached decisions name this world's process groups, gone now.
         _clear_sharding_prop_cache()
+
+
+@contextlib.contextmanager
+def run_logs_silenced() -> Iterator[None]:
+    """The simulated run's own prints and warnings (its layout, its parameter count, deprecations) are not the
+    simulation's output."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 @contextlib.contextmanager
