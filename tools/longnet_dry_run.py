@@ -119,8 +119,8 @@ def main(argv=None) -> int:
         if cfg.model.model_family != "longnet" or cfg.parallel.context_parallel_size < 2:
             raise ConfigError(["the dry run is LongNet's distributed attention: give a --model-family longnet "
                                "config and its --context-parallel-size (> 1)"])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ConfigError as err:  # every broken rule, on one line
+        print("error: " + "; ".join(err.errors), file=sys.stderr)
         return 2
     local = cfg.model.seq_length // cfg.parallel.context_parallel_size
     context = multiprocessing.get_context("spawn")

@@ -66,7 +66,10 @@ def main(argv=None) -> int:
             plan = plan_layout(cfg, ours.nodes, ours.gpus_per_node, target, allowances, ours.full_depth)
             print(format_plan(plan, title=cfg.model.model_family))
             result = plan.to_dict()
-    except (ConfigError, ValueError) as err:
+    except ConfigError as err:  # every broken rule, on one line
+        print("error: " + "; ".join(err.errors), file=sys.stderr)
+        return 2
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except SimulationError as err:

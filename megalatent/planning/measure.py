@@ -28,7 +28,7 @@ from megalatent.distributed.layout import ParallelLayout
 from megalatent.families import get_family, parse_args, validate
 from megalatent.planning.collectives import CollectiveRecorder
 from megalatent.planning.memory import StepMemoryTracker, memory_of_step
-from megalatent.planning.step import simulated_micro_batches, synthetic_micro_batches, training_step, warm_up
+from megalatent.planning.step import synthetic_micro_batches, training_step, warm_up
 from megalatent.pretrain import build_model_parts, make_trainer
 
 
@@ -48,9 +48,10 @@ def measure_step(cfg: Config, layout: ParallelLayout, device: torch.device) -> d
     resident_before = resident_bytes()
     parts, pipeline = build_model_parts(cfg, layout, device)
     trainer = make_trainer(cfg, layout, device, parts, None, None, pipeline)
-    # All of one step's micro-batches: the simulation runs fewer, but stands for all of them.
+    # All of one step's micro-batches: the simulation runs fewer, but stands for all of them. (A pipeline
+    # schedule keeps the micro-batch count of its first step: the warm-up's must be the step's.)
     micro_batches = synthetic_micro_batches(cfg, get_family(cfg.model.model_family).objective, layout)
-    warm_up(trainer, micro_batches[:simulated_micro_batches(cfg, layout, len(parts))])
+    warm_up(trainer, micro_batches)
     tracker, recorder = StepMemoryTracker(), CollectiveRecorder()
     tracker.track_external(*parts, *trainer.optimizers)
     with tracker, recorder:

@@ -10,8 +10,8 @@ of what remains uneven: a rank of a ragged last group of dilated segments receiv
 Without pipeline parallelism each role is simulated in this process, one after the other
 (world.simulated_world tears torch.distributed down after each). The pipeline ranks of a column are simulated
 at the same time, one process each, because pipelining's set-up messages between stages are values its
-schedule reads (world.py); each process is a fresh interpreter (multiprocessing's spawn), so that
-torch.distributed's process-wide state belongs to one simulated rank.
+schedule reads (world.py); each process is fresh (forked from multiprocessing's forkserver, which holds no
+process group), so that torch.distributed's process-wide state belongs to one simulated rank.
 """
 from __future__ import annotations
 
@@ -41,6 +41,14 @@ def _run(cfg: Config, world_size: int, rank: int, target: Target, store_path, re
         results.put((rank, None, traceback.format_exc()))
 
 
+def _processes():
+    """Fresh processes, started from a server that imported this module once (multiprocessing's forkserver):
+    a process of its own per simulated rank without an interpreter's start-up and imports each time."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def _in_this_process(cfg: Config, world_size: int, rank: int, target: Target) -> RankReport:
     try:
         return simulate_rank(cfg, world_size, rank, target)
@@ -63,7 +71,7 @@ def simulate_roles(cfg: Config, world_size: int, target: Target, timeout_s: floa
     cols = columns(cfg, world_size)
     if len(cols[0]) == 1:
         return [_in_this_process(cfg, world_size, rank, target) for (rank,) in cols]
-    context = multiprocessing.get_context("spawn")
+    context = _processes()
     results = context.Queue()
     ranks = [rank for col in cols for rank in col]
     with tempfile.TemporaryDirectory(prefix="megalatent-plan-") as tmp:

@@ -192,7 +192,7 @@ def fake_tensors() -> Iterator[ValueModel]:
 def _create_backend(pipeline_ranks: tuple[int, ...], store_path: Optional[str], common, backend_options):
     """A group's backend: gloo between the processes simulating one pipeline column (its pipeline group),
     the fake backend for every other group."""
-    ranks = tuple(common.global_ranks_in_group)
+    ranks = tuple(common.global_ranks_in_group) or tuple(range(common.group_size))  # empty: the default group
     if store_path is not None and ranks == pipeline_ranks:
         # The same ranks may form several groups (the mesh's, the tied embedding's): each its own keys.
         store = dist.PrefixStore(f"{common.group_id}/", dist.FileStore(store_path, len(ranks)))
