@@ -140,9 +140,9 @@ CONFIGS = sorted(os.path.relpath(os.path.join(d, f), REPO) for d in (os.path.joi
 
 
 def test_every_example_config_fits_at_its_documented_layout(tmp_path):
-    """Each config's `python tools/plan.py` comment, run as written: it plans as fitting, at the layout of the
-    config's sbatch command where it has one."""
-    unfit = {}
+    """Each config's `python tools/plan.py` comment, run as written (two at a time: the cores are two): it plans
+    as fitting, at the layout of the config's sbatch command where it has one."""
+    commands = {}
     for path in CONFIGS:
         argv = documented_command(os.path.join(REPO, path), "tools/plan.py")
         assert argv[:2] == ["--config", path], f"{path}: no `python tools/plan.py --config {path} ...` comment"
@@ -150,9 +150,13 @@ def test_every_example_config_fits_at_its_documented_layout(tmp_path):
         for flag in LAYOUT_FLAGS:  # the plan's layout is the launch's
             if flag in sbatch or (flag != "--nodes" and sbatch):
                 assert layout_flag(argv, flag) == layout_flag(sbatch, flag), f"{path}: {flag} of plan != sbatch"
-        out = tmp_path / (os.path.basename(path) + ".json")
-        assert plan_tool.main(argv + ["--json", str(out)]) == 0, path
-        plan = json.load(open(out))
+        commands[path] = argv + ["--json", str(tmp_path / (os.path.basename(path) + ".json"))]
+    with planner_worker.planners(2) as pool:
+        codes = dict(zip(commands, pool.map(planner_worker.plan_command, commands.values())))
+    assert codes == {path: 0 for path in commands}, codes
+    unfit = {}
+    for path, argv in commands.items():
+        plan = json.load(open(argv[-1]))
         if not plan["fits"]:
             unfit[path] = [(r["rank"], r["memory_bytes"]["peak"] / 2**30) for r in plan["roles"]]
     assert not unfit, f"configs that do not fit at their documented layout (rank, peak GiB): {unfit}"
