@@ -44,10 +44,10 @@ CASES = [
         "--global-batch-size", "8"]),
     ("4 ranks: TP2+SP x FSDP2 (6 layers: 2 and 3 simulated; 4 micro-batches: 2 simulated)", 4, TINY + [
         "--num-layers", "6", "--tensor-model-parallel-size", "2", "--sequence-parallel",
-        "--global-batch-size", "32"]),
+        "--micro-batch-size", "1", "--global-batch-size", "8"]),
     ("8 ranks: TP2+SP x PP2 (1F1B, tied embeddings) x FSDP2 (5 micro-batches: 4 simulated)", 8, TINY + [
         "--num-layers", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
-        "--pipeline-model-parallel-size", "2", "--global-batch-size", "40"]),
+        "--pipeline-model-parallel-size", "2", "--micro-batch-size", "1", "--global-batch-size", "10"]),
 ]
 
 

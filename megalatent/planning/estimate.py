@@ -50,6 +50,7 @@ class RoleEstimate:
     rank: int
     stages: list[int]
     compute_s: float
+    memory_bound_s: float  # the part of compute_s set by HBM bandwidth rather than FLOPs
     exposed_comm_s: float
     overlapped_comm_s: float
     traffic: list[GroupTraffic] = field(default_factory=list)
@@ -117,8 +118,8 @@ def estimate_role(report: RankReport, target: Target, gpus_per_node: int, shape:
             overlapped += seconds
         else:
             exposed += seconds
-    return RoleEstimate(report.rank, report.stages, report.cost.compute_s, exposed, overlapped,
-                        sorted(traffic.values(), key=lambda g: -g.bytes))
+    return RoleEstimate(report.rank, report.stages, report.cost.compute_s, report.cost.memory_bound_s, exposed,
+                        overlapped, sorted(traffic.values(), key=lambda g: -g.bytes))
 
 
 def estimate_step(cfg: Config, world_size: int, reports: list[RankReport], target: Target,

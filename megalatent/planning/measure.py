@@ -8,8 +8,9 @@ simulation's steady state the simulation's way (step.warm_up: the optimizer's st
 step), takes one training step on the planner's synthetic batch inside the simulation's instruments
 (memory.StepMemoryTracker, collectives.CollectiveRecorder), and writes OUT_DIR/rank<r>.json: the tracker's
 memory, the collectives, and measures independent of the tracker: on the CPU the process's resident memory
-just before the build and its high-water mark after the step; on a GPU the caching allocator's peak
-(torch.cuda.max_memory_allocated) and the wall time of one more step outside the instruments.
+just before the build and its high-water mark after the step; on a GPU, over one more step outside the
+instruments, its wall time and the caching allocator's peaks (allocated: the tensors; reserved: with the
+allocator's fragmentation).
 """
 from __future__ import annotations
 
@@ -60,12 +61,14 @@ def measure_step(cfg: Config, layout: ParallelLayout, device: torch.device) -> d
         memory = memory_of_step(tracker.get_tracker_snapshot("current"), tracker.get_tracker_snapshot("peak"), device)
     result = {"rank": layout.rank, "memory": asdict(memory),
               "transfers": [[t.kind, list(t.ranks), t.bytes] for t in recorder.transfers]}
-    if device.type == "cuda":
+    if device.type == "cuda":  # one more step, outside the instruments: its time and the allocator's peak
         torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         training_step(trainer, micro_batches)
         torch.cuda.synchronize(device)
-        result.update(step_s=time.perf_counter() - start, max_memory_allocated=torch.cuda.max_memory_allocated(device))
+        result.update(step_s=time.perf_counter() - start, max_memory_allocated=torch.cuda.max_memory_allocated(device),
+                      max_memory_reserved=torch.cuda.max_memory_reserved(device))
     else:
         result.update(resident_before_build=resident_before, peak_resident=peak_resident_bytes())
     return result

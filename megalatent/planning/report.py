@@ -55,7 +55,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
                          f"{g.bytes / GiB:>10.3f}{g.seconds:>10.4f}  {'with compute (FSDP)' if g.overlapped else 'exposed'}")
     s = plan.step
     slowest = max(s.roles, key=lambda r: r.busy_s)
-    lines += [f"step time: compute {slowest.compute_s:.3f} s at {t.peak_flops / 1e12:.0f} TFLOP/s, "
+    lines += [f"step time: compute {slowest.compute_s:.3f} s at {t.peak_flops / 1e12:.0f} TFLOP/s "
+              f"({slowest.memory_bound_s:.3f} s of it bound by HBM bandwidth), "
               f"overlapped communication {slowest.overlapped_comm_s:.3f} s, exposed {slowest.exposed_comm_s:.3f} s"
               + (f", pipeline bubble {100 * s.bubble_fraction:.1f}%" if s.bubble_fraction else "")
               + f" -> {s.step_s:.3f} s per step",

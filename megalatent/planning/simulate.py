@@ -114,9 +114,5 @@ def group_labels(layout: ParallelLayout) -> dict[str, str]:
 def pipeline_column(layout: ParallelLayout, rank: int) -> tuple[int, ...]:
     """The global ranks of `rank`'s pipeline group (same dp, cp, tp coordinates, every pp coordinate): ranks
     are laid out pp-major, so they are `rank` modulo the size of one pipeline stage's ranks, stepping by it."""
-    stride = world_per_stage(layout)
+    stride = layout.world_size // layout.pp
     return tuple(range(rank % stride, layout.world_size, stride))
-
-
-def world_per_stage(layout: ParallelLayout) -> int:
-    return layout.world_size // layout.pp
