@@ -109,6 +109,31 @@ def test_tiny_longnet_trains(corpus_cache):
     assert curve[20] < curve[5] - 1.0, curve
 
 
+def test_longnet_flops_per_token_is_what_the_model_computes():
+    """LongNet's flops_per_token against the matmuls of one forward and backward, counted by FlopCounterMode
+    (tests/flop_count.py: what it counts and the convention)."""
+    from flop_count import count
+    from megalatent.config import ModelConfig
+    from megalatent.models.longnet import flops_per_token
+    from megalatent.models.registry import build_model
+    w, r = [4, 8, 16, 32], [1, 2, 4, 4]  # the last pattern is longer than the sequence: clamped to it
+    cfg = ModelConfig(model_family="longnet", num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=100,
+                      seq_length=16, make_vocab_size_divisible_by=64, group_query_attention=True, num_query_groups=2,
+                      segment_lengths=w, dilated_ratios=r)
+    b, s, heads, d = 2, cfg.seq_length, cfg.num_attention_heads, cfg.head_dim
+    torch.manual_seed(0)
+    counted = count(build_model(cfg), torch.randint(0, 100, (b, s)))
+    assert counted.training == 3 * counted.forward_total
+    # Each pattern's scores and values, the only batched products, are computed for every pair of rows a head
+    # keeps in a segment (the causal mask is applied to computed scores): per head, the pairs the definition
+    # lets a query see without the mask, 2 * 2 * head_dim FLOPs each. The convention (LongNet Eq. 16) counts
+    # half of them: w_i / r_i^2 keys per query and head over the mixture, halved for the causal mask.
+    pairs = union_multiplicity(s, heads, w, r, causal=False).sum().item()
+    attention = counted.op("bmm")
+    assert attention == cfg.num_layers * b * pairs * 2 * 2 * d
+    assert flops_per_token(cfg) * b * s == 3 * (counted.forward_total - attention / 2)
+
+
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_distributed_dilated_attention_equals_single_process(tmp_path, ranks):
     """Every rank (rank 0 and the last included) gets the single-device values and gradients."""
