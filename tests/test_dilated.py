@@ -171,12 +171,15 @@ def test_longnet_training_with_context_parallelism_equals_one_device(tmp_path):
     weights (tests/parallel_worker.py)."""
     from test_parallel import assert_equivalent, run_worker
     reference = run_worker(tmp_path, 1, [LONGNET], "longnet-ref")[0]
-    for nproc, extra in [(2, {}), (4, {"data-parallel-sharding-strategy": "optim"}),
-                         (2, {"context-parallel-size": 1, "tensor-model-parallel-size": 2}),
-                         (4, {"tensor-model-parallel-size": 2, "sequence-parallel": True})]:
-        layout = {**LONGNET, "context-parallel-size": 2, **extra}
-        result = run_worker(tmp_path, nproc, [layout], f"longnet-{nproc}")[0]
-        assert_equivalent(result, reference, f"longnet {nproc} ranks {layout}")
+    layouts = {2: [{}, {"context-parallel-size": 1, "tensor-model-parallel-size": 2}],
+               4: [{"data-parallel-sharding-strategy": "optim"},
+                   {"tensor-model-parallel-size": 2, "sequence-parallel": True}]}
+    for nproc, extras in layouts.items():  # one launch per world size
+        batch = [{**LONGNET, "context-parallel-size": 2, **extra} for extra in extras]
+        results = run_worker(tmp_path, nproc, batch, f"longnet-{nproc}")
+        assert len(results) == len(batch)
+        for layout, result in zip(batch, results):
+            assert_equivalent(result, reference, f"longnet {nproc} ranks {layout}")
 
 
 def test_communication_per_rank_does_not_grow_with_the_sequence():
