@@ -47,6 +47,16 @@ def run_trainer(args, cache, nproc=1, timeout=600, env=None):
     return out
 
 
+def load_tool(name: str):
+    """tools/<name>.py as a module, to call its main(argv) in this process: a tool's own interpreter would
+    spend seconds importing torch and megalatent again."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def losses(stdout: str) -> dict[int, str]:
     """iteration -> the printed 'lm loss' of every iteration line."""
     pattern = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?\| lm loss: (\S+) \|")

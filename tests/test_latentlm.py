@@ -130,33 +130,27 @@ def test_train_then_sample_images_with_generate_tool(corpus_cache, tmp_path, tok
     """The trainer on the embedded digits (through the fixture's tokenizer), then tools/generate.py samples
     class-conditional images from the checkpoint (the tokenizer found through the checkpoint), and
     tools/eval_digits.py scores samples by the digit asked for."""
-    import os
-    import subprocess
     import sys
 
     from PIL import Image
 
-    from conftest import REPO, losses, run_trainer
+    from conftest import load_tool, losses, run_trainer
     save = str(tmp_path / "ckpt")
     out = run_trainer(["--config", "examples/tiny/latentlm.yaml", "--latent-tokenizer", tokenizer_dir,
                        "--latent-dim", "4", "--seq-length", "12", "--train-iters", "3", "--lr-warmup-iters", "1",
                        "--log-interval", "1", "--eval-interval", "0", "--save", save], corpus_cache)
     assert sorted(losses(out.stdout)) == [1, 2, 3]
     png = str(tmp_path / "samples.png")
-    gen = subprocess.run([sys.executable, "tools/generate.py", "--load", save, "--classes", "1", "7",
-                          "--solver-steps", "3", "--output", png], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert load_tool("generate").main(["--load", save, "--classes", "1", "7", "--solver-steps", "3",
+                                       "--output", png]) == 0
     assert Image.open(png).size == (2 * 24, 24)  # two 24 x 24 digits side by side
     # The conditioning benchmark (tools/eval_digits.py) on it. The trained model's samples (1 solver step) say
     # nothing with an untrained σ-VAE, so two stand-in samplers check the scoring itself: one draws a real
     # held-out digit of the class its prompt asks for (accuracy near the classifier's on real digits), the
     # other the next digit (accuracy near 0). A benchmark that asks for one digit and scores against another
     # fails both.
-    import importlib.util
     import json
-    spec = importlib.util.spec_from_file_location("eval_digits", os.path.join(REPO, "tools", "eval_digits.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("eval_digits")
     from megalatent.data.images import DigitsDataset
     real = DigitsDataset("valid", image_size=24)
 
@@ -181,28 +175,22 @@ def test_train_then_sample_images_with_generate_tool(corpus_cache, tmp_path, tok
     assert trained in [i / 20 for i in range(21)]  # 20 samples scored
 
 
-def test_train_on_documents_then_generate_text_to_image(corpus_cache, tmp_path, tokenizer_dir):
+def test_train_on_documents_then_generate_text_to_image(corpus_cache, tmp_path, tokenizer_dir, capsys):
     """Interleaved documents end to end as the README says: tools/preprocess_interleaved.py writes the captioned
     digits, the trainer reads them through --data-path (the log line shows both parts of the loss, validation
     runs), and tools/generate.py draws images for a text prompt from the checkpoint; a class id is refused."""
     import re
-    import subprocess
-    import sys
 
     from PIL import Image
 
-    from conftest import REPO, losses, run_trainer
+    from conftest import load_tool, losses, run_trainer
     from megalatent.data.tokenizer import train_sentencepiece
     words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     text_model = train_sentencepiece([f"a handwritten {w}." for w in words] * 30, str(tmp_path / "text"), 300)
 
-    def tool(*args):
-        out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
-        return out
-
-    made = tool("tools/preprocess_interleaved.py", "--demo", "digits", "--latent-tokenizer", tokenizer_dir,
-                "--tokenizer-model", text_model, "--output-prefix", str(tmp_path / "docs"), "--no-progress")
-    assert made.returncode == 0, made.stderr[-3000:]
+    load_tool("preprocess_interleaved").main(["--demo", "digits", "--latent-tokenizer", tokenizer_dir,
+                                              "--tokenizer-model", text_model, "--output-prefix",
+                                              str(tmp_path / "docs"), "--no-progress"])  # exits on errors
     data = ["--data-path", str(tmp_path / "docs_text_document"), "--tokenizer-model", text_model]
     with pytest.raises(ConfigError, match="--data-path needs --tokenizer-model"):
         validate(parse_args([f"--{k}={v}" for k, v in latent_flags(tokenizer_dir).items()] + data[:2]))
@@ -217,9 +205,10 @@ def test_train_on_documents_then_generate_text_to_image(corpus_cache, tmp_path, 
     assert re.search(r"validation loss at iteration 3 \| lm loss value: \S+ \| "
                      r"cross-entropy loss: \S+ \| diffusion loss: \S+ \|", out.stdout)
     png = str(tmp_path / "seven.png")
-    gen = tool("tools/generate.py", "--load", save, "--prompt", "a handwritten seven.", "--num-images", "2",
-               "--solver-steps", "3", "--output", png)
-    assert gen.returncode == 0, gen.stderr[-3000:]
+    generate = load_tool("generate").main
+    assert generate(["--load", save, "--prompt", "a handwritten seven.", "--num-images", "2", "--solver-steps", "3",
+                     "--output", png]) == 0
     assert Image.open(png).size == (2 * 24, 24)
-    refused = tool("tools/generate.py", "--load", save, "--classes", "7", "--output", png)
-    assert refused.returncode == 2 and "trained on text+image documents" in refused.stderr
+    capsys.readouterr()
+    assert generate(["--load", save, "--classes", "7", "--output", png]) == 2
+    assert "trained on text+image documents" in capsys.readouterr().err
