@@ -34,6 +34,20 @@ def corpus_cache(tmp_path_factory):
     return cache
 
 
+def unigram_entropy(cache: str) -> float:
+    """The entropy (nats) of the token frequencies of the corpus in `cache`: the lowest loss a language model
+    that does not read its input can reach on it (it can learn the frequencies, nothing more), so a model
+    that beats it by a margin has learnt from the tokens it reads."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megalatent.data.stdlib_corpus import prepare_default_corpus
+    _, prefix = prepare_default_corpus(cache, CORPUS_VOCAB_SIZE)  # built by corpus_cache: returns its paths
+    corpus = IndexedDataset(prefix)
+    counts = np.bincount(np.concatenate([corpus[i] for i in range(len(corpus))]))
+    frequencies = counts[counts > 0] / counts.sum()
+    return float(-(frequencies * np.log(frequencies)).sum())
+
+
 def run_trainer(args, cache, nproc=1, timeout=600, env=None):
     """Run the trainer as a user would (its own process or torchrun); returns the completed process."""
     base = ["-m", "megalatent.pretrain", "--config", "examples/tiny/gpt.yaml", "--data-cache-path", cache] + CORPUS_FLAGS

@@ -102,11 +102,13 @@ def test_longnet_with_one_full_pattern_is_the_dense_decoder():
 
 
 def test_tiny_longnet_trains(corpus_cache):
-    from conftest import losses, run_trainer
-    out = run_trainer(["--config", "examples/tiny/longnet.yaml", "--train-iters", "20", "--log-interval", "5",
+    """The example config learns the corpus: below the entropy of its token frequencies (5.0 nats), which a
+    model that does not read its input cannot beat (it reaches ~4.6 in 30 steps)."""
+    from conftest import losses, run_trainer, unigram_entropy
+    out = run_trainer(["--config", "examples/tiny/longnet.yaml", "--train-iters", "30", "--log-interval", "5",
                        "--eval-interval", "0"], corpus_cache)
     curve = {i: float(v) for i, v in losses(out.stdout).items()}
-    assert curve[20] < curve[5] - 1.0, curve
+    assert curve[30] < unigram_entropy(corpus_cache) - 0.2 and curve[30] < curve[5] - 1.0, curve
 
 
 def test_longnet_flops_per_token_is_what_the_model_computes():
