@@ -50,7 +50,8 @@ def unigram_entropy(cache: str) -> float:
 
 def run_trainer(args, cache, nproc=1, timeout=600, env=None):
     """Run the trainer as a user would (its own process or torchrun); returns the completed process."""
-    base = ["-m", "megalatent.pretrain", "--config", "examples/tiny/gpt.yaml", "--data-cache-path", cache] + CORPUS_FLAGS
+    base = ["-m", "megalatent.pretrain", "--config", "examples/tiny/gpt.yaml", "--data-cache-path", cache,
+            *CORPUS_FLAGS]
     if nproc == 1:
         cmd = [sys.executable] + base + list(args)
     else:
