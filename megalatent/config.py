@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 
     def __init__(self, errors: list[str]):
         self.errors = errors
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
+        super().__init__(errors[0] if len(errors) == 1 else
+                         "invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
 def flag(default, help: str, choices=None, nargs=None, architectural: bool = True, group: Optional[str] = None):
@@ -177,6 +178,11 @@ class TrainingConfig:
     bf16: Optional[bool] = flag(None, "bf16 autocast; default on with a GPU, off on CPU (fp32)")
     exit_duration_in_mins: Optional[float] = flag(None, "save and exit after this many minutes")
     exit_signal_handler: bool = flag(True, "on SIGUSR1/SIGTERM save a checkpoint and exit at the next step")
+    check_for_nan_in_loss_and_grad: bool = flag(
+        False, "stop the run at the first step with a NaN/inf loss or gradient norm (default: skip such steps, "
+        "see --max-consecutive-skipped-iterations)")
+    max_consecutive_skipped_iterations: int = flag(
+        10, "stop the run, naming the last good iteration, after this many non-finite (skipped) steps in a row")
     eval_interval: int = flag(1000, "run validation every this many steps (0 disables)")
     eval_iters: int = flag(10, "global batches per validation")
 
@@ -214,6 +220,8 @@ class CheckpointConfig:
     save_interval: Optional[int] = flag(None, "save every this many steps; default: only at the end")
     no_load_optim: bool = flag(False, "load weights only; start the optimizer and schedule fresh")
     no_load_rng: bool = flag(False, "do not restore random-number-generator states")
+    exit_on_missing_checkpoint: bool = flag(False, "stop with an error when --load holds no checkpoint (default: "
+                                                   "say so and start from scratch)")
 
 
 @dataclass
@@ -570,6 +578,8 @@ def config_errors(cfg: Config, dp: int, text_data: bool = True) -> list[str]:
         e.append(f"--clip-grad must be >= 0 (0 disables clipping), got {t.clip_grad}")
     if t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0:
         e.append(f"--exit-duration-in-mins must be > 0, got {t.exit_duration_in_mins}")
+    if t.max_consecutive_skipped_iterations < 1:
+        e.append(f"--max-consecutive-skipped-iterations must be >= 1, got {t.max_consecutive_skipped_iterations}")
     if t.eval_interval < 0 or t.eval_iters < 1:
         e.append(f"--eval-interval must be >= 0 and --eval-iters >= 1, got {t.eval_interval}, {t.eval_iters}")
 
