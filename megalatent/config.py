@@ -318,11 +318,27 @@ def _coerce(key: str, value: Any, tp) -> Any:
         raise ConfigError([f"'{key}' must be {base.__name__}, got {value!r}"]) from None
 
 
+def _read_yaml(path: str) -> Any:
+    """The YAML document in `path`; a file that is not UTF-8 YAML is a one-line ConfigError with the place."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"--config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                           "save it as UTF-8"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"--config {path}: invalid YAML{where}: {what}"]) from None
+    except OSError as e:
+        raise ConfigError([f"--config {path}: cannot read it ({e.strerror})"]) from None
+
+
 def load_yaml(path: str, keys: Mapping[str, Key]) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError([f"--config: file {path} does not exist"])
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = _read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError([f"--config: {path} must hold a mapping of keys to values"])
     values, errors = {}, []
@@ -339,10 +355,30 @@ def load_yaml(path: str, keys: Mapping[str, Key]) -> dict[str, Any]:
     return values
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with short errors: the problem, the closest flag to a mistyped one, and where --help is
+    (not the whole usage, which lists every flag)."""
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            flags = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            typos = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
+            if not typos:
+                self.error(f"unexpected argument {unknown[0]!r} (flags start with --)")
+            close = difflib.get_close_matches(typos[0], flags, n=1)
+            self.error(f"unrecognized argument {typos[0]}" + (f": did you mean {close[0]}?" if close else "")
+                       + (f" (and {len(typos) - 1} more unrecognized)" if len(typos) > 1 else ""))
+        return namespace
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every flag)\n")
+
+
 def build_parser(families: Mapping[str, type[ModelConfig]]) -> argparse.ArgumentParser:
     """Every flag of every section, grouped in --help: the shared model flags, MoE, each family's own,
     then data, training, parallel, checkpoint, logging."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="megalatent-pretrain",
         description="Pretrain a model of the megalatent families. A YAML --config gives defaults; "
                     "flags (Megatron-LM names) override it.",
@@ -360,7 +396,8 @@ def build_parser(families: Mapping[str, type[ModelConfig]]) -> argparse.Argument
             help += f" (--model-family {', '.join(key.owners)})"
         kwargs = dict(dest=name, default=argparse.SUPPRESS, help=help + f" (default: {f.default})")
         if _scalar_type(tp) is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            # --no-load-optim is a switch; a --no- form of it would be a double negative
+            kwargs["action"] = "store_true" if name.startswith("no_") else argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _scalar_type(tp)
             if f.metadata.get("choices"):

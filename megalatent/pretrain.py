@@ -113,13 +113,20 @@ def setup(argv: Optional[list[str]] = None) -> tuple[Config, DistEnv, ParallelLa
         if cfg.model.vocab_size is None and family.data.vocab_size is not None:
             cfg.model.vocab_size = family.data.vocab_size(cfg)
         return cfg, env, layout, None, None, None
-    tokenizer, prefixes, weights = resolve_data(cfg)
+    try:
+        tokenizer, prefixes, weights = resolve_data(cfg)
+    except ValueError as e:  # an unreadable tokenizer model
+        raise ConfigError([str(e)]) from None
     cfg.data.tokenizer_model = tokenizer.model_path  # recorded in checkpoints (HF export finds it there)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tokenizer.vocab_size
     elif cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError([f"--vocab-size {cfg.model.vocab_size} is smaller than the tokenizer's "
                            f"{tokenizer.vocab_size}; drop --vocab-size to use the tokenizer's"])
+    from megalatent.data.gpt_data import indexed_dataset_problem
+    problems = [p for p in (indexed_dataset_problem(prefix, cfg.model.vocab_size) for prefix in prefixes) if p]
+    if problems:  # token ids the embedding does not have: a corrupt .bin, or another tokenizer's data
+        raise ConfigError(problems)
     return cfg, env, layout, tokenizer, prefixes, weights
 
 

@@ -20,6 +20,7 @@ import functools
 import sys
 import time
 
+from megalatent.cli import run_tool
 from megalatent.interop.convert import HF_DTYPES, ConvertError, from_torch, to_hf, to_torch
 
 
@@ -93,4 +94,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))
