@@ -328,14 +328,18 @@ class Trainer:
             interval_time += time.time() - t0
             interval_steps += 1
             if self.is_logger:
+                # Scalars are logged against the iteration; consumed-tokens maps it to tokens (tools/plot_runs.py).
                 self.writer.scalars({"lm-loss": loss, "grad-norm": grad_norm,
-                                     "learning-rate": self.schedule(self.iteration - 1)}, self.iteration)
+                                     "learning-rate": self.schedule(self.iteration - 1),
+                                     "consumed-tokens": self.train_loader.consumed_samples * self.cfg.model.seq_length},
+                                    self.iteration)
             if first_step:
                 self._report_memory()
-                first_step = False
-            if self.iteration % log_cfg.log_interval == 0 or self.iteration == t.train_iters:
+            # The first step of a run is always logged: the starting loss (and a resumed run's continuity).
+            if first_step or self.iteration % log_cfg.log_interval == 0 or self.iteration == t.train_iters:
                 self._log_iteration(loss, grad_norm, interval_time / interval_steps, tokens_per_step)
                 interval_time, interval_steps = 0.0, 0
+            first_step = False
             self._check_skipped(loss, grad_norm)
             if t.eval_interval and self.iteration % t.eval_interval == 0:
                 self._log_validation()
