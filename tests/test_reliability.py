@@ -88,7 +88,7 @@ def test_damaged_files_fall_back_to_the_newest_intact_checkpoint_and_resume_exac
         flip_bytes(path)
     out = trainer(["--train-iters", "2", "--load", save], corpus_cache)
     assert out.returncode == 0, out.stderr[-3000:]
-    warnings = [line for line in out.stderr.splitlines() if line.startswith("WARNING: checkpoint")]
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("WARNING: skipping checkpoint")]
     assert len(warnings) == 3 and all(any(path in w for w in warnings) for path in damaged), warnings
     assert "resumed from checkpoint at iteration 1" in out.stdout
     assert losses(out.stdout)[2] == run[2][2]  # exactly the uninterrupted run's next step

@@ -31,6 +31,7 @@ import zlib
 from contextlib import contextmanager
 from typing import Callable, Iterable, Optional
 
+import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.filesystem import FileSystem
@@ -158,7 +159,6 @@ def write_file(path: str, data: bytes, algorithm: str) -> str:
 
 
 def torch_save_bytes(obj) -> bytes:
-    import torch
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
@@ -285,7 +285,7 @@ def candidates(root: str, warn: Callable[[str], None]) -> list[str]:
         if problem is None:
             good.append(path)
         else:
-            warn(f"WARNING: checkpoint {path} is damaged, skipping it: {problem}")
+            warn(f"WARNING: skipping checkpoint {path}, it is damaged: {problem}")
             problems.append(problem)
     if not good:
         raise no_intact_checkpoint(root, problems)
@@ -315,7 +315,7 @@ def first_intact(paths: Iterable[str], warn: Callable[[str], None]) -> str:
         found = [p for share in everyone for p in share]
         if not found:
             return path
-        warn(f"WARNING: checkpoint {path} is damaged, skipping it: {found[0]}")
+        warn(f"WARNING: skipping checkpoint {path}, it is damaged: {found[0]}")
         problems.append(found[0])
     raise no_intact_checkpoint(os.path.dirname(paths[0]), problems)
 
