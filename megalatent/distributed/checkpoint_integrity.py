@@ -288,11 +288,11 @@ def candidates(root: str, warn: Callable[[str], None]) -> list[str]:
             warn(f"WARNING: skipping checkpoint {path}, it is damaged: {problem}")
             problems.append(problem)
     if not good:
-        raise no_intact_checkpoint(root, problems)
+        raise _no_intact_checkpoint(root, problems)
     return good
 
 
-def no_intact_checkpoint(root: str, problems: list[str]) -> CheckpointError:
+def _no_intact_checkpoint(root: str, problems: list[str]) -> CheckpointError:
     latest = _pointer(root)
     usable = [i for i in iterations(root) if latest is None or i <= latest]
     return CheckpointError(f"no intact checkpoint in {root}: its checkpoints {usable} are all incomplete or damaged "
@@ -300,11 +300,12 @@ def no_intact_checkpoint(root: str, problems: list[str]) -> CheckpointError:
                            "another directory")
 
 
-def first_intact(paths: Iterable[str], warn: Callable[[str], None]) -> str:
-    """The first of `paths` whose every checksum holds. Collective when a process group exists: each rank
-    verifies its share of the files, and all ranks agree on the answer."""
+def first_intact(paths: Iterable[str], warn: Callable[[str], None], collective: bool = True) -> str:
+    """The first of `paths` whose every checksum holds. Collective when a process group exists (unless
+    `collective` is False): each rank verifies its share of the files, and all ranks agree on the answer."""
     paths = list(paths)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shared = collective and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if shared else (0, 1)
     problems = []
     for path in paths:
         mine = checksum_problems(path, rank, world)
@@ -317,11 +318,11 @@ def first_intact(paths: Iterable[str], warn: Callable[[str], None]) -> str:
             return path
         warn(f"WARNING: skipping checkpoint {path}, it is damaged: {found[0]}")
         problems.append(found[0])
-    raise no_intact_checkpoint(os.path.dirname(paths[0]), problems)
+    raise _no_intact_checkpoint(os.path.dirname(paths[0]), problems)
 
 
 def find_loadable(root: str, warn: Callable[[str], None]) -> Optional[str]:
-    """The newest intact checkpoint of `root` (one process), None when it holds no checkpoint at all.
-    Raises CheckpointError as `candidates` does."""
+    """The newest intact checkpoint of `root`, verified by this process alone; None when it holds no
+    checkpoint at all. Raises CheckpointError as `candidates` does."""
     paths = candidates(root, warn)
-    return first_intact(paths, warn) if paths else None
+    return first_intact(paths, warn, collective=False) if paths else None
