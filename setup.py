@@ -18,6 +18,8 @@ setup(
         "pyyaml",
         "tensorboard",
         "tqdm",
+        "xxhash",  # checkpoint checksums (several GB/s; zlib's crc32 is the fallback)
+        "matplotlib",  # tools/plot_runs.py
     ],
     extras_require={
         # triton: CUDA torch brings it; the CPU tests run the kernels in its interpreter (TRITON_INTERPRET=1)

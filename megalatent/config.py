@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 
     def __init__(self, errors: list[str]):
         self.errors = errors
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
+        super().__init__(errors[0] if len(errors) == 1 else
+                         "invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
 def flag(default, help: str, choices=None, nargs=None, architectural: bool = True, group: Optional[str] = None):
@@ -181,6 +182,11 @@ class TrainingConfig:
     bf16: Optional[bool] = flag(None, "bf16 autocast; default on with a GPU, off on CPU (fp32)")
     exit_duration_in_mins: Optional[float] = flag(None, "save and exit after this many minutes")
     exit_signal_handler: bool = flag(True, "on SIGUSR1/SIGTERM save a checkpoint and exit at the next step")
+    check_for_nan_in_loss_and_grad: bool = flag(
+        False, "stop the run at the first step with a NaN/inf loss or gradient norm (default: skip such steps, "
+        "see --max-consecutive-skipped-iterations)")
+    max_consecutive_skipped_iterations: int = flag(
+        10, "stop the run, naming the last good iteration, after this many non-finite (skipped) steps in a row")
     eval_interval: int = flag(1000, "run validation every this many steps (0 disables)")
     eval_iters: int = flag(10, "global batches per validation")
 
@@ -222,6 +228,8 @@ class CheckpointConfig:
     use_checkpoint_args: bool = flag(False, "take the model's architecture (and the tokenizer, unless "
                                             "--tokenizer-model is given) from the --load checkpoint")
     no_load_rng: bool = flag(False, "do not restore random-number-generator states")
+    exit_on_missing_checkpoint: bool = flag(False, "stop with an error when --load holds no checkpoint (default: "
+                                                   "say so and start from scratch)")
 
 
 @dataclass
@@ -318,11 +326,27 @@ def _coerce(key: str, value: Any, tp) -> Any:
         raise ConfigError([f"'{key}' must be {base.__name__}, got {value!r}"]) from None
 
 
+def _read_yaml(path: str) -> Any:
+    """The YAML document in `path`; a file that is not UTF-8 YAML is a one-line ConfigError with the place."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"--config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                           "save it as UTF-8"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"--config {path}: invalid YAML{where}: {what}"]) from None
+    except OSError as e:
+        raise ConfigError([f"--config {path}: cannot read it ({e.strerror})"]) from None
+
+
 def load_yaml(path: str, keys: Mapping[str, Key]) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError([f"--config: file {path} does not exist"])
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = _read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError([f"--config: {path} must hold a mapping of keys to values"])
     values, errors = {}, []
@@ -339,10 +363,30 @@ def load_yaml(path: str, keys: Mapping[str, Key]) -> dict[str, Any]:
     return values
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with short errors: the problem, the closest flag to a mistyped one, and where --help is
+    (not the whole usage, which lists every flag)."""
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            flags = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            typos = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
+            if not typos:
+                self.error(f"unexpected argument {unknown[0]!r} (flags start with --)")
+            close = difflib.get_close_matches(typos[0], flags, n=1)
+            self.error(f"unrecognized argument {typos[0]}" + (f": did you mean {close[0]}?" if close else "")
+                       + (f" (and {len(typos) - 1} more unrecognized)" if len(typos) > 1 else ""))
+        return namespace
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every flag)\n")
+
+
 def build_parser(families: Mapping[str, type[ModelConfig]]) -> argparse.ArgumentParser:
     """Every flag of every section, grouped in --help: the shared model flags, MoE, each family's own,
     then data, training, parallel, checkpoint, logging."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="megalatent-pretrain",
         description="Pretrain a model of the megalatent families. A YAML --config gives defaults; "
                     "flags (Megatron-LM names) override it.",
@@ -360,7 +404,8 @@ def build_parser(families: Mapping[str, type[ModelConfig]]) -> argparse.Argument
             help += f" (--model-family {', '.join(key.owners)})"
         kwargs = dict(dest=name, default=argparse.SUPPRESS, help=help + f" (default: {f.default})")
         if _scalar_type(tp) is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            # --no-load-optim is a switch; a --no- form of it would be a double negative
+            kwargs["action"] = "store_true" if name.startswith("no_") else argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _scalar_type(tp)
             if f.metadata.get("choices"):
@@ -578,6 +623,8 @@ def config_errors(cfg: Config, dp: int, text_data: bool = True) -> list[str]:
         e.append(f"--clip-grad must be >= 0 (0 disables clipping), got {t.clip_grad}")
     if t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0:
         e.append(f"--exit-duration-in-mins must be > 0, got {t.exit_duration_in_mins}")
+    if t.max_consecutive_skipped_iterations < 1:
+        e.append(f"--max-consecutive-skipped-iterations must be >= 1, got {t.max_consecutive_skipped_iterations}")
     if t.eval_interval < 0 or t.eval_iters < 1:
         e.append(f"--eval-interval must be >= 0 and --eval-iters >= 1, got {t.eval_interval}, {t.eval_iters}")
 

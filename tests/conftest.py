@@ -47,8 +47,9 @@ def unigram_entropy(cache: str) -> float:
     return float(-(frequencies * np.log(frequencies)).sum())
 
 
-def run_trainer(args, cache, nproc=1, timeout=600, env=None):
-    """Run the trainer as a user would (its own process or torchrun); returns the completed process."""
+def run_trainer(args, cache, nproc=1, timeout=600, env=None, check=True):
+    """Run the trainer as a user would (its own process or torchrun); returns the completed process, which
+    must have succeeded unless `check` is False."""
     base = ["-m", "megalatent.pretrain", "--config", "examples/tiny/gpt.yaml", "--data-cache-path", cache,
             *CORPUS_FLAGS]
     if nproc == 1:
@@ -57,7 +58,7 @@ def run_trainer(args, cache, nproc=1, timeout=600, env=None):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] + base + list(args)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
-    assert out.returncode == 0, f"trainer failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    assert out.returncode == 0 or not check, f"trainer failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     return out
 
 

@@ -57,9 +57,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     errors += config_module.config_errors(cfg, dp, text_data)
     if text_data and cfg.data.data_path is not None:
         try:
-            parse_data_path(cfg.data.data_path)  # the .bin/.idx of every prefix exist
+            parse_data_path(cfg.data.data_path)  # the .bin/.idx of every prefix exist and are sound
         except ValueError as err:
-            errors.append(str(err))
+            errors += str(err).splitlines()  # one line per damaged dataset
     if family is not None:
         errors += family.validate(cfg)
         if cfg.parallel.pipeline_model_parallel_size > 1 and family.objective.pipeline_loss is None:
