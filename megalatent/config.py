@@ -179,6 +179,12 @@ class TrainingConfig:
     exit_signal_handler: bool = flag(True, "on SIGUSR1/SIGTERM save a checkpoint and exit at the next step")
     eval_interval: int = flag(1000, "run validation every this many steps (0 disables)")
     eval_iters: int = flag(10, "global batches per validation")
+    compile: bool = flag(False, "torch.compile each transformer block (regional compilation, as torchtitan; "
+                                "megalatent/distributed/compile.py)")
+    compile_backend: str = flag("inductor", "--compile's backend: inductor (generated kernels), or aot_eager (the same "
+                                            "captured graphs run by eager kernels: tells a capture problem from a "
+                                            "code-generation one, and compiles in seconds)",
+                                choices=["inductor", "aot_eager"])
 
 
 @dataclass
@@ -208,6 +214,23 @@ class ParallelConfig:
 
 
 @dataclass
+class FP8Config:
+    """FP8 matmuls in the transformer blocks' linear layers (torchao's float8 training; Megatron's flag names;
+    megalatent/distributed/fp8.py says what is converted and why)."""
+    fp8_format: Optional[str] = flag(None, "FP8 for the blocks' linear layers: e4m3 (every operand e4m3) or hybrid "
+                                           "(e4m3 forward, e5m2 gradients); unset: no FP8", choices=["e4m3", "hybrid"])
+    fp8_recipe: str = flag("tensorwise", "FP8 scaling, from the tensor's own amax at every cast: one scale per "
+                                         "tensor, or one per row (powers of two)", choices=["tensorwise", "rowwise"])
+    fp8_param_gather: bool = flag(False, "FSDP2 all-gathers the FP8 weights instead of bf16 ones (tensorwise)")
+    fp8_emulate: bool = flag(False, "compute each FP8 matmul as dequantised operands in fp32: FP8 numerics without "
+                                    "FP8 tensor cores (GPUs before Ada/Hopper)")
+    first_last_layers_bf16: bool = flag(False, "keep the first --num-layers-at-start-in-bf16 and last "
+                                               "--num-layers-at-end-in-bf16 transformer layers out of FP8")
+    num_layers_at_start_in_bf16: int = flag(1, "with --first-last-layers-bf16: first layers kept out of FP8")
+    num_layers_at_end_in_bf16: int = flag(1, "with --first-last-layers-bf16: last layers kept out of FP8")
+
+
+@dataclass
 class CheckpointConfig:
     save: Optional[str] = flag(None, "directory to save checkpoints to")
     load: Optional[str] = flag(None, "directory to resume from (the newest complete checkpoint)")
@@ -224,7 +247,7 @@ class LoggingConfig:
     peak_tflops: Optional[float] = flag(None, "per-device peak TFLOP/s for MFU; default: known GPUs' dense bf16 peak")
 
 
-GENERIC_SECTIONS = {"data": DataConfig, "training": TrainingConfig, "parallel": ParallelConfig,
+GENERIC_SECTIONS = {"data": DataConfig, "training": TrainingConfig, "parallel": ParallelConfig, "fp8": FP8Config,
                     "checkpoint": CheckpointConfig, "logging": LoggingConfig}
 
 
@@ -234,6 +257,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Problems found while reading the flags that `config_errors` reports with every other rule (a flag of

@@ -4,7 +4,8 @@ layouts and writes, per layout, the losses, grad norms, gathered gradients and f
     torchrun --nproc-per-node N tests/parallel_worker.py OUT.pt LAYOUT_JSON [LAYOUT_JSON ...]
     python tests/parallel_worker.py OUT.pt '{}'          (the single-process reference)
 
-A layout is a dict of megalatent flags (e.g. {"tensor-model-parallel-size": 2, "sequence-parallel": true}).
+A layout is a dict of megalatent flags (e.g. {"tensor-model-parallel-size": 2, "sequence-parallel": true}),
+optionally with "steps": the optimizer steps to run (default STEPS).
 """
 import json
 import sys
@@ -65,6 +66,8 @@ def clean(name: str) -> str:
 
 
 def run_layout(layout_flags: dict, env, device) -> dict:
+    layout_flags = dict(layout_flags)
+    steps = layout_flags.pop("steps", STEPS)
     cfg = parse_args(MODEL + flags(layout_flags))
     validate(cfg, world_size=env.world_size)
     layout = ParallelLayout.from_config(cfg, env.world_size, env.rank)
@@ -75,13 +78,13 @@ def run_layout(layout_flags: dict, env, device) -> dict:
     objective = FAMILIES[cfg.model.model_family].objective
     if cfg.model.model_family == "latentlm":  # with the diffusion draws keyed by sample
         from megalatent.data.latent_data import latent_loader
-        loader = latent_loader(latent_samples(cfg, STEPS * t.global_batch_size), cfg, layout, objective.batch_keys)
+        loader = latent_loader(latent_samples(cfg, steps * t.global_batch_size), cfg, layout, objective.batch_keys)
     else:
-        loader = MicroBatchLoader(samples(STEPS * t.global_batch_size, seed=1), t.micro_batch_size,
+        loader = MicroBatchLoader(samples(steps * t.global_batch_size, seed=1), t.micro_batch_size,
                                   t.global_batch_size, layout.dp_rank, layout.dp, keys=objective.batch_keys)
     trainer = make_trainer(cfg, layout, device, parts, loader, None, pipeline)
     result = {"loss": [], "grad_norm": [], "moe": []}
-    for _ in range(STEPS):
+    for _ in range(steps):
         loss, norm = trainer.train_step(loader.next_global_batch())
         trainer.iteration += 1
         result["loss"].append(loss)

@@ -99,15 +99,19 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
 
     One `torch._grouped_mm` call (CUTLASS grouped GEMM on Hopper, a per-group fallback on CPU) when
     this torch has it and the rows are 16-byte aligned as it requires; else a loop over the experts'
-    blocks (`grouped_mm_loop`, also the reference the tests hold it to).
+    blocks (`grouped_mm_loop`, also the reference the tests hold it to). Under torch.compile only bf16 takes
+    the one call: torch 2.13's compile-time (meta) kernel of _grouped_mm refuses other dtypes, though the CPU
+    kernel runs them.
     """
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     aligned = all(n * torch.finfo(dtype).bits // 8 % 16 == 0 for n in (x.shape[-1], weight.shape[-1]))
-    if hasattr(torch, "_grouped_mm") and aligned:
+    traceable = dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    if hasattr(torch, "_grouped_mm") and aligned and traceable:
         return torch._grouped_mm(x.to(dtype), weight.to(dtype), offs=counts.cumsum(0).to(torch.int32))
     return grouped_mm_loop(x, weight, counts)
 
 
+@torch.compiler.disable  # block sizes are data: run eagerly (one graph break) rather than recompile per routing
 def grouped_mm_loop(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     blocks = x.split(counts.tolist())
     return torch.cat([block @ weight[e] for e, block in enumerate(blocks)]) if blocks else x.new_zeros(0, weight.shape[-1])
