@@ -5,7 +5,8 @@ layouts and writes, per layout, the losses, grad norms, gathered gradients and f
     python tests/parallel_worker.py OUT.pt '{}'          (the single-process reference)
 
 A layout is a dict of megalatent flags (e.g. {"tensor-model-parallel-size": 2, "sequence-parallel": true}),
-optionally with "steps": the optimizer steps to run (default STEPS).
+optionally with "steps": the optimizer steps to run (default STEPS). With "save" (the --save flag) the run
+writes a checkpoint after its steps.
 """
 import json
 import sys
@@ -90,6 +91,7 @@ def run_layout(layout_flags: dict, env, device) -> dict:
         result["loss"].append(loss)
         result["grad_norm"].append(norm)
         result["moe"].append(trainer.hooks[0].stats if trainer.hooks else None)
+    trainer.save()  # (when the layout gives --save)
     # The last step's gradients (after clipping) and the weights after it, gathered to full tensors
     # and, over the pipeline ranks, to rank 0.
     named = [(clean(n), p) for part in parts for n, p in part.named_parameters()]

@@ -15,6 +15,8 @@ block has none (tests/test_compile.py checks it); tools/graph_breaks.py lists th
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
@@ -33,3 +35,14 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
     for layer in model.layers.values():
         layer.register_forward_pre_hook(_materialise_inputs)
         layer.forward = torch.compile(layer.forward, backend=backend)
+
+
+def graph_breaks(run: Callable[[], object]) -> tuple[int, dict[str, int]]:
+    """(graphs compiled, {reason: count} of graph breaks) while `run()` calls compiled blocks: dynamo's own
+    counters (what TORCH_LOGS=graph_breaks prints), reset first. tools/graph_breaks.py reports them."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    run()
+    return counters["stats"]["unique_graphs"], dict(counters["graph_break"])
