@@ -95,6 +95,9 @@ def run_layout(layout_flags: dict, env, device) -> dict:
     # The last step's gradients (after clipping) and the weights after it, gathered to full tensors
     # and, over the pipeline ranks, to rank 0.
     named = [(clean(n), p) for part in parts for n, p in part.named_parameters()]
+    # The classes of the tensors this rank holds (e.g. torchao's weights that FSDP2 all-gathers in FP8).
+    result["local_tensor_types"] = sorted({type(p.to_local() if hasattr(p, "to_local") else p.data).__name__
+                                           for _, p in named})
     local = {"grads": {n: full(p.grad).detach().clone() for n, p in named},
              "weights": {n: full(p).detach().clone() for n, p in named}}
     gathered = [None] * dist.get_world_size() if dist.is_initialized() else [local]

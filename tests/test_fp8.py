@@ -59,6 +59,10 @@ def emulated_linear(x, w, grad_out, recipe, fmt):
     return out, grad_x, grad_w
 
 
+# On a GPU (the acceptance run) the same test runs torchao on the FP8 tensor cores.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 @pytest.mark.parametrize("fmt", ["e4m3", "hybrid"])
 def test_fp8_linear_equals_its_emulation(recipe, fmt):
@@ -66,9 +70,9 @@ def test_fp8_linear_equals_its_emulation(recipe, fmt):
 
     g = torch.Generator().manual_seed(0)
     # Columns of very different size make rowwise and tensorwise scales (and the formats) disagree visibly.
-    x = torch.randn(64, 96, generator=g) * torch.logspace(-2, 1, 96)
-    grad_out = torch.randn(64, 48, generator=g) * torch.logspace(1, -2, 48)
-    linear = nn.Sequential(nn.Linear(96, 48, bias=False))
+    x = (torch.randn(64, 96, generator=g) * torch.logspace(-2, 1, 96)).to(DEVICE)
+    grad_out = (torch.randn(64, 48, generator=g) * torch.logspace(1, -2, 48)).to(DEVICE)
+    linear = nn.Sequential(nn.Linear(96, 48, bias=False)).to(DEVICE)
     with torch.no_grad():
         linear[0].weight.copy_(torch.randn(48, 96, generator=g) * torch.logspace(0, -2, 48)[:, None])
     w = linear[0].weight.detach().clone()
@@ -81,10 +85,11 @@ def test_fp8_linear_equals_its_emulation(recipe, fmt):
     expected = emulated_linear(x.detach(), w, grad_out, recipe, fmt)
     for name, got, want in zip(["output", "input gradient", "weight gradient"],
                                [out.detach(), x.grad, linear[0].weight.grad], expected):
-        # Equal up to the order of the fp32 sums (~1e-7); FP8 itself is 3.6e-2 away from the fp32 product, and
-        # the other format or the other recipe's scales 1e-3 to 1e-2.
+        # Equal up to the order of the fp32 sums (CPU: ~1e-7; the tensor cores' FP8 accumulation keeps fewer
+        # bits); FP8 itself is 3.6e-2 away from the fp32 product, the other format 6e-2 from this one.
         error = ((got - want).norm() / want.norm()).item()
-        assert error < 1e-6, f"{recipe} {fmt}: {name} differs from its emulation by {error:.2e} (relative norm)"
+        assert error < (1e-6 if DEVICE == "cpu" else 2e-3), \
+            f"{recipe} {fmt}: {name} differs from its emulation by {error:.2e} (relative norm)"
 
 
 def _synthetic_batch(n, seq, vocab, g):
@@ -154,6 +159,7 @@ def test_layouts_under_fp8_equal_one_process(tmp_path):
     tp_result, dp_result, pp_result = run_worker(tmp_path, 2, layouts, "fp8-two")
     assert_tp_equivalent(tp_result, tied_one_step, "TP2+SP")
     assert_equivalent(dp_result, tied, "DP2 with FP8 all-gathers")
+    assert "WeightWithDynamicFloat8CastTensor" in dp_result["local_tensor_types"]  # (FSDP2 gathers these in FP8)
     assert_equivalent(pp_result, untied, "PP2")
     _fp8_checkpoint_loads_without_fp8(ckpt.iteration_dir(saved, 2), dp_result["weights"])
 

@@ -237,7 +237,9 @@ class MoELayer(nn.Module):
         routing = self.router(tokens)
         experts, weights = routing.experts.flatten(), routing.weights.flatten()
         token_of = torch.arange(tokens.shape[0], device=x.device).repeat_interleave(self.topk)
-        counts = torch.bincount(experts, minlength=self.num_experts)
+        # (bincount's length depends on the data for torch.compile, a graph break; this count's does not)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
+            0, experts, torch.ones_like(experts))
         order, kept_counts = self._dispatch_order(experts, weights, counts)
         rows = token_of[order]
         if self.dispatcher is not None:
@@ -273,10 +275,16 @@ class MoELayer(nn.Module):
         order = order[rank_in_expert < capacity]
         return order, counts.clamp(max=capacity)
 
+    # Eager under torch.compile: traced, the growing list would be guarded on its length and the block
+    # recompiled for every micro-batch of a step.
+    @torch.compiler.disable
+    def _record(self, *statistics: torch.Tensor) -> None:
+        if not _in_backward():
+            self.records.append(statistics)
+
     def _attach_aux_losses(self, out: torch.Tensor, routing: Routing, counts: torch.Tensor) -> torch.Tensor:
         balance, z, global_counts = balance_and_z_losses(routing, counts, self.topk, self.sum_over_token_ranks)
-        if not _in_backward():
-            self.records.append((global_counts, balance.value, z.value))
+        self._record(global_counts, balance.value, z.value)
         aux = self.aux_loss_coeff * balance.local_part + self.z_loss_coeff * z.local_part
         if not aux.requires_grad:
             return out
