@@ -596,6 +596,10 @@ def config_errors(cfg: Config, dp: int, text_data: bool = True) -> list[str]:
         e.append(f"--exit-duration-in-mins must be > 0, got {t.exit_duration_in_mins}")
     if t.eval_interval < 0 or t.eval_iters < 1:
         e.append(f"--eval-interval must be >= 0 and --eval-iters >= 1, got {t.eval_interval}, {t.eval_iters}")
+    if t.compile and cfg.parallel.tensor_model_parallel_size > 1 and cfg.parallel.recompute_granularity:
+        e.append("--compile with --tensor-model-parallel-size > 1 and --recompute-granularity: torch 2.13 cannot "
+                 "compile a recomputed block that holds tensor-parallel plans (AOTAutograd: 'expected all "
+                 "tensors_saved_with_vc_check to be Tensors', a DeviceMesh); drop one of the three")
 
     if c.save_interval is not None and c.save_interval < 1:
         e.append(f"--save-interval must be >= 1, got {c.save_interval}")

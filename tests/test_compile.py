@@ -1,6 +1,8 @@
 """--compile (megalatent/distributed/compile.py): each block compiled equals eager, over 5 training steps, for the
 baseline, a LongNet with MoE layers (LongNet's and the MoE's blocks in one model) and the baseline under FP8,
-at one rank and at TP2 x DP2 (FSDP2); and a dense decoder block compiles to one graph, without breaks.
+at one rank (the baseline also with selective recomputation), at TP2 x DP2 (FSDP2; the baseline with sequence
+parallelism) and for the baseline at PP2 x TP2; a dense decoder block compiles to one graph, without breaks;
+and the one combination torch cannot compile (TP with recomputation) is refused before anything starts.
 
 The compiled runs use the aot_eager backend (--compile-backend): dynamo's capture and AOTAutograd's joint
 graph, which is where regional compilation meets DTensor plans, FSDP2's hooks, recomputation and our blocks'
@@ -10,7 +12,7 @@ train with inductor and record its losses beside eager's.
 """
 import pytest
 
-from test_parallel import assert_equivalent, run_worker
+from test_parallel import UNTIED, assert_equivalent, run_worker
 
 STEPS = {"steps": 5}
 GPT = {}
@@ -19,6 +21,8 @@ LONGNET_MOE = {"model-family": "longnet", "segment-lengths": [8, 16], "dilated-r
 FP8 = {"fp8-format": "hybrid"}
 COMPILED = {"compile": True, "compile-backend": "aot_eager"}
 MODELS = {"baseline": GPT, "LongNet + MoE": LONGNET_MOE, "baseline FP8": FP8}
+EAGER_ONLY = {"baseline untied": UNTIED}  # the pipeline's reference
+RECOMPUTED = {"baseline recomputed": ("baseline", {"recompute-granularity": "selective"})}  # compiled only
 
 
 def assert_compiled_equals_eager(result, reference, label):
@@ -28,22 +32,31 @@ def assert_compiled_equals_eager(result, reference, label):
 
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
-    """{model: (eager run, compiled run)} at one rank, from one launch."""
-    layouts = [{**STEPS, **m} for m in MODELS.values()] + [{**STEPS, **COMPILED, **m} for m in MODELS.values()]
+    """{name: (eager run or None, compiled run or None)} at one rank, from one launch."""
+    eager = {**MODELS, **EAGER_ONLY}
+    compiled = {**MODELS, **{name: {**MODELS[base], **extra} for name, (base, extra) in RECOMPUTED.items()}}
+    layouts = [{**STEPS, **m} for m in eager.values()] + [{**STEPS, **COMPILED, **m} for m in compiled.values()]
     runs = run_worker(tmp_path_factory.mktemp("one-rank"), 1, layouts, "one-rank")
-    return dict(zip(MODELS, zip(runs[:len(MODELS)], runs[len(MODELS):])))
+    eager_runs, compiled_runs = dict(zip(eager, runs)), dict(zip(compiled, runs[len(eager):]))
+    return {name: (eager_runs.get(name), compiled_runs.get(name)) for name in {**eager, **compiled}}
 
 
 def test_compiled_blocks_equal_eager_on_one_rank(one_rank):
-    for name, (eager, compiled) in one_rank.items():
+    for name in MODELS:
+        eager, compiled = one_rank[name]
         assert_compiled_equals_eager(compiled, eager, f"{name}, compiled")
+    for name, (base, _) in RECOMPUTED.items():
+        assert_compiled_equals_eager(one_rank[name][1], one_rank[base][0], f"{name}, compiled")
 
 
-def test_compiled_blocks_equal_eager_at_tp2_dp2(tmp_path, one_rank):
-    names = ["baseline", "LongNet + MoE"]
-    layouts = [{**STEPS, **COMPILED, **MODELS[name], "tensor-model-parallel-size": 2} for name in names]
-    for name, result in zip(names, run_worker(tmp_path, 4, layouts, "compiled-tp2-dp2")):
-        assert_compiled_equals_eager(result, one_rank[name][0], f"{name}, compiled, TP2 x DP2")
+def test_compiled_blocks_equal_eager_at_tp2_dp2_and_pp2_tp2(tmp_path, one_rank):
+    tp2 = {**STEPS, **COMPILED, "tensor-model-parallel-size": 2}
+    cases = {"baseline, TP2+SP x DP2": ("baseline", {**tp2, "sequence-parallel": True}),
+             "LongNet + MoE, TP2 x DP2": ("LongNet + MoE", {**tp2, **LONGNET_MOE}),
+             "baseline, PP2 x TP2": ("baseline untied", {**tp2, **UNTIED, "pipeline-model-parallel-size": 2})}
+    results = run_worker(tmp_path, 4, [layout for _, layout in cases.values()], "compiled-4-ranks")
+    for (label, (reference, _)), result in zip(cases.items(), results):
+        assert_compiled_equals_eager(result, one_rank[reference][0], f"compiled, {label}")
 
 
 @pytest.mark.parametrize("flags", [[], ["--fp8-format", "hybrid"]], ids=["bf16", "fp8"])
@@ -63,3 +76,12 @@ def test_a_dense_decoder_block_compiles_without_graph_breaks(flags):
     tokens = torch.randint(0, 128, (2, 32))
     graphs, breaks = graph_breaks(lambda: model(tokens).sum().backward())
     assert breaks == {} and graphs == 1, breaks
+
+
+def test_compile_with_tensor_parallelism_and_recomputation_is_refused():
+    from megalatent.config import ConfigError
+    from megalatent.families import parse_args, validate
+
+    with pytest.raises(ConfigError, match="torch 2.13 cannot compile a recomputed block that holds tensor-parallel"):
+        validate(parse_args(["--compile", "--tensor-model-parallel-size", "2", "--recompute-granularity", "full"]),
+                 world_size=2)
