@@ -33,6 +33,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -157,11 +158,11 @@ def steps() -> list[Step]:
              ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fp8.py", "-k", "equals_its_emulation"],
              40, pytest_counts),
         Step("mfu", "~1B decoder, seq 4K, one GPU: bf16, bf16 + compile, FP8 + compile",
-             ["tools/bench_parallel.py", "--nproc", "1", "--steps", "8", "--warmup", "3", "--timeout", "75",
+             ["tools/bench_parallel.py", "--nproc", "1", "--steps", "8", "--warmup", "3", "--timeout", "110",
               "--output", "{out}", "--layouts", *MFU_LAYOUTS["gpu"], "--", *MFU_MODEL],
              ["tools/bench_parallel.py", "--nproc", "1", "--steps", "2", "--warmup", "1", "--timeout", "60",
               "--output", "{out}", "--layouts", *MFU_LAYOUTS["dry"], "--", *MFU_TINY],
-             240, mfu_summary),
+             300, mfu_summary),
         Step("attention", "dilated attention fwd+bwd, 8K..4M tokens: kernels, PyTorch reference, flash SDPA",
              ["tools/bench_attention.py", "--lengths", *attention_lengths, "--heads", "4", "--head-dim", "64",
               "--dense-max-length", "262144", "--repeats", "3", "--output", "{out}"],
@@ -215,10 +216,10 @@ def environment(dry_run: bool) -> dict:
             "cpus": os.cpu_count()}
 
 
-def run_step(step: Step, dry_run: bool, work: str) -> dict:
+def run_step(step: Step, dry_run: bool, work: str, budget_left: float) -> dict:
     out = os.path.join(work, f"{step.name}.json")
     args = [a.replace("{out}", out) for a in (step.dry if dry_run else step.gpu)]
-    timeout = 120 if dry_run else step.timeout_s
+    timeout = max(1, int(min(120 if dry_run else step.timeout_s, budget_left)))
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            # each step compiles into a cache of its own run (not a stale one from another checkout)
            "TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor")}
@@ -226,13 +227,16 @@ def run_step(step: Step, dry_run: bool, work: str) -> dict:
         env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.time()
     print(f"[acceptance] {step.name}: {step.what} (limit {timeout} s)", flush=True)
+    # A session of its own, so that a step out of time is ended with everything it started (torchrun's workers).
+    proc = subprocess.Popen([sys.executable] + args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        status, rc, log = ("ok" if proc.returncode == 0 else "failed"), proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
+        log, _ = proc.communicate(timeout=timeout)
+        status, rc = ("ok" if proc.returncode == 0 else "failed"), proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
         status, rc = "timeout", None
-        log = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
     seconds = time.time() - t0
     data = None
     if os.path.isfile(out):
@@ -291,17 +295,26 @@ def main() -> int:
     p.add_argument("--dry-run", action="store_true", help="every step on a CPU at tiny shapes")
     p.add_argument("--output-dir", default=os.path.join(REPO, "benchmarks", "results"))
     p.add_argument("--steps", nargs="+", help="run only these steps (default: all)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="the whole run's time limit: each step's own limit is cut to what is left (default on a "
+                        "GPU 470 s, under 8 minutes with start-up; none for --dry-run)")
     args = p.parse_args()
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
         p.error("no CUDA device: the acceptance run measures a GPU (use --dry-run to check the steps on a CPU)")
     selected = [s for s in steps() if not args.steps or s.name in args.steps]
+    budget = args.budget_s if args.budget_s is not None else (float("inf") if args.dry_run else 470.0)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="megalatent-acceptance-") as work:
         record = {"environment": environment(args.dry_run), "goals": {"mfu_bf16": GOAL_MFU_BF16,
                                                                        "fp8_speedup": GOAL_FP8_SPEEDUP},
-                  "steps": [run_step(step, args.dry_run, work) for step in selected]}
+                  "steps": []}
+        for step in selected:
+            # Later steps keep 10 s each, so that every step runs and is recorded.
+            reserve = 10 * (len(selected) - len(record["steps"]) - 1)
+            left = budget - (time.time() - t0) - reserve
+            record["steps"].append(run_step(step, args.dry_run, work, left))
     record["seconds"] = round(time.time() - t0, 1)
     device = "dry-run" if args.dry_run else re.sub(r"[^A-Za-z0-9]+", "-", record["environment"]["device"]).strip("-")
     stem = os.path.join(args.output_dir, f"acceptance-{device.lower()}-{record['environment']['date'][:10]}")
