@@ -189,6 +189,12 @@ class TrainingConfig:
         10, "stop the run, naming the last good iteration, after this many non-finite (skipped) steps in a row")
     eval_interval: int = flag(1000, "run validation every this many steps (0 disables)")
     eval_iters: int = flag(10, "global batches per validation")
+    compile: bool = flag(False, "torch.compile each transformer block (regional compilation, as torchtitan; "
+                                "megalatent/distributed/compile.py)")
+    compile_backend: str = flag("inductor", "--compile's backend: inductor (generated kernels), or aot_eager (the same "
+                                            "captured graphs run by eager kernels: tells a capture problem from a "
+                                            "code-generation one, and compiles in seconds)",
+                                choices=["inductor", "aot_eager"])
 
 
 @dataclass
@@ -218,6 +224,23 @@ class ParallelConfig:
 
 
 @dataclass
+class FP8Config:
+    """FP8 matmuls in the transformer blocks' linear layers (torchao's float8 training; Megatron's flag names;
+    megalatent/distributed/fp8.py says what is converted and why)."""
+    fp8_format: Optional[str] = flag(None, "FP8 for the blocks' linear layers: e4m3 (every operand e4m3) or hybrid "
+                                           "(e4m3 forward, e5m2 gradients); unset: no FP8", choices=["e4m3", "hybrid"])
+    fp8_recipe: str = flag("tensorwise", "FP8 scaling, from the tensor's own amax at every cast: one scale per "
+                                         "tensor, or one per row (powers of two)", choices=["tensorwise", "rowwise"])
+    fp8_param_gather: bool = flag(False, "FSDP2 all-gathers the FP8 weights instead of bf16 ones (tensorwise)")
+    fp8_emulate: bool = flag(False, "compute each FP8 matmul as dequantised operands in fp32: FP8 numerics without "
+                                    "FP8 tensor cores (GPUs before Ada/Hopper)")
+    first_last_layers_bf16: bool = flag(False, "keep the first --num-layers-at-start-in-bf16 and last "
+                                               "--num-layers-at-end-in-bf16 transformer layers out of FP8")
+    num_layers_at_start_in_bf16: int = flag(1, "with --first-last-layers-bf16: first layers kept out of FP8")
+    num_layers_at_end_in_bf16: int = flag(1, "with --first-last-layers-bf16: last layers kept out of FP8")
+
+
+@dataclass
 class CheckpointConfig:
     save: Optional[str] = flag(None, "directory to save checkpoints to")
     load: Optional[str] = flag(None, "directory to resume from (the newest complete checkpoint)")
@@ -240,7 +263,7 @@ class LoggingConfig:
     peak_tflops: Optional[float] = flag(None, "per-device peak TFLOP/s for MFU; default: known GPUs' dense bf16 peak")
 
 
-GENERIC_SECTIONS = {"data": DataConfig, "training": TrainingConfig, "parallel": ParallelConfig,
+GENERIC_SECTIONS = {"data": DataConfig, "training": TrainingConfig, "parallel": ParallelConfig, "fp8": FP8Config,
                     "checkpoint": CheckpointConfig, "logging": LoggingConfig}
 
 
@@ -250,6 +273,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Problems found while reading the flags that `config_errors` reports with every other rule (a flag of
@@ -627,6 +651,10 @@ def config_errors(cfg: Config, dp: int, text_data: bool = True) -> list[str]:
         e.append(f"--max-consecutive-skipped-iterations must be >= 1, got {t.max_consecutive_skipped_iterations}")
     if t.eval_interval < 0 or t.eval_iters < 1:
         e.append(f"--eval-interval must be >= 0 and --eval-iters >= 1, got {t.eval_interval}, {t.eval_iters}")
+    if t.compile and cfg.parallel.tensor_model_parallel_size > 1 and cfg.parallel.recompute_granularity:
+        e.append("--compile with --tensor-model-parallel-size > 1 and --recompute-granularity: torch 2.13 cannot "
+                 "compile a recomputed block that holds tensor-parallel plans (AOTAutograd: 'expected all "
+                 "tensors_saved_with_vc_check to be Tensors', a DeviceMesh); drop one of the three")
 
     if c.save_interval is not None and c.save_interval < 1:
         e.append(f"--save-interval must be >= 1, got {c.save_interval}")

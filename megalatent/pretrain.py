@@ -191,7 +191,9 @@ def build_model_parts(cfg: Config, layout: ParallelLayout, device: torch.device)
             print(f"[layout] pp rank {layout.pp_rank}: {plan.schedule}, stages {pipeline.stage_ids} with layers "
                   f"{[plan.stage_layers[s] for s in pipeline.stage_ids]}", flush=True)
     param_dtype = torch.bfloat16 if uses_bf16(cfg, device) else None
-    return [materialize(parallelize(part, layout, cfg.parallel, family.parallel, cfg.model.seq_length, param_dtype),
+    compile_backend = cfg.training.compile_backend if cfg.training.compile else None
+    return [materialize(parallelize(part, layout, cfg.parallel, family.parallel, cfg.model.seq_length, param_dtype,
+                                    fp8=cfg.fp8, compile_backend=compile_backend),
                         device, cfg.training.seed) for part in parts], pipeline
 
 
