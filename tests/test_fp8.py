@@ -10,6 +10,7 @@
 - bad combinations are refused before anything is built, each with its reason.
 """
 import dataclasses
+import statistics
 
 import pytest
 import torch
@@ -131,18 +132,28 @@ def test_fifty_fp8_steps_stay_within_two_percent_of_full_precision():
 FP8 = {"fp8-format": "hybrid", "steps": 2}
 
 
-def assert_tp_equivalent(result, reference, label):
-    """Tensor parallelism sums partial products in another order (row-parallel layers), so fp32 results differ
-    by ~1e-7, and the few values that sit on an FP8 rounding boundary round the other way: one FP8 step
-    (2^-3 or 2^-2 of that value) in a few elements. Compared after one step: the loss as closely as ever; each
-    gradient to 1e-3 of its norm (measured: <= 3e-4; with an FP8 bug, e.g. one rank's scale instead of the
-    tensor's, 1e-2 and more). After further steps AdamW's normalised update turns those differences in
-    near-zero gradients into weight differences of ~lr, which the next step's FP8 casts amplify."""
+def assert_tp_equivalent(result, reference, full_precision, label):
+    """Tensor parallelism sums partial products in another order (row-parallel layers, SP's reduce-scatter), so
+    fp32 results differ by ~1e-7, and the few values that sit on an FP8 rounding boundary round the other way:
+    one FP8 step (2^-3 or 2^-2 of that value, more below e5m2's normal range) in a few elements, which reaches
+    the gradients upstream of it. Compared after one step: the loss as closely as ever; the typical gradient as
+    fp32 does (median error below 1e-5 of its norm; measured ~3e-7); and every gradient well inside FP8's own
+    error, the distance between the one-process FP8 and full-precision gradients (~0.1 of the norm): measured,
+    TP2 without SP <= 5% of it, with SP flips in layer 0's attention and layer 1's MLP at <= 13% and every
+    other layer at ~1e-7. An FP8 bug, e.g. one rank's scale instead of the tensor's, is FP8 error of its own
+    in every layer. After further steps AdamW's normalised update turns the flips' differences in near-zero
+    gradients into weight differences of ~lr, which the next step's FP8 casts amplify."""
     assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5), label
     assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4), label
-    for name, g in reference["grads"].items():
-        error = ((result["grads"][name] - g).norm() / g.norm()).item()
-        assert error < 1e-3, f"{label}: grad {name} differs by {error:.2e} of its norm"
+
+    def error(grads, name):
+        return ((grads[name] - reference["grads"][name]).norm() / reference["grads"][name].norm()).item()
+
+    errors = {name: error(result["grads"], name) for name in reference["grads"]}
+    assert statistics.median(errors.values()) < 1e-5, f"{label}: gradients differ: {errors}"
+    for name, e in errors.items():
+        fp8_error = error(full_precision["grads"], name)
+        assert e < 0.25 * fp8_error, f"{label}: grad {name} differs by {e:.2e} of its norm (FP8's own: {fp8_error:.2e})"
 
 
 def test_layouts_under_fp8_equal_one_process(tmp_path):
@@ -151,13 +162,14 @@ def test_layouts_under_fp8_equal_one_process(tmp_path):
     sum: equal after two steps (the second on updated weights, all-gathered in FP8) as any layout is. Tensor
     parallelism: see assert_tp_equivalent."""
     tp = {**FP8, "steps": 1}
-    tied, untied, tied_one_step = run_worker(tmp_path, 1, [FP8, {**FP8, **UNTIED}, tp], "fp8-ref")
+    tied, untied, tied_one_step, full_one_step = run_worker(tmp_path, 1, [FP8, {**FP8, **UNTIED}, tp, {"steps": 1}],
+                                                            "fp8-ref")
     saved = str(tmp_path / "fp8-dp2")
     layouts = [{**tp, "tensor-model-parallel-size": 2, "sequence-parallel": True},
                {**FP8, "fp8-param-gather": True, "save": saved},
                {**FP8, **UNTIED, "pipeline-model-parallel-size": 2}]
     tp_result, dp_result, pp_result = run_worker(tmp_path, 2, layouts, "fp8-two")
-    assert_tp_equivalent(tp_result, tied_one_step, "TP2+SP")
+    assert_tp_equivalent(tp_result, tied_one_step, full_one_step, "TP2+SP")
     assert_equivalent(dp_result, tied, "DP2 with FP8 all-gathers")
     assert "WeightWithDynamicFloat8CastTensor" in dp_result["local_tensor_types"]  # (FSDP2 gathers these in FP8)
     assert_equivalent(pp_result, untied, "PP2")
