@@ -18,13 +18,19 @@ setup(
         "pyyaml",
         "tensorboard",
         "tqdm",
+        "xxhash",  # checkpoint checksums (several GB/s; zlib's crc32 is the fallback)
+        "matplotlib",  # tools/plot_runs.py
     ],
     extras_require={
         # triton: CUDA torch brings it; the CPU tests run the kernels in its interpreter (TRITON_INTERPRET=1)
         # scikit-learn: its bundled digits are the embedded image data (LongViT, the σ-VAE, LatentLM demos)
         "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "triton", "scikit-learn",
                 "pillow",  # pillow: the image pipeline's PyTorch fallback (tests/test_image_pipeline.py)
-                "accelerate"],  # transformers' BitNet loader needs it (tests/test_hf_interop.py)
+                "accelerate",  # transformers' BitNet loader needs it (tests/test_hf_interop.py)
+                "torchao>=0.18"],  # the FP8 tests (tests/test_fp8.py)
+        # FP8 training (--fp8-format): torchao's float8 linears (megalatent/distributed/fp8.py); pure Python on
+        # this path (its CUDA extensions are not needed: their "Failed to load" warnings at import are harmless)
+        "fp8": ["torchao>=0.18"],
         "mpi": ["mpi4py", "mpich"],
         # scikit-learn: its wheel carries the digits images, the σ-VAE tokenizer's default data (no download)
         # pillow: decoding in the image pipeline's PyTorch fallback (megalatent/data/image_pipeline.py)

@@ -22,7 +22,8 @@
 #   RUN_DIR         run directory (checkpoints/, tensorboard/). Default: under SLURM
 #                   runs/$SLURM_JOB_NAME-$SLURM_JOB_ID (stable across requeues), otherwise
 #                   runs/<config name>-<timestamp>; relative paths are taken from the repo root
-#   PYTHON          python of the environment to use (default: `python` on PATH, i.e. the active venv)
+#   PYTHON          python of the environment to use (default: the active virtualenv/conda env's, else the
+#                   repo's .venv made by launch/quickstart.sh); checked before anything starts
 #   NPROC_PER_NODE  processes for the torchrun launch outside SLURM (default 1)
 #   MASTER_ADDR     default: first host of $SLURM_JOB_NODELIST under SLURM
 #   MASTER_PORT     default: 20000 + SLURM_JOB_ID % 20000 under SLURM (distinct for concurrent jobs)
@@ -35,8 +36,26 @@ MEGALATENT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export MEGALATENT_ROOT
 cd "$MEGALATENT_ROOT"
 
-PYTHON=${PYTHON:-python}
 CONFIG=${CONFIG:?set CONFIG (e.g. examples/tiny/gpt.yaml) before sourcing launch/common.sh}
+# The project's environment, found whether or not the submitting shell activated it (sbatch copies that
+# shell's environment into the job), and checked here, in seconds, so that a job without it fails with the fix
+# instead of with "No module named 'torch'" in every task.
+if [[ -z ${PYTHON:-} ]]; then
+    if [[ -n ${VIRTUAL_ENV:-} || -n ${CONDA_PREFIX:-} ]]; then
+        PYTHON=python
+    elif [[ -x $MEGALATENT_ROOT/.venv/bin/python ]]; then
+        PYTHON=$MEGALATENT_ROOT/.venv/bin/python
+    else
+        PYTHON=python3
+    fi
+fi
+if ! "$PYTHON" -c "import torch, yaml, sentencepiece, megalatent.config" >/dev/null 2>&1; then
+    echo "[megalatent] error: $PYTHON (${VIRTUAL_ENV:-no virtualenv active}) cannot import torch and megalatent's" \
+        "dependencies. Run 'bash launch/quickstart.sh' once (it installs into $MEGALATENT_ROOT/.venv), or" \
+        "'source .venv/bin/activate' / activate the env you installed megalatent into before sbatch, or pass" \
+        "PYTHON=/path/to/python (sbatch --export=ALL,PYTHON=...)." >&2
+    exit 2
+fi
 export PYTHONUNBUFFERED=1   # iteration lines reach the log as they happen
 
 _ml_log() { echo "[megalatent $(date '+%F %T')] $*"; }

@@ -11,6 +11,8 @@
 #    --family F (gpt, longnet, mhmoe, ...), with `sbatch --parsable`, waits for it
 #    (at most QUICKSTART_TIMEOUT seconds, default 1800), then prints the log, tensorboard and
 #    checkpoint paths and the first and last training `lm loss`. Exits non-zero if the job failed.
+# 4. Plots the run (tools/plot_runs.py -> RUN_DIR/runs.png) and prints the next steps (activating the
+#    environment in a new shell, tensorboard, generate, convert) and each phase's time.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,11 +39,15 @@ if [[ ! -f $SCRIPT ]]; then
 fi
 
 say() { echo "[quickstart] $*"; }
+PHASES=()
+phase_done() { PHASES+=("$1 $(( SECONDS - PHASE_START ))s"); PHASE_START=$SECONDS; }
+PHASE_START=$SECONDS
 
 # ---------------------------------------------------------------- 1. environment
 # shellcheck disable=SC1091
 source "$ROOT/launch/python_env.sh"   # sets and exports PYTHON (the job's tasks use it too)
 say "using $PYTHON"
+phase_done install
 
 # ---------------------------------------------------------------- 2. cluster
 STARTED_CLUSTER=0
@@ -60,6 +66,7 @@ if ! command -v sbatch >/dev/null 2>&1 || ! timeout 15 sinfo -h >/dev/null 2>&1;
     STARTED_CLUSTER=1
     bash "$ROOT/launch/local_cluster.sh" up
 fi
+phase_done cluster
 
 # ---------------------------------------------------------------- 3. job
 mkdir -p runs/logs
@@ -92,6 +99,7 @@ STATE=$(field JobState "$INFO")
 EXIT=$(field ExitCode "$INFO")
 RUN_DIR=$(sed -n 's/.*megalatent.*\] run dir: //p' "$LOG" | tail -n1)
 losses=$(grep 'iteration *[0-9]*/' "$LOG" | grep -o 'lm loss: [^ |]*' | sed 's/lm loss: //' || true)
+phase_done "job (queue + training)"
 say "job $JOB: JobState=$STATE ExitCode=$EXIT after $(( SECONDS - start ))s"
 say "log:             $LOG"
 say "tensorboard dir: $RUN_DIR/tensorboard   (tensorboard --logdir $RUN_DIR/tensorboard)"
@@ -101,4 +109,31 @@ if [[ $STATE != COMPLETED || $EXIT != 0:0 ]]; then
     tail -n 40 "$LOG" || true
     exit 1
 fi
-say "lm loss: first $(head -n1 <<<"$losses"), last $(tail -n1 <<<"$losses")"
+say "lm loss: first (iteration 1) $(head -n1 <<<"$losses"), last $(tail -n1 <<<"$losses")"
+if "$PYTHON" tools/plot_runs.py "$RUN_DIR" --output "$RUN_DIR/runs.png" >/dev/null; then
+    say "curves:          $RUN_DIR/runs.png   (loss, grad norm, tokens/s, lr vs tokens)"
+fi
+phase_done plot
+
+# ---------------------------------------------------------------- 4. next steps
+ACTIVATE=""
+if [[ $PYTHON == "$ROOT/.venv/bin/python" ]]; then
+    ACTIVATE="source $ROOT/.venv/bin/activate"
+elif [[ -n ${VIRTUAL_ENV:-} ]]; then
+    ACTIVATE="source $VIRTUAL_ENV/bin/activate"
+elif [[ -n ${CONDA_DEFAULT_ENV:-} ]]; then
+    ACTIVATE="conda activate $CONDA_DEFAULT_ENV"
+fi
+case $FAMILY in
+    latentlm) GENERATE="python tools/generate.py --load $RUN_DIR/checkpoints --classes 0 1 2 3 --output digits.png" ;;
+    longvit) GENERATE="" ;;  # a classifier: nothing to generate
+    *) GENERATE="python tools/generate.py --load $RUN_DIR/checkpoints --prompt 'def main(' --max-new-tokens 64" ;;
+esac
+echo "[quickstart] times: $(IFS=,; echo "${PHASES[*]}" | sed 's/,/, /g'); total ${SECONDS}s"
+echo "[quickstart] next steps, in a new shell:"
+echo "  cd $ROOT${ACTIVATE:+ && $ACTIVATE}   # megalatent's environment: the commands below need it"
+echo "  tensorboard --logdir $RUN_DIR/tensorboard   # the curves, live"
+echo "  python tools/plot_runs.py $RUN_DIR --output runs.png   # as a PNG; give several runs to compare them"
+[[ -n $GENERATE ]] && echo "  $GENERATE"
+echo "  python tools/convert_checkpoint.py to-torch --load $RUN_DIR/checkpoints --output $RUN_DIR/model.pt"
+echo "  RUN_DIR=$RUN_DIR sbatch $SCRIPT --train-iters 500   # continue this run (it resumes) to 500 iterations"

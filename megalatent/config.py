@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 
     def __init__(self, errors: list[str]):
         self.errors = errors
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
+        super().__init__(errors[0] if len(errors) == 1 else
+                         "invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
 def flag(default, help: str, choices=None, nargs=None, architectural: bool = True, group: Optional[str] = None):
@@ -181,8 +182,19 @@ class TrainingConfig:
     bf16: Optional[bool] = flag(None, "bf16 autocast; default on with a GPU, off on CPU (fp32)")
     exit_duration_in_mins: Optional[float] = flag(None, "save and exit after this many minutes")
     exit_signal_handler: bool = flag(True, "on SIGUSR1/SIGTERM save a checkpoint and exit at the next step")
+    check_for_nan_in_loss_and_grad: bool = flag(
+        False, "stop the run at the first step with a NaN/inf loss or gradient norm (default: skip such steps, "
+        "see --max-consecutive-skipped-iterations)")
+    max_consecutive_skipped_iterations: int = flag(
+        10, "stop the run, naming the last good iteration, after this many non-finite (skipped) steps in a row")
     eval_interval: int = flag(1000, "run validation every this many steps (0 disables)")
     eval_iters: int = flag(10, "global batches per validation")
+    compile: bool = flag(False, "torch.compile each transformer block (regional compilation, as torchtitan; "
+                                "megalatent/distributed/compile.py)")
+    compile_backend: str = flag("inductor", "--compile's backend: inductor (generated kernels), or aot_eager (the same "
+                                            "captured graphs run by eager kernels: tells a capture problem from a "
+                                            "code-generation one, and compiles in seconds)",
+                                choices=["inductor", "aot_eager"])
 
 
 @dataclass
@@ -212,6 +224,23 @@ class ParallelConfig:
 
 
 @dataclass
+class FP8Config:
+    """FP8 matmuls in the transformer blocks' linear layers (torchao's float8 training; Megatron's flag names;
+    megalatent/distributed/fp8.py says what is converted and why)."""
+    fp8_format: Optional[str] = flag(None, "FP8 for the blocks' linear layers: e4m3 (every operand e4m3) or hybrid "
+                                           "(e4m3 forward, e5m2 gradients); unset: no FP8", choices=["e4m3", "hybrid"])
+    fp8_recipe: str = flag("tensorwise", "FP8 scaling, from the tensor's own amax at every cast: one scale per "
+                                         "tensor, or one per row (powers of two)", choices=["tensorwise", "rowwise"])
+    fp8_param_gather: bool = flag(False, "FSDP2 all-gathers the FP8 weights instead of bf16 ones (tensorwise)")
+    fp8_emulate: bool = flag(False, "compute each FP8 matmul as dequantised operands in fp32: FP8 numerics without "
+                                    "FP8 tensor cores (GPUs before Ada/Hopper)")
+    first_last_layers_bf16: bool = flag(False, "keep the first --num-layers-at-start-in-bf16 and last "
+                                               "--num-layers-at-end-in-bf16 transformer layers out of FP8")
+    num_layers_at_start_in_bf16: int = flag(1, "with --first-last-layers-bf16: first layers kept out of FP8")
+    num_layers_at_end_in_bf16: int = flag(1, "with --first-last-layers-bf16: last layers kept out of FP8")
+
+
+@dataclass
 class CheckpointConfig:
     save: Optional[str] = flag(None, "directory to save checkpoints to")
     load: Optional[str] = flag(None, "directory to resume from (the newest complete checkpoint)")
@@ -222,6 +251,8 @@ class CheckpointConfig:
     use_checkpoint_args: bool = flag(False, "take the model's architecture (and the tokenizer, unless "
                                             "--tokenizer-model is given) from the --load checkpoint")
     no_load_rng: bool = flag(False, "do not restore random-number-generator states")
+    exit_on_missing_checkpoint: bool = flag(False, "stop with an error when --load holds no checkpoint (default: "
+                                                   "say so and start from scratch)")
 
 
 @dataclass
@@ -232,7 +263,7 @@ class LoggingConfig:
     peak_tflops: Optional[float] = flag(None, "per-device peak TFLOP/s for MFU; default: known GPUs' dense bf16 peak")
 
 
-GENERIC_SECTIONS = {"data": DataConfig, "training": TrainingConfig, "parallel": ParallelConfig,
+GENERIC_SECTIONS = {"data": DataConfig, "training": TrainingConfig, "parallel": ParallelConfig, "fp8": FP8Config,
                     "checkpoint": CheckpointConfig, "logging": LoggingConfig}
 
 
@@ -242,6 +273,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Problems found while reading the flags that `config_errors` reports with every other rule (a flag of
@@ -318,11 +350,27 @@ def _coerce(key: str, value: Any, tp) -> Any:
         raise ConfigError([f"'{key}' must be {base.__name__}, got {value!r}"]) from None
 
 
+def _read_yaml(path: str) -> Any:
+    """The YAML document in `path`; a file that is not UTF-8 YAML is a one-line ConfigError with the place."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"--config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                           "save it as UTF-8"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"--config {path}: invalid YAML{where}: {what}"]) from None
+    except OSError as e:
+        raise ConfigError([f"--config {path}: cannot read it ({e.strerror})"]) from None
+
+
 def load_yaml(path: str, keys: Mapping[str, Key]) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError([f"--config: file {path} does not exist"])
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = _read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError([f"--config: {path} must hold a mapping of keys to values"])
     values, errors = {}, []
@@ -339,10 +387,30 @@ def load_yaml(path: str, keys: Mapping[str, Key]) -> dict[str, Any]:
     return values
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with short errors: the problem, the closest flag to a mistyped one, and where --help is
+    (not the whole usage, which lists every flag)."""
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            flags = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            typos = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
+            if not typos:
+                self.error(f"unexpected argument {unknown[0]!r} (flags start with --)")
+            close = difflib.get_close_matches(typos[0], flags, n=1)
+            self.error(f"unrecognized argument {typos[0]}" + (f": did you mean {close[0]}?" if close else "")
+                       + (f" (and {len(typos) - 1} more unrecognized)" if len(typos) > 1 else ""))
+        return namespace
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every flag)\n")
+
+
 def build_parser(families: Mapping[str, type[ModelConfig]]) -> argparse.ArgumentParser:
     """Every flag of every section, grouped in --help: the shared model flags, MoE, each family's own,
     then data, training, parallel, checkpoint, logging."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="megalatent-pretrain",
         description="Pretrain a model of the megalatent families. A YAML --config gives defaults; "
                     "flags (Megatron-LM names) override it.",
@@ -360,7 +428,8 @@ def build_parser(families: Mapping[str, type[ModelConfig]]) -> argparse.Argument
             help += f" (--model-family {', '.join(key.owners)})"
         kwargs = dict(dest=name, default=argparse.SUPPRESS, help=help + f" (default: {f.default})")
         if _scalar_type(tp) is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            # --no-load-optim is a switch; a --no- form of it would be a double negative
+            kwargs["action"] = "store_true" if name.startswith("no_") else argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _scalar_type(tp)
             if f.metadata.get("choices"):
@@ -578,8 +647,14 @@ def config_errors(cfg: Config, dp: int, text_data: bool = True) -> list[str]:
         e.append(f"--clip-grad must be >= 0 (0 disables clipping), got {t.clip_grad}")
     if t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0:
         e.append(f"--exit-duration-in-mins must be > 0, got {t.exit_duration_in_mins}")
+    if t.max_consecutive_skipped_iterations < 1:
+        e.append(f"--max-consecutive-skipped-iterations must be >= 1, got {t.max_consecutive_skipped_iterations}")
     if t.eval_interval < 0 or t.eval_iters < 1:
         e.append(f"--eval-interval must be >= 0 and --eval-iters >= 1, got {t.eval_interval}, {t.eval_iters}")
+    if t.compile and cfg.parallel.tensor_model_parallel_size > 1 and cfg.parallel.recompute_granularity:
+        e.append("--compile with --tensor-model-parallel-size > 1 and --recompute-granularity: torch 2.13 cannot "
+                 "compile a recomputed block that holds tensor-parallel plans (AOTAutograd: 'expected all "
+                 "tensors_saved_with_vc_check to be Tensors', a DeviceMesh); drop one of the three")
 
     if c.save_interval is not None and c.save_interval < 1:
         e.append(f"--save-interval must be >= 1, got {c.save_interval}")

@@ -7,8 +7,11 @@ import json
 
 def read_format_json(path: str, name: str, version: int) -> dict:
     """The JSON object in `path`, after checking it declares format `name` at a version <= `version`."""
-    with open(path) as f:
-        info = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not a readable JSON description ({e}); the file is damaged") from None
     if info.get("format") != name:
         raise ValueError(f"{path}: format {info.get('format')!r} is not {name!r}")
     if info.get("format_version", 0) > version:

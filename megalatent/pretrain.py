@@ -4,29 +4,34 @@
     python -m megalatent.pretrain ...              (same thing)
     torchrun --nproc-per-node 2 -m megalatent.pretrain ...   /   srun python -m megalatent.pretrain ...
 
-Everything that can be wrong with a run (flags, layout, data files, the checkpoint to resume) is
-checked before a process group, a tensor or a dataset index is made.
+Everything that can be wrong with a run (flags, layout, data files, the checkpoint to resume, the --save
+directory) is checked before a process group, a tensor or a dataset index is made. Exit codes: 0 done (or
+stopped by a signal or the time limit, with a checkpoint), 2 a bad input (one line naming it), 1 a run that
+had to stop (it diverged, or a save failed).
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from megalatent.config import Config, ConfigError, architectural_differences
 from megalatent.distributed import checkpoint as ckpt
+from megalatent.distributed import checkpoint_integrity
 from megalatent.distributed.env import DistEnv, discover, exit_process, init_process_group
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.materialize import materialize
 from megalatent.distributed.parallelize import parallelize
+from megalatent.distributed.save_dir import SaveDirLock, checkpoint_bytes, save_dir_problems
 from megalatent.distributed.pipeline import Pipeline, plan_pipeline
 from megalatent.families import get_family, model_config_from_saved, parse_args, validate
 from megalatent.training.metrics import log
 from megalatent.training.moe_stats import moe_step_hooks
-from megalatent.training.trainer import StopRequest, Trainer, uses_bf16
+from megalatent.training.optim import OPTIMIZER_STATES_PER_PARAMETER
+from megalatent.training.trainer import StopRequest, Trainer, TrainingStopped, uses_bf16
 
 
 def resolve_data(cfg: Config):
@@ -62,13 +67,28 @@ def use_checkpoint_args(cfg: Config) -> None:
         cfg.data.tokenizer_model = train_state["tokenizer_model"]
 
 
-def check_resumable(cfg: Config) -> Optional[str]:
-    """The checkpoint to resume from, after checking it was written by this model."""
-    if cfg.checkpoint.load is None:
-        return None
-    path = ckpt.find_loadable(cfg.checkpoint.load)
-    if path is None:
-        return None
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_resumable(cfg: Config, warn: Callable[[str], None] = _stderr) -> list[str]:
+    """The checkpoints to resume from, newest first, that pass the cheap integrity checks, after checking the
+    newest was written by this model; [] to start from scratch. Their checksums are verified once the process
+    group exists (`checkpoint_integrity.first_intact`)."""
+    c = cfg.checkpoint
+    if c.load is None:
+        return []
+    try:
+        paths = checkpoint_integrity.candidates(c.load, warn)
+    except ckpt.CheckpointError as e:
+        raise ConfigError([f"--load {c.load}: {e}"]) from None
+    if not paths:
+        what = f"--load {c.load} holds no checkpoint (no {ckpt.LATEST}, no iter_XXXXXXX/)"
+        if c.exit_on_missing_checkpoint:
+            raise ConfigError([f"{what} and --exit-on-missing-checkpoint is given"])
+        warn(f"{what}: starting from scratch")
+        return []
+    path = paths[0]
     train_state = ckpt.read_train_state(path)
     saved, problems = model_config_from_saved(train_state["model_config"], fallback=train_state)
     diffs = problems + ([f"model_family: checkpoint {saved.model_family!r}, this run {cfg.model.model_family!r}"]
@@ -76,7 +96,29 @@ def check_resumable(cfg: Config) -> Optional[str]:
     if diffs:
         raise ConfigError([f"--load {cfg.checkpoint.load}: checkpoint {path} was written by a different model "
                            f"({'; '.join(diffs)}); use that model's flags or another --load directory"])
-    return path
+    return paths
+
+
+def prepare_save_dir(cfg: Config, env: DistEnv) -> Optional[SaveDirLock]:
+    """Before the process group: --save is writable with room for one checkpoint (each node checks), and
+    locked by this run (rank 0 holds the lock; the caller releases it)."""
+    save = cfg.checkpoint.save
+    if save is None:
+        return None
+    if env.local_rank == 0:
+        with torch.device("meta"):  # the parameters' sizes, without allocating them
+            model = get_family(cfg.model.model_family).build(cfg.model)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        problems = save_dir_problems(save, checkpoint_bytes(weights, OPTIMIZER_STATES_PER_PARAMETER))
+        if problems:
+            raise ConfigError(problems)
+    if env.rank != 0:
+        return None
+    lock = SaveDirLock(save)
+    problem = lock.acquire()
+    if problem is not None:
+        raise ConfigError([problem])
+    return lock
 
 
 def setup(argv: Optional[list[str]] = None) -> tuple[Config, DistEnv, ParallelLayout, object, list, Optional[list]]:
@@ -92,13 +134,20 @@ def setup(argv: Optional[list[str]] = None) -> tuple[Config, DistEnv, ParallelLa
         if cfg.model.vocab_size is None and family.data.vocab_size is not None:
             cfg.model.vocab_size = family.data.vocab_size(cfg)
         return cfg, env, layout, None, None, None
-    tokenizer, prefixes, weights = resolve_data(cfg)
+    try:
+        tokenizer, prefixes, weights = resolve_data(cfg)
+    except ValueError as e:  # an unreadable tokenizer model
+        raise ConfigError([str(e)]) from None
     cfg.data.tokenizer_model = tokenizer.model_path  # recorded in checkpoints (HF export finds it there)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tokenizer.vocab_size
     elif cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError([f"--vocab-size {cfg.model.vocab_size} is smaller than the tokenizer's "
                            f"{tokenizer.vocab_size}; drop --vocab-size to use the tokenizer's"])
+    from megalatent.data.gpt_data import indexed_dataset_problem
+    problems = [p for p in (indexed_dataset_problem(prefix, cfg.model.vocab_size) for prefix in prefixes) if p]
+    if problems:  # token ids the embedding does not have: a corrupt .bin, or another tokenizer's data
+        raise ConfigError(problems)
     return cfg, env, layout, tokenizer, prefixes, weights
 
 
@@ -150,8 +199,9 @@ def meta_model_parts(cfg: Config, layout: ParallelLayout, device: torch.device):
             print(f"[layout] pp rank {layout.pp_rank}: {plan.schedule}, stages {pipeline.stage_ids} with layers "
                   f"{[plan.stage_layers[s] for s in pipeline.stage_ids]}", flush=True)
     param_dtype = torch.bfloat16 if uses_bf16(cfg, device) else None
-    return [parallelize(part, layout, cfg.parallel, family.parallel, cfg.model.seq_length, param_dtype)
-            for part in parts], pipeline
+    compile_backend = cfg.training.compile_backend if cfg.training.compile else None
+    return [parallelize(part, layout, cfg.parallel, family.parallel, cfg.model.seq_length, param_dtype,
+                        fp8=cfg.fp8, compile_backend=compile_backend) for part in parts], pipeline
 
 
 def tied_embeddings(cfg: Config) -> tuple[str, ...]:
@@ -175,10 +225,22 @@ def run(argv: Optional[list[str]] = None) -> None:
     cfg, env, layout, tokenizer, prefixes, weights = setup(argv)
     if not cfg.training.exit_signal_handler:
         stop.uninstall()
-    resume_path = check_resumable(cfg)
+    warn = _stderr if env.rank == 0 else (lambda message: None)  # rank 0 speaks for all
+    resume_candidates = check_resumable(cfg, warn)
+    lock = prepare_save_dir(cfg, env)
+    try:
+        _run(cfg, env, layout, tokenizer, prefixes, weights, stop, resume_candidates, warn)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _run(cfg: Config, env: DistEnv, layout: ParallelLayout, tokenizer, prefixes, weights, stop: StopRequest,
+         resume_candidates: list[str], warn) -> None:
     device = init_process_group(env)
     layout.build_mesh(device)
+    # every checksum of the checkpoint to resume, split over the ranks, before anything is built
+    resume_path = checkpoint_integrity.first_intact(resume_candidates, warn) if resume_candidates else None
     torch.manual_seed(cfg.training.seed)  # the same on every rank: TP plans slice identical full weights
     if layout.rank == 0:
         log(f"megalatent: {cfg.model.model_family} model, {layout.describe()} ({env.launcher}), device {device}")
@@ -203,9 +265,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     code = 0
     try:
         run(argv)
-    except ConfigError as e:
+    except (ConfigError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except (TrainingStopped, ckpt.CheckpointWriteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
     except SystemExit as e:  # argparse: --help, or a malformed flag
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:

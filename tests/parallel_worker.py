@@ -4,8 +4,9 @@ layouts and writes, per layout, the losses, grad norms, gathered gradients and f
     torchrun --nproc-per-node N tests/parallel_worker.py OUT.pt LAYOUT_JSON [LAYOUT_JSON ...]
     python tests/parallel_worker.py OUT.pt '{}'          (the single-process reference)
 
-A layout is a dict of megalatent flags (e.g. {"tensor-model-parallel-size": 2, "sequence-parallel": true});
-with "load" the model starts from that checkpoint's weights.
+A layout is a dict of megalatent flags (e.g. {"tensor-model-parallel-size": 2, "sequence-parallel": true}),
+optionally with "steps": the optimizer steps to run (default STEPS). With "save" (the --save flag) the run
+writes a checkpoint after its steps; with "load" the model starts from that checkpoint's weights.
 """
 import json
 import sys
@@ -68,6 +69,8 @@ def clean(name: str) -> str:
 
 
 def run_layout(layout_flags: dict, env, device) -> dict:
+    layout_flags = dict(layout_flags)
+    steps = layout_flags.pop("steps", STEPS)
     cfg = parse_args(MODEL + flags(layout_flags))
     validate(cfg, world_size=env.world_size)
     layout = ParallelLayout.from_config(cfg, env.world_size, env.rank)
@@ -78,23 +81,27 @@ def run_layout(layout_flags: dict, env, device) -> dict:
     objective = FAMILIES[cfg.model.model_family].objective
     if cfg.model.model_family == "latentlm":  # with the diffusion draws keyed by sample
         from megalatent.data.latent_data import latent_loader
-        loader = latent_loader(latent_samples(cfg, STEPS * t.global_batch_size), cfg, layout, objective.batch_keys)
+        loader = latent_loader(latent_samples(cfg, steps * t.global_batch_size), cfg, layout, objective.batch_keys)
     else:
-        loader = MicroBatchLoader(samples(STEPS * t.global_batch_size, seed=1), t.micro_batch_size,
+        loader = MicroBatchLoader(samples(steps * t.global_batch_size, seed=1), t.micro_batch_size,
                                   t.global_batch_size, layout.dp_rank, layout.dp, keys=objective.batch_keys)
     trainer = make_trainer(cfg, layout, device, parts, loader, None, pipeline)
     if cfg.checkpoint.load is not None:  # e.g. an imported checkpoint: its weights at this layout
         trainer.resume(ckpt.find_loadable(cfg.checkpoint.load))
     result = {"loss": [], "grad_norm": [], "moe": []}
-    for _ in range(STEPS):
+    for _ in range(steps):
         loss, norm = trainer.train_step(loader.next_global_batch())
         trainer.iteration += 1
         result["loss"].append(loss)
         result["grad_norm"].append(norm)
         result["moe"].append(next((h.stats for h in trainer.hooks if isinstance(h, MoEStepStats)), None))
+    trainer.save()  # (when the layout gives --save)
     # The last step's gradients (after clipping) and the weights after it, gathered to full tensors
     # and, over the pipeline ranks, to rank 0.
     named = [(clean(n), p) for part in parts for n, p in part.named_parameters()]
+    # The classes of the tensors this rank holds (e.g. torchao's weights that FSDP2 all-gathers in FP8).
+    result["local_tensor_types"] = sorted({type(p.to_local() if hasattr(p, "to_local") else p.data).__name__
+                                           for _, p in named})
     local = {"grads": {n: full(p.grad).detach().clone() for n, p in named},
              "weights": {n: full(p).detach().clone() for n, p in named}}
     gathered = [None] * dist.get_world_size() if dist.is_initialized() else [local]

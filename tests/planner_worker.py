@@ -10,8 +10,8 @@ world sizes from one set of processes.
 of its own (a file store in out_dir); the other ranks go on to the next case. Each rank writes
 out_dir/case<i>/rank<r>.json.
 
-Planners: `planners(jobs)`, a pool whose `plan_command(argv)` runs tools/plan.py's main, for commands planned
-side by side.
+Planners: `planners(jobs)`, a pool whose `plan_command(argv)` runs tools/plan.py as its command line does,
+for commands planned side by side.
 """
 import importlib.util
 import json
@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 import torch.distributed as dist
 
+from megalatent.cli import run_tool
 from megalatent.distributed.env import exit_process
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.families import parse_args, validate
@@ -90,7 +91,7 @@ def plan_command(argv: list[str]) -> int:
     spec = importlib.util.spec_from_file_location("plan_tool", os.path.join(REPO, "tools", "plan.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    return tool.main(argv)
+    return run_tool(tool.main, argv)
 
 
 def planners(jobs: int) -> ProcessPoolExecutor:

@@ -5,6 +5,6 @@
 # without one they are skipped, unless MEGALATENT_REQUIRE_SLURM=1 (as in CI) makes that a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source launch/python_env.sh dev,mpi
+source launch/python_env.sh dev,mpi,vision
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec "$PYTHON" -m pytest "$@"

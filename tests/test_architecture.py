@@ -19,7 +19,7 @@ KERNELS = os.path.join(REPO, "kernels")  # installed as megalatent.kernels
 
 # Bottom to top. A module may import its own package and any package listed before it.
 LAYERS = [
-    {"__init__", "formats", "config"},
+    {"__init__", "formats", "config", "cli"},
     {"nn"},
     {"kernels"},
     {"models"},

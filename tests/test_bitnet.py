@@ -14,7 +14,8 @@ if not torch.cuda.is_available():  # before the kernels are defined: run them in
 
 from conftest import REPO  # noqa: E402
 from megalatent.config import ConfigError, TrainingConfig
-from megalatent.families import model_config, parse_args, validate # noqa: E402
+from megalatent.families import model_config, parse_args, validate  # noqa: E402
+from megalatent.distributed import checkpoint as ckpt  # noqa: E402
 from megalatent.data.gpt_data import MicroBatchLoader  # noqa: E402
 from megalatent.distributed.layout import ParallelLayout  # noqa: E402
 from megalatent.kernels import bitnet as kernels  # noqa: E402
@@ -169,10 +170,12 @@ def test_two_stage_lr_and_weight_decay_switch_at_the_boundary():
     assert default.second_stage_start == 60 and default.weight_decay(60) == 0.05
 
 
-def test_trainer_applies_the_stage_of_each_step_also_after_a_resume():
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the trainer's save, single process
+def test_trainer_applies_the_stage_of_each_step_also_after_a_resume(tmp_path):
+    save = str(tmp_path / "ckpt")
     cfg = parse_args(MODEL + ["--model-family", "bitnet", "--num-layers", "1", "--train-iters", "4",
                               "--lr-decay-style", "two-stage", "--lr-second-stage", "5e-4",
-                              "--lr-two-stage-boundary-iter", "2", "--weight-decay", "0.1"])
+                              "--lr-two-stage-boundary-iter", "2", "--weight-decay", "0.1", "--save", save])
     validate(cfg)
 
     def trainer():
@@ -180,23 +183,32 @@ def test_trainer_applies_the_stage_of_each_step_also_after_a_resume():
         torch.manual_seed(0)
         parts, _ = build_model_parts(cfg, layout, torch.device("cpu"))
         loader = MicroBatchLoader(samples(4 * 8, seed=1), 2, 8, 0, 1)
-        return Trainer(cfg, layout, torch.device("cpu"), parts, loader, None, 1.0), loader
+        return Trainer(cfg, layout, torch.device("cpu"), parts, loader, None, 1.0)
 
-    t, loader = trainer()
-    seen = []
-    for _ in range(3):
-        t.train_step(loader.next_global_batch())
-        seen.append([(g["lr"], g["weight_decay"]) for g in t.optimizers[0].param_groups])
+    def step(t):
+        """One step as Trainer.train runs it: (loss, [(lr, weight decay) of each parameter group])."""
+        loss, _ = t.train_step(t.train_loader.next_global_batch())
         t.iteration += 1
+        return loss, [(g["lr"], g["weight_decay"]) for g in t.optimizers[0].param_groups]
+
+    t = trainer()
+    seen = []
+    for i in range(4):
+        seen.append(step(t))
+        if t.iteration == 2:
+            t.save()  # the last step of stage 1: its optimizer state still holds stage 1's weight decay
     # group 0 holds the matrices (decayed), group 1 the vectors (never decayed)
-    assert seen[0] == [(pytest.approx(1e-3), 0.1), (pytest.approx(1e-3), 0.0)]
-    assert seen[1][0] == (pytest.approx(1e-3 * 0.75 + 3e-5 * 0.25), 0.1)
-    assert seen[2] == [(pytest.approx(5e-4), 0.0), (pytest.approx(5e-4), 0.0)]
-    # A fresh trainer resumed past the boundary (its optimizer built with --weight-decay) is in stage 2.
-    t, loader = trainer()
-    t.iteration = 3
-    t.train_step(loader.next_global_batch())
-    assert t.optimizers[0].param_groups[0]["weight_decay"] == 0.0
+    assert seen[0][1] == [(pytest.approx(1e-3), 0.1), (pytest.approx(1e-3), 0.0)]
+    assert seen[1][1][0] == (pytest.approx(1e-3 * 0.75 + 3e-5 * 0.25), 0.1)
+    assert seen[2][1] == [(pytest.approx(5e-4), 0.0), (pytest.approx(5e-4), 0.0)]
+    # A fresh trainer resumed from the checkpoint of iteration 2 (its optimizer built with --weight-decay, its
+    # loaded parameter groups from stage 1) runs stage 2 from its first step, exactly as the uninterrupted run.
+    resumed = trainer()
+    resumed.resume(ckpt.find_loadable(save))
+    assert resumed.iteration == 2 and resumed.optimizers[0].param_groups[0]["weight_decay"] == 0.1
+    assert [step(resumed) for _ in range(2)] == seen[2:]
+    for (name, p), q in zip(resumed.model.named_parameters(), t.model.parameters()):
+        assert torch.equal(p, q), name
 
 
 # ------------------------------------------------------------------------------ packing, kernels

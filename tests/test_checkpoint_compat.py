@@ -39,7 +39,7 @@ def test_old_checkpoint_gives_the_same_logits(name):
 def test_old_checkpoint_resumes_with_its_flags(name):
     run = os.path.join(FIXTURES, name, "run")
     cfg = parse_args(flags_of(name) + ["--load", run, "--vocab-size", "512"])
-    path = check_resumable(cfg)
+    path = check_resumable(cfg)[0]  # the newest of the checkpoints to try
     assert path == ckpt.iteration_dir(run, 2)
     # Weights and AdamW state load into this version's model and optimizer, by parameter name.
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from conftest import REPO, losses, run_trainer
+from conftest import CORPUS_VOCAB_SIZE, REPO, losses, run_trainer
 from megalatent.config import TrainingConfig
 from megalatent.distributed import checkpoint as ckpt
 from megalatent.interop import convert
@@ -223,7 +223,7 @@ def test_a_tokenizer_of_another_size_is_refused(tmp_path, capsys, corpus_cache):
     err = _refused(capsys, "to-hf", "--load", tmp_path / "ck", "--output", tmp_path / "hf",
                    "--data-cache-path", corpus_cache)
     assert "holds no default-corpus tokenizer of 100 tokens" in err
-    [tokenizer] = find_default_tokenizer(corpus_cache, 8192)
+    [tokenizer] = find_default_tokenizer(corpus_cache, CORPUS_VOCAB_SIZE)
     err = _refused(capsys, "to-hf", "--load", tmp_path / "ck", "--output", tmp_path / "hf",
                    "--tokenizer-model", tokenizer)
-    assert "has 8192 tokens but the model was trained with --vocab-size 100" in err
+    assert f"has {CORPUS_VOCAB_SIZE} tokens but the model was trained with --vocab-size 100" in err

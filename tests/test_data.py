@@ -213,9 +213,11 @@ def test_micro_batch_loader_partitions_and_resumes():
 
 
 def test_parse_data_path(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     prefix = str(tmp_path / "d_text_document")
-    for ext in (".bin", ".idx"):
-        open(prefix + ext, "wb").close()
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)  # one document: the files must be sound
+    builder.add_document(np.array([5, 6, 2], dtype=np.uint16), [3])
+    builder.finalize(prefix + ".idx")
     assert parse_data_path([prefix]) == ([prefix], None)
     assert parse_data_path([prefix, prefix]) == ([prefix, prefix], None)
     assert parse_data_path(["3", prefix, "1e0", prefix]) == ([prefix, prefix], [3.0, 1.0])

@@ -250,9 +250,9 @@ def test_bitnet_2b4t_in_and_out(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ layouts and training
 
 def test_imported_model_trains_at_tp2_and_tp2_pp2(tmp_path):
-    """The import's first loss at TP2 (tied; with dp 2) and TP2 x PP2 (untied) is transformers' loss on the same
-    batch; the BitNet 2B4T variant (sub-norms sharded with the row-parallel inputs) equals one process at
-    TP2 + SP and TP2 x PP2. (PP with tied embeddings is not on main yet, hence tied at TP2 only.)"""
+    """The import's first loss at TP2 (tied; with dp 2) and TP2 x PP2 (tied: the embedding on the first and
+    last stages; and untied) is transformers' loss on the same batch; the BitNet 2B4T variant (sub-norms
+    sharded with the row-parallel inputs) equals one process at TP2 + SP and TP2 x PP2."""
     from parallel_worker import MODEL, samples
     from test_parallel import UNTIED, assert_equivalent, run_worker
 
@@ -275,10 +275,11 @@ def test_imported_model_trains_at_tp2_and_tp2_pp2(tmp_path):
             ce = F.cross_entropy(model(tokens).logits.flatten(0, 1), labels.flatten(), reduction="none")
         return ((ce * mask.flatten()).sum() / mask.sum()).item()
 
-    # One launch of the float64 worker (BitNet's: see tests/bitnet_worker.py) for all four layouts.
+    # One launch of the float64 worker (BitNet's: see tests/bitnet_worker.py) for all five layouts.
     worker = os.path.join(REPO, "tests", "bitnet_worker.py")
     bitnet = {"model-family": "bitnet", "bitnet-variant": "hf-2b4t", **UNTIED}
     imported = [{"tensor-model-parallel-size": 2, "load": str(tmp_path / "run-True")},
+                {"tensor-model-parallel-size": 2, "pipeline-model-parallel-size": 2, "load": str(tmp_path / "run-True")},
                 {"tensor-model-parallel-size": 2, "pipeline-model-parallel-size": 2, **UNTIED,
                  "load": str(tmp_path / "run-False")}]
     layouts = imported + [{**bitnet, "tensor-model-parallel-size": 2, "sequence-parallel": True},
@@ -288,7 +289,7 @@ def test_imported_model_trains_at_tp2_and_tp2_pp2(tmp_path):
     for layout, result in zip(imported, results):
         tied = "untie-embeddings-and-output-weights" not in layout
         assert result["loss"][0] == pytest.approx(hf_loss(hf[tied].eval()), rel=1e-5), layout
-    for layout, result in zip(layouts[2:], results[2:]):
+    for layout, result in zip(layouts[len(imported):], results[len(imported):]):
         assert_equivalent(result, reference, json.dumps(layout))
 
 

@@ -130,7 +130,7 @@ def test_sharding_covers_each_image_once_per_epoch(tmp_path):
         seen = [torch.cat([b["labels"] for b in pipe]) for pipe in ranks]
         assert sorted(torch.cat(seen).tolist()) == list(range(12))  # every image once, no rank overlap
         orders.append(torch.cat(seen).tolist())
-    assert orders[0] != orders[1] != orders[2]  # reshuffled every epoch
+    assert len({tuple(order) for order in orders}) == 3  # reshuffled every epoch: no two epochs alike
     again = ImagePipeline(str(list_file), batch_size=3, rank=0, world_size=2, seed=7, backend="torch")
     assert torch.cat([b["labels"] for b in again]).tolist() == orders[0][:6]  # same seed, same order
     resumed = ImagePipeline(str(list_file), batch_size=3, rank=1, world_size=2, seed=7, backend="torch")

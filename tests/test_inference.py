@@ -107,13 +107,10 @@ def test_generation_is_reproducible_and_stops_at_eos():
     assert torch.equal(stopped, greedy[:, :last + 1])
 
 
-def test_generate_tool_from_a_trained_checkpoint(tmp_path, corpus_cache):
+def test_generate_tool_from_a_trained_checkpoint(tmp_path, corpus_cache, capsys):
     """Train a tiny YOCO with the trainer, then tools/generate.py continues a prompt from its checkpoint,
     greedily, exactly as `generate` on the model that load_for_inference rebuilds."""
-    import subprocess
-    import sys
-
-    from conftest import REPO, run_trainer
+    from conftest import load_tool, run_trainer
     from megalatent.data.tokenizer import Tokenizer
     from megalatent.inference.loading import load_for_inference
 
@@ -121,15 +118,15 @@ def test_generate_tool_from_a_trained_checkpoint(tmp_path, corpus_cache):
     run_trainer(["--model-family", "yoco", "--yoco-self-attention", "swa", "--sliding-window-size", "16",
                  "--num-layers", "2", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2",
                  "--train-iters", "2", "--lr-warmup-iters", "0", "--eval-interval", "0", "--save", save], corpus_cache)
-    out = subprocess.run([sys.executable, "tools/generate.py", "--load", save, "--prompt", "import os",
-                          "--max-new-tokens", "8", "--no-stop-at-eos"], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "yoco model from" in out.stderr and "cache" in out.stderr
+    capsys.readouterr()
+    assert load_tool("generate").main(["--load", save, "--prompt", "import os", "--max-new-tokens", "8",
+                                       "--no-stop-at-eos"]) == 0
+    out = capsys.readouterr()
+    assert "yoco model from" in out.err and "cache" in out.err
     loaded = load_for_inference(save)
     tok = Tokenizer.load(loaded.tokenizer_model)
     ids = generate(loaded.model, torch.tensor([tok.encode("import os")]), 8, vocab_size=tok.vocab_size)
-    assert out.stdout.rstrip("\n") == "import os" + tok.decode(ids[0, len(tok.encode("import os")):].tolist())
+    assert out.out.rstrip("\n") == "import os" + tok.decode(ids[0, len(tok.encode("import os")):].tolist())
 
 
 def test_kv_cache_appends_in_place_into_doubling_buffers():

@@ -59,16 +59,23 @@ def test_longvit_config_errors():
 
 def test_training_on_digits_with_context_parallelism_equals_one_process(corpus_cache):
     """The trainer's LongViT path (embedded digits, classification objective): CP=2 gives the losses of one
-    process, and the loss falls."""
+    process, and the model learns to read the digits."""
     from conftest import losses, run_trainer
-    args = ["--config", "examples/tiny/longvit.yaml", "--train-iters", "20", "--log-interval", "1",
-            "--eval-interval", "0", "--lr-warmup-iters", "2"]
-    single = losses(run_trainer(args, corpus_cache).stdout)
-    split = losses(run_trainer(args + ["--context-parallel-size", "2"], corpus_cache, nproc=2).stdout)
-    assert sorted(single) == list(range(1, 21))
-    for it, loss in single.items():
-        assert float(split[it]) == pytest.approx(float(loss), rel=1e-5), it
-    assert float(single[20]) < float(single[1]) - 0.02
+    # The schedule of the config's 100 iterations (cosine after a short warmup), so that the 20 iterations
+    # run at CP=2 are the first 20 of the 40 run in one process.
+    args = ["--config", "examples/tiny/longvit.yaml", "--log-interval", "1", "--eval-interval", "0",
+            "--lr-warmup-iters", "2", "--lr-decay-iters", "100"]
+    single = losses(run_trainer(args + ["--train-iters", "40"], corpus_cache).stdout)
+    split = losses(run_trainer(args + ["--train-iters", "20", "--context-parallel-size", "2"], corpus_cache,
+                               nproc=2).stdout)
+    assert sorted(single) == list(range(1, 41)) and sorted(split) == list(range(1, 21))
+    for it, loss in split.items():
+        assert float(loss) == pytest.approx(float(single[it]), rel=1e-5), it
+    # The ten digits are about equally frequent: a model that ignores the image (or sees it with another
+    # image's label) cannot do better than the labels' entropy, ln 10 = 2.30. This one, after 40 steps,
+    # averages ~1.9 over its last five batches (it starts at 2.30 and stays there for ~20 steps).
+    last = [float(single[it]) for it in range(36, 41)]
+    assert sum(last) / 5 < 2.1, single
 
 
 def test_training_on_an_image_folder(corpus_cache, tmp_path):

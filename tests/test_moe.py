@@ -2,7 +2,6 @@
 head -> plain MoE on sub-tokens -> merge, capacity drop order, the balance and z losses by formula, the
 expert bias; and expert parallelism (EP = 2, 4; with TP, CP, PP and dp) against one process, balance
 loss included; a checkpoint written at EP = 2 loads at EP = 1."""
-import copy
 import math
 
 import pytest
@@ -164,14 +163,29 @@ def test_moe_config_errors(flags, message):
         validate(parse_args(["--vocab-size", "100"] + flags), world_size=4)
 
 
-def test_moe_flops_count_active_parameters():
+@pytest.mark.parametrize("heads", [1, 2], ids=["moe", "mh-moe"])
+def test_moe_flops_count_active_parameters(heads):
+    """flops_per_token of a model with MoE layers against the matmuls of one forward and backward, counted by
+    FlopCounterMode (tests/flop_count.py): the router, the top-k experts each (sub-)token visits, MH-MoE's head
+    and merge projections; the dense layers and attention as in the baseline."""
+    from flop_count import count
     from megalatent.models.decoder import dense_decoder_flops_per_token
-    base = ["--vocab-size", "128", "--hidden-size", "64", "--ffn-hidden-size", "256", "--num-layers", "2"]
-    dense = dense_decoder_flops_per_token(parse_args(base).model)
-    cfg = parse_args(base + ["--num-experts", "8", "--moe-router-topk", "2", "--moe-layer-freq", "2"]).model
-    # layer 0 is MoE: two experts of width 256 and a router replace one dense MLP of width 256
-    expected = dense + 3 * (2 * 64 * 8 + 2 * 64 * 256 * 3)
-    assert dense_decoder_flops_per_token(cfg) == pytest.approx(expected)
+    from megalatent.families import build_model
+    cfg = parse_args(["--vocab-size", "128", "--hidden-size", "64", "--ffn-hidden-size", "256", "--num-layers", "2",
+                      "--num-attention-heads", "4", "--seq-length", "16", "--num-experts", "8", "--moe-router-topk", "2",
+                      "--moe-layer-freq", "2", "--moe-num-heads", str(heads)]).model
+    assert cfg.is_moe_layer(0) and not cfg.is_moe_layer(1)
+    b, s = 2, cfg.seq_length
+    torch.manual_seed(0)
+    counted = count(build_model(cfg), torch.randint(0, 128, (b, s)))
+    assert counted.training == 3 * counted.forward_total
+    # The experts of layer 0 ran on top-k x (sub-)tokens rows (dropless: no capacity factor), each through
+    # gate, up and down projections of width 256: twice the dense MLP of layer 1 (top-2), whatever the routing.
+    assert counted.op("mm", "layers.0.mlp.experts") == 2 * counted.op("mm", "layers.1.mlp")
+    # Attention's scores and values (the only batched products) over all s x s pairs; causal: the convention
+    # counts half of them.
+    attention = counted.op("bmm")
+    assert dense_decoder_flops_per_token(cfg) * b * s == 3 * (counted.forward_total - attention / 2)
 
 
 # ---------------------------------------------------------------------------------------------- parallel

@@ -21,6 +21,7 @@ import pytest
 
 import planner_worker
 from conftest import REPO
+from megalatent.cli import run_tool
 from megalatent.families import parse_args
 from megalatent.planning.estimate import spanned_dims
 from megalatent.planning.hardware import HOST, target
@@ -176,7 +177,7 @@ def layout_flag(argv: list[str], flag: str):
 ])
 def test_bad_input_is_one_line_naming_the_fix_and_exit_2(capsys, argv, message):
     tiny = ["--config", "examples/tiny/gpt.yaml", "--vocab-size", "8192", "--nodes", "1", "--gpus-per-node", "2"]
-    assert plan_tool.main(tiny + argv) == 2
+    assert run_tool(plan_tool.main, tiny + argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
 

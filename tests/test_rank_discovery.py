@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, losses
+from conftest import CORPUS_FLAGS, REPO, losses
 from megalatent.distributed.env import discover
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
@@ -64,7 +64,8 @@ mpirun = shutil.which("mpirun", path=os.path.dirname(sys.executable) + os.pathse
 @pytest.mark.skipif(mpirun is None, reason="no MPI: pip install -e '.[mpi]'")
 def test_mpirun_job_trains(corpus_cache, tmp_path):
     cmd = [mpirun, "-n", "2", sys.executable, "-m", "megalatent.pretrain", "--config", "examples/tiny/gpt.yaml",
-           "--data-cache-path", corpus_cache, "--train-iters", "2", "--log-interval", "1", "--eval-interval", "0",
+           "--data-cache-path", corpus_cache, *CORPUS_FLAGS, "--train-iters", "2", "--log-interval", "1",
+           "--eval-interval", "0",
            "--lr-warmup-iters", "1", "--global-batch-size", "8", "--save", str(tmp_path / "ck")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29733"}
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)

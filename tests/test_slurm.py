@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import CORPUS_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "pretrain_gpt.sh"
 REQUIRE = os.environ.get("MEGALATENT_REQUIRE_SLURM") == "1"
@@ -29,6 +31,13 @@ REQUIRE = os.environ.get("MEGALATENT_REQUIRE_SLURM") == "1"
 FIRST_JOB_TIMEOUT = 300
 JOB_TIMEOUT = 180
 TINY = ["--log-interval", "1", "--save-interval", "1000"]
+
+
+@pytest.fixture
+def text_data(corpus_cache) -> list[str]:
+    """The text families' data: the session's default corpus at the tests' 512-token vocabulary (conftest),
+    built once, rather than the 8192-token one each fresh machine would build in its first job."""
+    return ["--data-cache-path", corpus_cache, *CORPUS_FLAGS]
 
 ITERATION_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+)\s*\|.*?lm loss: ([0-9.]+E[+-]\d+)")
 RESUMED_RE = re.compile(r"resumed from checkpoint at iteration (\d+)")
@@ -138,9 +147,9 @@ def assert_completed(job: Job, info: dict[str, str], train_iters: int) -> None:
     assert ckpts.is_dir() and any(ckpts.iterdir()), f"job {job.id}: no checkpoint in {ckpts}\n{job.tail()}"
 
 
-def test_one_node_two_tasks(submit):
+def test_one_node_two_tasks(submit, text_data):
     iters = 20
-    job = submit("n1x2", [], ["--train-iters", str(iters), *TINY])
+    job = submit("n1x2", [], ["--train-iters", str(iters), *TINY, *text_data])
     info = wait_done(job, FIRST_JOB_TIMEOUT)
     assert_completed(job, info, iters)
     assert "1 node(s), 2 task(s)" in job.text(), job.tail()
@@ -155,39 +164,43 @@ def two_nodes(cluster_nodes):
         pytest.skip(msg)
 
 
-def test_two_nodes_one_task_each(submit, two_nodes):
+def test_two_nodes_one_task_each(submit, two_nodes, text_data):
     iters = 20
-    job = submit("n2x1", ["--nodes=2", "--ntasks-per-node=1"], ["--train-iters", str(iters), *TINY])
+    job = submit("n2x1", ["--nodes=2", "--ntasks-per-node=1"], ["--train-iters", str(iters), *TINY, *text_data])
     info = wait_done(job, FIRST_JOB_TIMEOUT)
     assert_completed(job, info, iters)
     assert "2 node(s), 2 task(s)" in job.text(), job.tail()
     assert info.get("NumNodes") == "2", f"NumNodes={info.get('NumNodes')}\n{job.tail()}"
 
 
-def test_tp2_dp2_on_two_nodes(submit, two_nodes):
+def test_tp2_dp2_on_two_nodes(submit, two_nodes, text_data):
     """The parallel engine under SLURM: TP=2 inside each node (adjacent ranks), DP=2 across the nodes."""
     iters = 20
     job = submit("tp2dp2", ["--nodes=2", "--ntasks-per-node=2"],
-                 ["--train-iters", str(iters), "--tensor-model-parallel-size", "2", *TINY])
+                 ["--train-iters", str(iters), "--tensor-model-parallel-size", "2", *TINY, *text_data])
     info = wait_done(job, FIRST_JOB_TIMEOUT)
     assert_completed(job, info, iters)
     assert "world 4 = pp 1 x dp 2 x cp 1 x tp 2 (slurm)" in job.text(), job.tail()
     assert info.get("NumNodes") == "2", f"NumNodes={info.get('NumNodes')}\n{job.tail()}"
 
 
-# Every model family's batch script other than pretrain_gpt.sh (tested above), with its default tiny config.
-# (pretrain_latentlm.sh first trains its σ-VAE tokenizer when runs/vae-digits does not exist yet.)
-FAMILY_SCRIPTS = {"pretrain_longnet.sh": [], "pretrain_mhmoe.sh": [], "pretrain_latentlm.sh": [],
-                  "pretrain_longvit.sh": [], "pretrain_yoco.sh": [],
-                  "pretrain_bitnet.sh": ["--lr-warmup-iters", "2", "--lr-two-stage-boundary-iter", "5"]}  # tiny: 30
+# Every model family's batch script other than pretrain_gpt.sh (tested above), with its default tiny config
+# (the text families on the tests' corpus); whether it trains on text.
+FAMILY_SCRIPTS = {"pretrain_longnet.sh": ([], True), "pretrain_mhmoe.sh": ([], True), "pretrain_latentlm.sh": ([], False),
+                  "pretrain_longvit.sh": ([], False), "pretrain_yoco.sh": ([], True),
+                  "pretrain_bitnet.sh": (["--lr-warmup-iters", "2", "--lr-two-stage-boundary-iter", "5"], True)}  # tiny: 30
 
 
-def test_every_family_batch_script_trains(submit, tmp_path):
+def test_every_family_batch_script_trains(submit, tmp_path, text_data):
     """`sbatch launch/pretrain_<family>.sh` as the README says: all submitted at once, each must finish; and
-    LatentLM on documents (its own tokenizer and documents, made by the script, so no two jobs write one dir)."""
+    LatentLM on classes and on documents, each script training its own σ-VAE tokenizer first and the second
+    writing its documents (each in its own directory of the test, so no two jobs write one, nor the repo)."""
     iters = 10
-    jobs = {name: submit(name.removesuffix(".sh"), [], ["--train-iters", str(iters), *TINY, *extra],
-                         script=ROOT / "launch" / name) for name, extra in FAMILY_SCRIPTS.items()}
+    jobs = {name: submit(name.removesuffix(".sh"), [], ["--train-iters", str(iters), *TINY, *extra,
+                                                        *(text_data if text else [])],
+                         script=ROOT / "launch" / name,
+                         env={"LATENT_TOKENIZER": tmp_path / "vae-classes"} if "latentlm" in name else None)
+            for name, (extra, text) in FAMILY_SCRIPTS.items()}
     jobs["LATENTLM_DATA=documents"] = submit(
         "latentlm-documents", [], ["--train-iters", str(iters), *TINY], script=ROOT / "launch" / "pretrain_latentlm.sh",
         env={"LATENTLM_DATA": "documents", "LATENT_TOKENIZER": tmp_path / "vae", "DOCUMENTS": tmp_path / "docs"})
@@ -195,11 +208,11 @@ def test_every_family_batch_script_trains(submit, tmp_path):
         assert_completed(job, wait_done(job, FIRST_JOB_TIMEOUT), iters)
 
 
-def test_usr1_requeue_resumes_exactly(submit):
+def test_usr1_requeue_resumes_exactly(submit, text_data):
     """scancel --signal=USR1 --full: the trainer checkpoints, the batch shell requeues, the rerun resumes
     from the checkpoint, and the final loss equals that of an unsignalled run with the same arguments."""
     iters, signal_after = 20, 3
-    args = ["--train-iters", str(iters), *TINY]
+    args = ["--train-iters", str(iters), *TINY, *text_data]
     reference = submit("reference", [], args)  # runs alongside; the 2 nodes x 4 CPUs fit both
     job = submit("signalled", [], args)
 

@@ -12,6 +12,7 @@ from megalatent.families import build_model, model_config, parse_args, validate
 from megalatent.models.yoco import CrossAttention, flops_per_token
 from megalatent.nn.attention import SlidingWindowCore
 from megalatent.nn.retention import GatedRetention
+from flop_count import count
 from test_parallel import assert_equivalent, run_worker
 
 GRET = {"model-family": "yoco", "retention-chunk-size": 4}  # 16-token sequences: 4 chunks
@@ -64,15 +65,37 @@ def test_causal_and_trains(kind):
 
 
 @pytest.mark.parametrize("kind", ["gret", "swa"])
-def test_flops_count_every_matmul(kind):
-    cfg = tiny(yoco_self_attention=kind, sliding_window_size=4 if kind == "swa" else None, retention_chunk_size=8)
-    model = build_model(cfg)
-    h, s, V, d = 32, 16, 128, 8
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
-    mixing_self = (4 - 4 * 3 / (2 * s)) if kind == "swa" else 8 / 2  # window keys / intra-chunk keys per query
-    attention = 2 * 2 * h * (2 * mixing_self + 2 * s / 2)  # 2 self layers, 2 cross layers
-    state = 2 * (2 * 2 * h * d) if kind == "gret" else 0  # q S and k^T v
-    assert flops_per_token(cfg) == pytest.approx(6 * (matmul_params + h * V) + 3 * (attention + state))
+def test_flops_per_token_is_what_the_model_computes(kind):
+    """flops_per_token against the matmuls of one forward and backward, counted by FlopCounterMode
+    (tests/flop_count.py: what it counts and the convention). Self-decoder layers 0-1, cross-decoder 2-3."""
+    chunk, window = 8, 4
+    cfg = tiny(yoco_self_attention=kind, sliding_window_size=window if kind == "swa" else None,
+               retention_chunk_size=chunk)
+    b, s, h, d = 2, cfg.seq_length, cfg.hidden_size, cfg.head_dim
+    torch.manual_seed(0)
+    counted = count(build_model(cfg), torch.randint(0, 100, (b, s)))
+    assert counted.training == 3 * counted.forward_total
+    self_core = sum(counted.op("bmm", f"layers.{i}.attention") for i in (0, 1))
+    cross_core = sum(counted.op("bmm", f"layers.{i}.attention") for i in (2, 3))
+    assert self_core + cross_core == counted.op("bmm")  # no batched product outside the attention cores
+    # Cross-attention: causal over the shared K^/V^, all s x s pairs computed; the convention counts half.
+    assert cross_core == 2 * b * s * s * 2 * 2 * h
+    if kind == "gret":
+        # Chunkwise retention: within each chunk of 8 tokens, scores and values over all 8 x 8 pairs (causal
+        # inside the chunk: the convention counts half, as for attention), and two state products per token
+        # and head, q S and k^T v (2 * d * d each: not masked, counted whole by both).
+        intra, state = 2 * b * s * chunk * 2 * 2 * h, 2 * b * s * 2 * (2 * h * d)
+        assert self_core == intra + state
+        self_convention = intra / 2 + state
+    else:
+        # The sliding window runs in blocks of `window` queries against their own block and the one before
+        # (the first block: its own), computing pairs outside the window too. The convention counts the keys
+        # each query sees: min(t + 1, window) at position t.
+        visible = sum(len([k for k in range(s) if t - window < k <= t]) for t in range(s))
+        self_convention = 2 * b * visible * 2 * 2 * h
+        assert self_core > self_convention
+    conventional = counted.forward_total - self_core - cross_core + self_convention + cross_core / 2
+    assert flops_per_token(cfg) * b * s == pytest.approx(3 * conventional, rel=1e-12)
 
 
 @pytest.mark.parametrize("granularity", ["full", "selective"])

@@ -381,7 +381,13 @@ def main() -> None:
         if length <= args.dense_max_length:
             runs.append(("dense", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
         for kind, fn in runs:
-            seconds, cpu_seconds, peak = measure(fn, q, k, v, args.repeats, device)
+            try:
+                seconds, cpu_seconds, peak = measure(fn, q, k, v, args.repeats, device)
+            except torch.cuda.OutOfMemoryError:  # recorded; the other kinds (and longer lengths) still run
+                torch.cuda.empty_cache()
+                records.append({"length": length, "kind": kind, "status": "out of memory"})
+                print(f"{length:>8} {kind:>17} {'out of memory':>11}", flush=True)
+                continue
             records.append({"length": length, "kind": kind, "ms": 1000 * seconds, "cpu_ms": 1000 * cpu_seconds,
                             "peak_gib": peak,
                             "segment_lengths": w if kind != "dense" else None,

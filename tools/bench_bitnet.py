@@ -42,6 +42,7 @@ SHAPES = {
     "1.3b": (2048, 5460, 32, 24),
     "3b": (3200, 8640, 32, 26),
     "700m-moe8": (1536, 4096, 24, 24, 8, 2),
+    "tiny": (64, 128, 4, 2),  # seconds on a CPU: benchmarks/gpu/acceptance.sh --dry-run
 }
 # The paper's Tab. 1-3 (FasterTransformer + Ladder 2-bit kernel, A100): LLaMA fp16 -> BitNet b1.58.
 PAPER = {"700m": {"memory_gb": (2.08, 0.80), "latency_ms": (1.18, 0.96)},

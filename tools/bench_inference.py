@@ -29,7 +29,7 @@ import torch
 
 from megalatent.config import ModelConfig
 from megalatent.inference.generate import decode_step, prefill
-from megalatent.families import model_config, build_model
+from megalatent.families import build_model, model_config, parse_args
 
 PAPER = {"memory_ratio_1m": 9.4, "prefill_speedup_1m": 71.8, "prefill_speedup_32k": 2.87, "memory_ratio_32k": 2.0}
 
@@ -107,8 +107,7 @@ def prefill_flops(cfg: ModelConfig, n: int) -> float:
 
 
 def paper_3b_analysis(lengths: list[int]) -> list[dict]:
-    import megalatent.config as config
-    cfg = config.parse_args(["--config", "examples/cluster/yoco_3b.yaml", "--vocab-size", "100288"]).model
+    cfg = parse_args(["--config", "examples/cluster/yoco_3b.yaml", "--vocab-size", "100288"]).model
     gpt = dataclasses.replace(cfg, model_family="gpt")
     with torch.device("meta"):
         params = {m.model_family: sum(p.numel() for p in build_model(m).parameters()) for m in (cfg, gpt)}

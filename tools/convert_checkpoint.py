@@ -27,6 +27,7 @@ import functools
 import sys
 import time
 
+from megalatent.cli import run_tool
 from megalatent.interop.convert import ConvertError, from_torch, to_torch
 from megalatent.interop.hf import HF_DTYPES, from_hf, to_hf
 
@@ -125,4 +126,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

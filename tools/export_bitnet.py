@@ -13,6 +13,7 @@ import functools
 import sys
 import time
 
+from megalatent.cli import run_tool
 from megalatent.interop.convert import ConvertError
 from megalatent.interop.packed import DTYPES, export_packed
 
@@ -46,4 +47,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

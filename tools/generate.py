@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from megalatent.cli import run_tool
 from megalatent.data.tokenizer import load_tokenizer
 from megalatent.interop.convert import ConvertError
 from megalatent.inference.generate import decode_step, prefill, sample
@@ -125,4 +126,4 @@ def images_from_latentlm(args, loaded) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

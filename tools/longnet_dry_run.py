@@ -26,6 +26,7 @@ from queue import Empty
 
 import torch
 
+from megalatent.cli import run_tool
 from megalatent.config import ConfigError
 from megalatent.distributed.context_parallel.dilated import received_rows
 from megalatent.distributed.layout import ParallelLayout
@@ -113,15 +114,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-log2", type=int, default=30)
     p.add_argument("--json", help="also write the table as JSON to this file")
     ours, rest = p.parse_known_args(argv)
-    try:
-        cfg = parse_args(rest)
-        validate(cfg, cfg.parallel.context_parallel_size)
-        if cfg.model.model_family != "longnet" or cfg.parallel.context_parallel_size < 2:
-            raise ConfigError(["the dry run is LongNet's distributed attention: give a --model-family longnet "
-                               "config and its --context-parallel-size (> 1)"])
-    except ConfigError as err:  # every broken rule, on one line
-        print("error: " + "; ".join(err.errors), file=sys.stderr)
-        return 2
+    cfg = parse_args(rest)
+    validate(cfg, cfg.parallel.context_parallel_size)
+    if cfg.model.model_family != "longnet" or cfg.parallel.context_parallel_size < 2:
+        raise ConfigError(["the dry run is LongNet's distributed attention: give a --model-family longnet "
+                           "config and its --context-parallel-size (> 1)"])
     local = cfg.model.seq_length // cfg.parallel.context_parallel_size
     context = multiprocessing.get_context("spawn")
     rows = []
@@ -148,4 +145,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

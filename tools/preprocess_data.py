@@ -14,12 +14,14 @@ Example::
 """
 
 import argparse
+import sys
 
+from megalatent.cli import run_tool
 from megalatent.data.preprocess import preprocess_files
 from megalatent.data.tokenizer import TOKENIZER_TYPES
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--input", nargs="+", required=True,
@@ -47,7 +49,7 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     prefixes = preprocess_files(
         args.input,
@@ -64,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

@@ -74,11 +74,12 @@ def check_paths(args) -> list[str]:
     return errors
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
     errors = check_paths(args)
     if errors:
-        sys.exit("error: " + "\n       ".join(errors))
+        print("error: " + "\n       ".join(errors), file=sys.stderr)
+        return 2
 
     from megalatent.data.interleaved import vocab_size, write_interleaved
     from megalatent.data.interleaved_sources import digits_documents, iter_jsonl_documents, scan_jsonl
@@ -88,10 +89,7 @@ def main(argv=None) -> None:
     vae = read_tokenizer_config(args.latent_tokenizer)["config"]
     size, channels = vae["image_size"], vae["in_channels"]
     if args.input:
-        try:
-            num_documents, num_images = scan_jsonl(args.input)  # every line and image file, before work
-        except (ValueError, FileNotFoundError) as err:
-            sys.exit(f"error: {err}")
+        num_documents, num_images = scan_jsonl(args.input)  # every line and image file, before work
         documents = iter_jsonl_documents(args.input, size, channels, args.workers)
     else:
         documents, num_images = digits_documents(size, channels, args.caption_dropout, args.seed)
@@ -115,7 +113,9 @@ def main(argv=None) -> None:
           f"{vocab_size(tokenizer.vocab_size)}")
     print(f"train with: --data-path {summary.data_prefix} --tokenizer-model {model_path} "
           f"--latent-tokenizer {args.latent_tokenizer}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from megalatent.cli import run_tool
+    sys.exit(run_tool(main))

@@ -11,13 +11,15 @@ Example::
 """
 
 import argparse
+import sys
 
+from megalatent.cli import run_tool
 from megalatent.data.preprocess import iter_records
 from megalatent.data.stdlib_corpus import iter_stdlib_documents
 from megalatent.data.tokenizer import train_sentencepiece
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="JSONL and/or .txt files to train on")
@@ -36,7 +38,7 @@ def main() -> None:
         "--output-prefix", required=True, help="writes <output-prefix>.model and .vocab"
     )
     parser.add_argument("--seed", type=int, default=1234, help="seed of the training-line sample")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.stdlib:
         texts = iter_stdlib_documents()
@@ -48,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Callable, Sequence
+import struct
+from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 _PREPROCESS_HINT = (
@@ -62,8 +64,64 @@ def _as_weight(token: str) -> float | None:
         return None
 
 
+# Megatron's .idx (megatron.core.datasets.indexed_dataset): a 9-byte magic, version <Q> (1), dtype code <B>,
+# sequence count S <Q>, document count D <Q>, then int32 lengths[S], int64 byte pointers[S], int64
+# document indices[D] (+ int8 modes[S] in multimodal datasets). Codes: megatron's DType enum.
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = struct.Struct("<9sQBQQ")
+_IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+               8: np.uint16}
+_TOKEN_SAMPLE = 1 << 16  # tokens read at the start, middle and end of a .bin to check their range
+
+
+def indexed_dataset_problem(prefix: str, vocab_size: Optional[int] = None) -> Optional[str]:
+    """What is wrong with the Megatron dataset ``prefix``.bin/.idx, by reading the .idx header and the
+    last sequence's place (cheap at any size), or None. With ``vocab_size``, a sample of the .bin's tokens
+    (start, middle, end) must also be ids below it."""
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    for path in (bin_, idx):
+        if not os.path.isfile(path):
+            return f"dataset file {path} not found (--data-path {prefix!r}). {_PREPROCESS_HINT}"
+    idx_size, bin_size = os.path.getsize(idx), os.path.getsize(bin_)
+    try:
+        with open(idx, "rb") as f:
+            header = f.read(_IDX_HEADER.size)
+            if len(header) < _IDX_HEADER.size:
+                return f"{idx}: truncated ({idx_size} bytes, shorter than the index header): preprocess it again"
+            magic, version, code, sequences, documents = _IDX_HEADER.unpack(header)
+            if magic != _IDX_MAGIC or version != 1 or code not in _IDX_DTYPES:
+                return (f"{idx}: not a Megatron indexed-dataset index (header {header[:9]!r}, version {version}, "
+                        f"dtype code {code}): corrupt, or another file under that name. {_PREPROCESS_HINT}")
+            expected = _IDX_HEADER.size + 12 * sequences + 8 * documents
+            if idx_size not in (expected, expected + sequences):
+                return (f"{idx}: {idx_size} bytes, its header ({sequences} sequences, {documents} documents) "
+                        f"needs {expected}: truncated or corrupt; preprocess it again")
+            if sequences == 0:
+                return f"{idx}: the dataset holds no sequences"
+            f.seek(_IDX_HEADER.size + 4 * (sequences - 1))
+            (last_length,) = struct.unpack("<i", f.read(4))
+            f.seek(_IDX_HEADER.size + 4 * sequences + 8 * (sequences - 1))
+            (last_pointer,) = struct.unpack("<q", f.read(8))
+    except OSError as e:
+        return f"{idx}: cannot read it ({e.strerror})"
+    dtype = np.dtype(_IDX_DTYPES[code])
+    if last_pointer + last_length * dtype.itemsize != bin_size:
+        return (f"{bin_}: {bin_size} bytes, but its index {idx} places its tokens in "
+                f"{last_pointer + last_length * dtype.itemsize} bytes: truncated, or the .bin and .idx are from "
+                "different runs; preprocess it again")
+    if vocab_size is not None:
+        tokens = np.memmap(bin_, dtype=dtype, mode="r")
+        starts = {0, max(0, len(tokens) // 2 - _TOKEN_SAMPLE // 2), max(0, len(tokens) - _TOKEN_SAMPLE)}
+        largest = max(int(tokens[s:s + _TOKEN_SAMPLE].max()) for s in starts)
+        if largest >= vocab_size:
+            return (f"{bin_}: holds token id {largest}, but the tokenizer has {vocab_size} ids: corrupt, or "
+                    "tokenized with another tokenizer (--tokenizer-model)")
+    return None
+
+
 def parse_data_path(tokens: Sequence[str]) -> tuple[list[str], list[float] | None]:
-    """Parse Megatron's ``--data-path`` list into ``(prefixes, weights)`` and check the files exist.
+    """Parse Megatron's ``--data-path`` list into ``(prefixes, weights)`` and check each dataset's files (they
+    exist, the .idx header is sound and the .bin has the size it gives: `indexed_dataset_problem`).
 
     Accepted forms, as in Megatron-LM:
 
@@ -72,7 +130,8 @@ def parse_data_path(tokens: Sequence[str]) -> tuple[list[str], list[float] | Non
     - ``PREFIX1 PREFIX2 ...``: a blend weighted by dataset size (weights are None).
 
     Raises ValueError for a malformed list (numbers not strictly alternating with prefixes,
-    a weight that is not a positive finite number) or a dataset whose ``.bin``/``.idx`` is missing.
+    a weight that is not a positive finite number) or datasets whose ``.bin``/``.idx`` are missing or
+    damaged (one line each).
     """
     tokens = [token.strip() for token in tokens]
     if not tokens:
@@ -99,12 +158,9 @@ def parse_data_path(tokens: Sequence[str]) -> tuple[list[str], list[float] | Non
                     f"malformed --data-path: the weight of {prefix!r} is {weight:g}; "
                     "weights must be positive numbers"
                 )
-    for prefix in prefixes:
-        for path in (prefix + ".bin", prefix + ".idx"):
-            if not os.path.isfile(path):
-                raise ValueError(
-                    f"dataset file {path} not found (--data-path {prefix!r}). {_PREPROCESS_HINT}"
-                )
+    problems = [p for p in map(indexed_dataset_problem, prefixes) if p is not None]
+    if problems:
+        raise ValueError("\n".join(problems))
     return prefixes, weights
 
 

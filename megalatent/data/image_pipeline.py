@@ -70,15 +70,20 @@ def read_file_list(list_file: str) -> list[tuple[str, int]]:
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"image list file {list_file!r} does not exist (expected 'path label' lines)")
     base, samples = os.path.dirname(os.path.abspath(list_file)), []
-    with open(list_file) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            path, _, label = line.rpartition(" ")
-            if not path or not label.isdigit():
-                raise ValueError(f"{list_file}:{lineno}: expected 'path label' with a label >= 0, got {line!r}")
-            samples.append((os.path.join(base, path.strip()), int(label)))
+    try:
+        with open(list_file, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"image list file {list_file}: not UTF-8 text ({e.reason} at byte {e.start}); expected "
+                         "'path label' lines") from None
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path, _, label = line.rpartition(" ")
+        if not path or not label.isdigit():
+            raise ValueError(f"{list_file}:{lineno}: expected 'path label' with a label >= 0, got {line!r}")
+        samples.append((os.path.join(base, path.strip()), int(label)))
     if not samples:
         raise ValueError(f"image list file {list_file!r} lists no images")
     return samples

@@ -266,7 +266,11 @@ class LatentStore:
         if not os.path.isfile(self.npy_path):
             raise FileNotFoundError(f"{self.npy_path} not found, though {self.json_path} describes it; "
                                     f"re-run tools/preprocess_interleaved.py for {data_prefix}")
-        self.latents = np.load(self.npy_path, mmap_mode="r")
+        try:
+            self.latents = np.load(self.npy_path, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{self.npy_path}: not a readable .npy latent store ({e}): truncated or damaged; "
+                             f"re-run tools/preprocess_interleaved.py for {data_prefix}") from None
         if self.latents.shape != (self.rows, self.latent_dim) or self.latents.dtype != np.float32:
             raise ValueError(f"{self.npy_path} holds {self.latents.dtype} {list(self.latents.shape)}, but "
                              f"{self.json_path} says float32 [{self.rows}, {self.latent_dim}]; the files are from "

@@ -119,27 +119,35 @@ def iter_records(inputs: Sequence[str], json_keys: Sequence[str]) -> Iterator[di
     under ``json_keys[0]``.
     """
     for path in inputs:
-        if path.endswith(".txt"):
-            with open(path, encoding="utf-8") as f:
-                yield {json_keys[0]: f.read()}
-            continue
+        try:
+            yield from _file_records(path, json_keys)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x}: {err.reason}); "
+                             "convert it to UTF-8") from None
+
+
+def _file_records(path: str, json_keys: Sequence[str]) -> Iterator[dict[str, str]]:
+    if path.endswith(".txt"):
         with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_number}: invalid JSON ({err})") from err
-                if not isinstance(obj, dict) or not all(
-                    isinstance(obj.get(key), str) for key in json_keys
-                ):
-                    found = list(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise ValueError(
-                        f"{path}:{line_number}: expected a JSON object with string fields "
-                        f"{list(json_keys)}, found {found}"
-                    )
-                yield {key: obj[key] for key in json_keys}
+            yield {json_keys[0]: f.read()}
+        return
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_number}: invalid JSON ({err})") from err
+            if not isinstance(obj, dict) or not all(
+                isinstance(obj.get(key), str) for key in json_keys
+            ):
+                found = list(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise ValueError(
+                    f"{path}:{line_number}: expected a JSON object with string fields "
+                    f"{list(json_keys)}, found {found}"
+                )
+            yield {key: obj[key] for key in json_keys}
 
 
 def preprocess_files(

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections import OrderedDict
 from typing import Iterable, Iterator, Optional
 
@@ -46,6 +47,40 @@ def _write_atomically(path: str, data: bytes) -> None:
     os.replace(tmp_path, path)
 
 
+def _train(texts: Iterable[str], model_writer: io.BytesIO, vocab_size: int) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_lines(texts),
+        model_writer=model_writer,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        input_sentence_size=MAX_TRAINING_LINES,
+        shuffle_input_sentence=True,
+        num_threads=1,
+        minloglevel=2,  # errors only: SentencePiece's INFO log is thousands of lines
+    )
+
+
+def _training_error(message: str, vocab_size: int) -> str:
+    """SentencePiece's refusal (a C++ check's text) as what the user can do about it."""
+    most = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if most:
+        return (f"--vocab-size {vocab_size} is more than this corpus supports: its text gives at most "
+                f"{most.group(2)} distinct pieces. Use --vocab-size {most.group(2)} or less, or train on more text")
+    if "smaller than required_chars" in message or "vocab_size" in message.lower():
+        return f"--vocab-size {vocab_size} does not fit this corpus ({message.split('] ', 1)[-1]})"
+    return f"sentencepiece could not train on this corpus: {message.split('] ', 1)[-1]}"
+
+
 def train_sentencepiece(
     texts: Iterable[str], model_prefix: str, vocab_size: int, seed: int = 1234
 ) -> str:
@@ -67,26 +102,10 @@ def train_sentencepiece(
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(texts),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        pad_id=PAD_ID,
-        input_sentence_size=MAX_TRAINING_LINES,
-        shuffle_input_sentence=True,
-        num_threads=1,
-        minloglevel=2,  # errors only: SentencePiece's INFO log is thousands of lines
-    )
+    try:
+        _train(texts, model, vocab_size)
+    except RuntimeError as e:
+        raise ValueError(_training_error(str(e), vocab_size)) from None
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = "".join(
         f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n"
@@ -136,12 +155,21 @@ class Tokenizer:
 
     @classmethod
     def load(cls, model_path: str) -> "Tokenizer":
-        """Load a ``.model`` written by :func:`train_sentencepiece` (or any SentencePiece model)."""
+        """Load a ``.model`` written by :func:`train_sentencepiece` (or any SentencePiece model).
+        Raises FileNotFoundError when it is missing, ValueError when it is not a readable model."""
         if not os.path.isfile(model_path):
             raise FileNotFoundError(
                 f"tokenizer model {model_path!r} not found; train one with tools/train_tokenizer.py"
             )
-        return cls(spm.SentencePieceProcessor(model_file=model_path), model_path)
+        try:
+            processor = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(
+                f"tokenizer model {model_path}: not a readable sentencepiece model ({str(e).strip()}; "
+                f"{os.path.getsize(model_path)} bytes): truncated or not a .model file? Copy it again or "
+                "retrain it with tools/train_tokenizer.py"
+            ) from None
+        return cls(processor, model_path)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without BOS/EOS."""

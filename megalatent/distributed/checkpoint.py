@@ -1,44 +1,48 @@
 """Checkpoints: torch.distributed.checkpoint (DCP) in Megatron's directory layout, written atomically.
 
     <save>/latest_checkpointed_iteration.txt      the iteration of the newest complete checkpoint
+    <save>/run.lock                                the run that writes here (save_dir.py)
     <save>/iter_0000100/                            one checkpoint
         .metadata, __*_*.distcp                    model + optimizer, DCP, global parameter names
         train_state.pt                             iteration, consumed samples, scheduler, data position,
                                                    the model config (checked on load)
         rng/rank_00000.pt ...                      each rank's RNG states
-        manifest.json                              every file's size, written last
+        manifest.json                              every file's size and checksum, written last
 
 A save goes to `iter_XXXXXXX.partial/`, which becomes `iter_XXXXXXX/` by one rename once every rank
 has finished and the manifest is on disk; only then does the `latest` pointer move (again by rename).
-A crash at any point therefore leaves the previous checkpoint intact and pointed to. On load, a
-checkpoint whose files do not match its manifest (truncated, missing) is reported and skipped in
-favour of the newest earlier one that is complete.
+A crash at any point therefore leaves the previous checkpoint intact and pointed to. A save that fails
+(a full disk, a read-only or vanished directory) removes its partial directory and raises
+CheckpointWriteError on every rank, naming the disk. Which checkpoint a run loads, and how a damaged one
+is found and skipped: checkpoint_integrity.py.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import shutil
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-LATEST = "latest_checkpointed_iteration.txt"
-MANIFEST = "manifest.json"
+from megalatent.distributed import checkpoint_integrity as integrity
+from megalatent.distributed.checkpoint_integrity import (LATEST, MANIFEST, TRAIN_STATE, CheckpointError,  # noqa: F401
+                                                         iteration_dir, iterations)
+from megalatent.distributed.save_dir import describe_disk
+
 FORMAT_VERSION = 2  # 2: optimizer state flattened by parameter name
-_ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
 
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
+class CheckpointWriteError(RuntimeError):
+    """A save failed (full disk, read-only or vanished directory); its partial directory was removed."""
 
 
 def _rank() -> int:
@@ -65,6 +69,11 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _warn(message: str) -> None:
+    if _rank() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -114,85 +123,107 @@ def save_state_dicts(root: str, iteration: int, state: dict[str, Any], train_sta
     tools/convert_checkpoint.py from plain tensors in one process without a process group.
     `rng_states` maps a rank to its RNG states; each rank writes the ones it is given (a converter
     writes every rank's). Collective when a process group exists. Returns the final directory.
+    Raises CheckpointWriteError on every rank if any rank's writes fail.
     """
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
-    if _rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # leftovers of a save that crashed
-        os.makedirs(os.path.join(partial, "rng"))
-    _barrier()
+    algorithm = integrity.default_algorithm()
+    rank = _rank()
 
-    dcp.save(state, checkpoint_id=partial)
-    for rank, rng in rng_states.items():
-        torch.save(rng, os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
-    if _rank() == 0:
-        torch.save({**train_state, "iteration": iteration, "format_version": FORMAT_VERSION},
-                   os.path.join(partial, "train_state.pt"))
-    _barrier()
+    def prepare() -> None:
+        if rank == 0:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)  # leftovers of a save that crashed
+            os.makedirs(os.path.join(partial, "rng"))
 
-    if _rank() == 0:
-        files = {}
-        for dirpath, _, names in os.walk(partial):
-            for name in names:
-                path = os.path.join(dirpath, name)
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-                files[os.path.relpath(path, partial)] = os.path.getsize(path)
-        _fsync_write(os.path.join(partial, MANIFEST), json.dumps({"files": files}, indent=1).encode())
-        if os.path.exists(final):  # re-saving an iteration (e.g. after a resume) replaces it
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _fsync_dir(root)
-        _fsync_write(os.path.join(root, LATEST), f"{iteration}\n".encode())
-    _barrier()
+    def write_own_files(fs: integrity.HashingFileSystem) -> dict[str, str]:
+        """The RNG states (each rank its own) and the train state (rank 0), hashed as they are written.
+        Returns the checksums of every file this rank wrote, by path inside the checkpoint."""
+        files = {os.path.join(partial, "rng", f"rank_{r:05d}.pt"): rng for r, rng in rng_states.items()}
+        if rank == 0:
+            files[os.path.join(partial, TRAIN_STATE)] = {**train_state, "iteration": iteration,
+                                                          "format_version": FORMAT_VERSION}
+        for path, obj in files.items():
+            fs.checksums[os.path.abspath(path)] = integrity.write_file(path, integrity.torch_save_bytes(obj),
+                                                                       algorithm)
+        return {os.path.relpath(path, partial): digest for path, digest in fs.checksums.items()}
+
+    def finish(checksums: dict[str, str]) -> None:
+        if rank == 0:
+            _fsync_write(os.path.join(partial, MANIFEST), integrity.manifest_bytes(partial, checksums, algorithm))
+            if os.path.exists(final):  # re-saving an iteration (e.g. after a resume) replaces it
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync_dir(root)
+            _fsync_write(os.path.join(root, LATEST), f"{iteration}\n".encode())
+
+    _agreed(prepare, root, iteration, partial)
+    fs = integrity.HashingFileSystem(algorithm)
+    writer = FileSystemWriter(partial)
+    writer.fs = fs  # DCP's writes go through it: each file's checksum is taken as it is written
+    _agreed(lambda: dcp.save(state, storage_writer=writer, checkpoint_id=partial) and None, root, iteration, partial,
+            fs.errors)
+    checksums = {}
+    for share in _agreed(lambda: write_own_files(fs), root, iteration, partial):
+        checksums.update(share)
+    _agreed(lambda: finish(checksums), root, iteration, partial)
     return final
 
 
-def verify(path: str) -> Optional[str]:
-    """None if the checkpoint at `path` is complete, else what is wrong with it."""
-    manifest = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest):
-        return "no manifest (the save did not finish)"
+def _write_failure(error: BaseException, io_errors: list[OSError]) -> str:
+    """The I/O error under what DCP or torch.save raised, as one line."""
+    if isinstance(error, CheckpointException):
+        errors = [e for e, _ in error.failures.values()]
+        error = next((e for e in errors if isinstance(e, OSError)), errors[0] if errors else error)
+    if not isinstance(error, OSError) and io_errors:
+        error = io_errors[0]
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}" + (f" ({error.filename})" if error.filename else "")
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _agreed(step: Callable[[], Any], root: str, iteration: int, partial: str,
+            io_errors: Optional[list[OSError]] = None) -> list[Any]:
+    """Run one step of a save on every rank; every rank's result, or, when any rank's step failed, the partial
+    directory removed and CheckpointWriteError raised on every rank (so that none waits for the others)."""
+    failure, result = None, None
     try:
-        with open(manifest) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError) as e:
-        return f"unreadable manifest ({e})"
-    for rel, size in files.items():
-        full = os.path.join(path, rel)
-        if not os.path.isfile(full):
-            return f"missing file {rel}"
-        actual = os.path.getsize(full)
-        if actual != size:
-            return f"file {rel} has {actual} bytes, the manifest says {size} (truncated or overwritten)"
-    return None
+        result = step()
+    except (OSError, RuntimeError, CheckpointException) as e:
+        failure = _write_failure(e, io_errors or [])
+    outcomes = [(failure, result)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, (failure, result))
+    failed = [(r, f) for r, (f, _) in enumerate(outcomes) if f is not None]
+    if not failed:
+        return [r for _, r in outcomes]
+    if _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    rank, failure = failed[0]
+    cleaned = (f"removed its partial directory {partial}" if not os.path.exists(partial) else
+               f"could not remove its partial directory {partial}: delete it by hand")
+    latest = integrity.iterations(root)
+    raise CheckpointWriteError(
+        f"saving checkpoint {iteration} to {root} failed on rank {rank}: {failure}, on {describe_disk(root)}; "
+        f"{cleaned}. The checkpoints written before ({latest[-5:] or 'none'}) are untouched: free space or fix "
+        f"the directory, then resume with --load {root}")
+
+
+def verify(path: str) -> Optional[str]:
+    """None if checkpoint `path` is complete and intact (every file's checksum), else what is wrong."""
+    return integrity.verify(path)
 
 
 def find_loadable(root: str) -> Optional[str]:
-    """The newest complete checkpoint under `root`: the `latest` one, else the newest earlier one."""
-    if not os.path.isdir(root):
-        return None
-    iterations = sorted((int(m.group(1)) for m in map(_ITER_DIR.match, os.listdir(root)) if m), reverse=True)
-    latest = None
-    try:
-        with open(os.path.join(root, LATEST)) as f:
-            latest = int(f.read().strip())
-    except (OSError, ValueError):
-        pass
-    # The pointer wins when it is valid; later directories without it are saves it never confirmed.
-    order = ([latest] if latest in iterations else []) + [i for i in iterations if latest is None or i < latest]
-    for it in order:
-        path = iteration_dir(root, it)
-        problem = verify(path)
-        if problem is None:
-            return path
-        print(f"WARNING: skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True)
-    return None
+    """The newest intact checkpoint under `root` (one process); None when it holds no checkpoint at all.
+    A damaged checkpoint is skipped with a WARNING; raises CheckpointError when --load's pointer names a
+    missing iteration or every checkpoint is damaged."""
+    return integrity.find_loadable(root, _warn)
 
 
 def read_train_state(path: str) -> dict[str, Any]:
-    return torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
+    return torch.load(os.path.join(path, TRAIN_STATE), weights_only=False)
 
 
 def load_checkpoint(path: str, parts: list[torch.nn.Module], optimizers: Optional[list[torch.optim.Optimizer]],

@@ -1,11 +1,12 @@
 """The one place where a parallel layout is applied to a plain (single-device) model.
 
 What is split how is the model family's parallel plan (distributed/plan.py); the order is this module's,
-and follows torchtitan: tensor/sequence parallelism first (it rewrites weights into DTensors on the tp
-mesh), context parallelism (swaps the token-mixing cores), expert parallelism (shards the experts over
-ep, attaches the all-to-all dispatcher), then activation recomputation (wraps whole layers), then FSDP2
-over the data- and context-parallel ranks (which shards those DTensors again: 2-D TP x FSDP; experts
-over the expert-data-parallel ranks).
+and follows torchtitan: FP8 linear layers first (--fp8-format, fp8.py), tensor/sequence parallelism (it
+rewrites weights into DTensors on the tp mesh), context parallelism (swaps the token-mixing cores), expert
+parallelism (shards the experts over ep, attaches the all-to-all dispatcher), then activation recomputation
+(wraps whole layers), regional compilation (--compile, compile.py), then FSDP2 over the data- and
+context-parallel ranks (which shards those DTensors again: 2-D TP x FSDP; experts over the
+expert-data-parallel ranks).
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from megalatent.config import ParallelConfig
+from megalatent.config import FP8Config, ParallelConfig
+from megalatent.distributed.compile import compile_blocks
 from megalatent.distributed.expert_parallel import apply_expert_parallel
+from megalatent.distributed.fp8 import convert_to_fp8
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.plan import ContextParallel, ParallelPlan
 from megalatent.nn.moe import moe_layers
@@ -65,7 +68,10 @@ def summed_over(group):
 
 
 def parallelize(model: nn.Module, layout: ParallelLayout, cfg: ParallelConfig, plan: ParallelPlan,
-                seq_length: int, param_dtype: torch.dtype | None = None) -> nn.Module:
+                seq_length: int, param_dtype: torch.dtype | None = None, fp8: FP8Config | None = None,
+                compile_backend: str | None = None) -> nn.Module:
+    if fp8 is not None and fp8.fp8_format is not None:  # FP8 linears first: the TP plans shard them (fp8.py)
+        convert_to_fp8(model, fp8, list(plan.pipeline.with_layer(model.cfg)), layout.tp)
     if layout.tp > 1:
         plan.tensor_parallel(model, layout.mesh["tp"], cfg.sequence_parallel)
     if layout.cp > 1:
@@ -79,6 +85,8 @@ def parallelize(model: nn.Module, layout: ParallelLayout, cfg: ParallelConfig, p
         apply_expert_parallel(model, layout.expert_mesh["ep"])
     if cfg.recompute_granularity is not None:
         apply_recompute(model, cfg.recompute_granularity)
+    if compile_backend is not None:  # each block as TP, CP, EP and recomputation left it; before FSDP (compile.py)
+        compile_blocks(model, compile_backend)
     if layout.dp * layout.cp > 1 or (layout.tp > 1 and moe_layers(model)):
         apply_fsdp(model, layout, cfg.data_parallel_sharding_strategy, param_dtype)
     return model

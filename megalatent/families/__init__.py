@@ -10,6 +10,7 @@ its flags, rules, objective, FLOPs, model and parallel plan. Registering one is 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Optional
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from megalatent import config as config_module
 from megalatent.config import Config, ConfigError, ModelConfig
 from megalatent.data.gpt_data import parse_data_path
+from megalatent.distributed.fp8 import fp8_errors
 from megalatent.distributed.layout import layout_errors
 from megalatent.distributed.materialize import initialize
 from megalatent.families import bitnet, gpt, latentlm, longnet, longvit, yoco
@@ -57,15 +59,24 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     errors += config_module.config_errors(cfg, dp, text_data)
     if text_data and cfg.data.data_path is not None:
         try:
-            parse_data_path(cfg.data.data_path)  # the .bin/.idx of every prefix exist
+            parse_data_path(cfg.data.data_path)  # the .bin/.idx of every prefix exist and are sound
         except ValueError as err:
-            errors.append(str(err))
+            errors += str(err).splitlines()  # one line per damaged dataset
     if family is not None:
         errors += family.validate(cfg)
         if cfg.parallel.pipeline_model_parallel_size > 1 and family.objective.pipeline_loss is None:
             errors.append(f"--model-family {family.name} does not support pipeline parallelism yet")
+        # FP8's rules read the model's layers (built on the meta device), once the model's flags are valid.
+        errors += fp8_errors(cfg, None if errors else lambda: _meta_model(family, cfg.model),
+                             list(family.parallel.pipeline.with_layer(cfg.model)))
     if errors:
         raise ConfigError(errors)
+
+
+def _meta_model(family: Family, cfg: ModelConfig) -> nn.Module:
+    """The model without memory; the vocabulary (resolved later from the tokenizer) does not matter here."""
+    with torch.device("meta"):
+        return family.build(dataclasses.replace(cfg, vocab_size=cfg.vocab_size or cfg.make_vocab_size_divisible_by))
 
 
 def model_config(**fields: Any) -> ModelConfig:

@@ -18,6 +18,7 @@ from torch.distributed.nn.functional import all_reduce
 
 from megalatent.config import Config
 from megalatent.data.image_classification import build_image_loaders, digits_errors
+from megalatent.data.image_pipeline import read_file_list
 from megalatent.distributed.plan import ContextParallel, ParallelPlan
 from megalatent.families.family import Family, FamilyData
 from megalatent.families.longnet import dilated_pattern_errors, distribute_dilated_cores
@@ -67,6 +68,11 @@ def validate(cfg: Config) -> list[str]:
         e.append("LongViT's --data-path is one image folder (root/<class>/<image>) or one 'path label' list file")
     elif cfg.data.data_path is not None and not os.path.exists(cfg.data.data_path[0]):
         e.append(f"--data-path {cfg.data.data_path[0]} does not exist")
+    elif cfg.data.data_path is not None and os.path.isfile(cfg.data.data_path[0]):
+        try:  # a list file is read now; a folder is listed by the pipeline
+            read_file_list(cfg.data.data_path[0])
+        except ValueError as err:
+            e.append(str(err))
     return e + dilated_pattern_errors(cfg) + (digits_errors(cfg) if cfg.data.data_path is None else [])
 
 

@@ -54,7 +54,7 @@ def _single_process():
 # ------------------------------------------------------------------------------------------ reading
 
 def _iterations(root: str) -> list[int]:
-    return sorted(int(m.group(1)) for m in map(ckpt._ITER_DIR.match, os.listdir(root)) if m)
+    return ckpt.iterations(root)
 
 
 def resolve_checkpoint(load: str, iteration: Optional[int] = None) -> str:
@@ -62,13 +62,13 @@ def resolve_checkpoint(load: str, iteration: Optional[int] = None) -> str:
     if not os.path.isdir(load):
         raise ConvertError(f"--load {load}: no such directory; give the --save directory of a training run")
     if iteration is None:
-        path = ckpt.find_loadable(load)
+        try:
+            path = ckpt.find_loadable(load)
+        except ckpt.CheckpointError as e:  # a pointer to a missing iteration, or every checkpoint damaged
+            raise ConvertError(f"--load {load}: {e}") from None
         if path is None:
-            found = _iterations(load)
-            detail = (f"its checkpoints {found} are all incomplete (see the warnings above)" if found else
-                      "it holds no iter_XXXXXXX/ directory")
-            raise ConvertError(f"--load {load}: no complete checkpoint: {detail}; give the --save directory "
-                               "of a run that saved one")
+            raise ConvertError(f"--load {load}: no complete checkpoint: it holds no iter_XXXXXXX/ directory; give "
+                               "the --save directory of a run that saved one")
         return path
     path = ckpt.iteration_dir(load, iteration)
     if not os.path.isdir(path):

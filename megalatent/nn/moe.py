@@ -99,18 +99,29 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
 
     One `torch._grouped_mm` call (CUTLASS grouped GEMM on Hopper, a per-group fallback on CPU) when
     this torch has it and the rows are 16-byte aligned as it requires; else a loop over the experts'
-    blocks (`grouped_mm_loop`, also the reference the tests hold it to).
+    blocks (`grouped_mm_loop`, also the reference the tests hold it to). Under torch.compile only bf16 takes
+    the one call: torch 2.13's compile-time (meta) kernel of _grouped_mm refuses other dtypes, though the CPU
+    kernel runs them.
     """
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     aligned = all(n * torch.finfo(dtype).bits // 8 % 16 == 0 for n in (x.shape[-1], weight.shape[-1]))
-    if hasattr(torch, "_grouped_mm") and aligned:
+    traceable = dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    if hasattr(torch, "_grouped_mm") and aligned and traceable:
         return torch._grouped_mm(x.to(dtype), weight.to(dtype), offs=counts.cumsum(0).to(torch.int32))
     return grouped_mm_loop(x, weight, counts)
 
 
+@torch.compiler.disable  # block sizes are data: run eagerly (one graph break) rather than recompile per routing
 def grouped_mm_loop(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     blocks = x.split(counts.tolist())
     return torch.cat([block @ weight[e] for e, block in enumerate(blocks)]) if blocks else x.new_zeros(0, weight.shape[-1])
+
+
+def tokens_per_expert(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many of the assignments `experts` (expert ids) each expert got, [num_experts]. (bincount's length
+    depends on the data for torch.compile, a graph break; this count's does not.)"""
+    return torch.zeros(num_experts, dtype=torch.long, device=experts.device).index_add_(
+        0, experts, torch.ones_like(experts))
 
 
 def on_this_device(t: torch.Tensor) -> torch.Tensor:
@@ -233,7 +244,7 @@ class MoELayer(nn.Module):
         routing = self.router(tokens)
         experts, weights = routing.experts.flatten(), routing.weights.flatten()
         token_of = torch.arange(tokens.shape[0], device=x.device).repeat_interleave(self.topk)
-        counts = torch.bincount(experts, minlength=self.num_experts)
+        counts = tokens_per_expert(experts, self.num_experts)
         order, kept_counts = self._dispatch_order(experts, weights, counts)
         rows = token_of[order]
         if self.dispatcher is not None:
@@ -269,10 +280,16 @@ class MoELayer(nn.Module):
         order = order[rank_in_expert < capacity]
         return order, counts.clamp(max=capacity)
 
+    # Eager under torch.compile: traced, the growing list would be guarded on its length and the block
+    # recompiled for every micro-batch of a step.
+    @torch.compiler.disable
+    def _record(self, *statistics: torch.Tensor) -> None:
+        if not _in_backward():
+            self.records.append(statistics)
+
     def _attach_aux_losses(self, out: torch.Tensor, routing: Routing, counts: torch.Tensor) -> torch.Tensor:
         balance, z, global_counts = balance_and_z_losses(routing, counts, self.topk, self.sum_over_token_ranks)
-        if not _in_backward():
-            self.records.append((global_counts, balance.value, z.value))
+        self._record(global_counts, balance.value, z.value)
         aux = self.aux_loss_coeff * balance.local_part + self.z_loss_coeff * z.local_part
         if not aux.requires_grad:
             return out

@@ -14,8 +14,8 @@ What is simulated and how:
   tensors). What a GPU run would do differently is set in the configuration by the planner
   (planning/hardware.py): bf16 autocast and bf16 FSDP all-gathers, and the attention kernels.
 - Values the program reads (`ValueModel`): tensors that were real before the simulation started (the
-  mesh's rank tables, the pipeline's control messages) stay real; a MoE router's counts of tokens per
-  expert are the balanced counts (the assumption the planner states); collectives of real tensors over a
+  mesh's rank tables, the pipeline's control messages) stay real; the MoE layers' counts of tokens per
+  expert (nn/moe.tokens_per_expert) are the balanced counts, real (the assumption the planner states); collectives of real tensors over a
   fake group return what they would if every rank held this rank's values. Any other read of a fake value,
   or an operator whose output shape depends on fake values, stops the simulation with torch's error.
 """
@@ -39,6 +39,8 @@ from torch.nn.attention.bias import CausalBias
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
+
+from megalatent.nn import moe
 
 # Registers fake implementations of the c10d operators (torch.distributed._tools uses them the same way).
 import torch.distributed._tools.fake_collectives  # noqa: F401
@@ -86,17 +88,6 @@ class ValueModel(TorchDispatchMode):
                 return _symmetric_collective(func, args, kwargs)
             with _disable_current_modes():  # real in, real out: bookkeeping the program computes
                 return func(*args, **kwargs)
-        if func is aten.bincount.default and fake:
-            # A router's tokens per expert: the balanced counts (the planner's routing assumption).
-            x = args[0]
-            bins = max(kwargs.get("minlength", args[2] if len(args) > 2 else 0), 1)
-            with _disable_current_modes():  # a real tensor: the program reads it (expert parallelism's splits)
-                return balanced_counts(x.numel(), bins).to(x.device)
-        if func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor) \
-                and kwargs.get("output_size") is None:
-            repeats = args[0] if func is aten.repeat_interleave.Tensor else args[1]
-            if not isinstance(repeats, FakeTensor):  # known counts: the output's length is known
-                kwargs = dict(kwargs, output_size=int(repeats.sum()))
         if func is aten._local_scalar_dense.default and self._placeholders:
             return False if args[0].dtype is torch.bool else 0
         return func(*args, **kwargs)
@@ -178,14 +169,21 @@ def fake_tensors() -> Iterator[ValueModel]:
         with _disable_current_modes():
             return torch.Tensor._make_subclass(cls, torch.empty((variant, seq_len_q, seq_len_kv), device="meta"))
 
+    def balanced(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+        with _disable_current_modes():  # a real tensor: the program reads it (expert parallelism's splits)
+            return balanced_counts(experts.numel(), num_experts).to(experts.device)
+
     own_new = CausalBias.__dict__.get("__new__")  # None: it inherits torch.Tensor's
+    routed = moe.tokens_per_expert
     ShardingPropagator._propagate_tensor_meta_non_cached = outside_our_modes
     CausalBias.__new__ = causal_bias
+    moe.tokens_per_expert = balanced
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), values:
             yield values
     finally:
         ShardingPropagator._propagate_tensor_meta_non_cached = propagator
+        moe.tokens_per_expert = routed
         if own_new is None:
             del CausalBias.__new__
         else:

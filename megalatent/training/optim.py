@@ -13,6 +13,9 @@ def is_decayed(p: torch.Tensor) -> bool:
     return p.dim() >= 2
 
 
+OPTIMIZER_STATES_PER_PARAMETER = 2  # AdamW's exp_avg and exp_avg_sq, each the size of its parameter
+
+
 def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for p in model.parameters():

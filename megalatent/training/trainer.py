@@ -1,6 +1,11 @@
 """The training loop: micro-batches with gradient accumulation, clipping, the schedule, validation,
 logging, checkpoints on an interval, on a signal and on the time limit.
 
+Non-finite steps: a step whose loss or gradient norm is NaN/inf is skipped (never applied) and counted; the
+run stops with TrainingStopped after --max-consecutive-skipped-iterations of them in a row, or at the first
+one with --check-for-nan-in-loss-and-grad, naming the last good iteration. Weights that are not finite are
+never saved.
+
 The loss of a step is the mean over every loss-bearing token of the global batch, however it is split
 into micro-batches and data-parallel ranks, so changing --micro-batch-size or the number of ranks does
 not change the optimisation (tests/test_training.py checks GBS = 4 x MBS against one big batch).
@@ -17,6 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from megalatent.config import Config
@@ -33,6 +39,10 @@ from megalatent.training.schedules import LRSchedule
 def uses_bf16(cfg: Config, device: torch.device) -> bool:
     """bf16 compute (autocast, and bf16 FSDP all-gathers) by default on a GPU, fp32 on CPU."""
     return cfg.training.bf16 if cfg.training.bf16 is not None else device.type == "cuda"
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot usefully go on (it diverged); the message says where it stopped and what to do."""
 
 
 class StopRequest:
@@ -80,6 +90,8 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.iteration = 0
         self.skipped = self.nan = 0
+        self.consecutive_skipped = 0
+        self.last_good_iteration = 0  # the last step that was applied (or the checkpoint resumed from)
         self.is_logger = layout.rank == 0
         self.autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if uses_bf16(cfg, device)
                          else contextlib.nullcontext)
@@ -106,9 +118,21 @@ class Trainer:
                 "model_config": asdict(self.cfg.model), "data_loader": self.train_loader.state_dict(),
                 "tokenizer_model": self.cfg.data.tokenizer_model}
 
+    def _weights_finite(self) -> bool:
+        """Whether every rank's weights are finite (one flag per parameter, one host sync, one all-reduce)."""
+        flags = [torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()
+                 for part in self.parts for p in part.parameters()]
+        finite = bool(torch.stack(flags).all()) if flags else True
+        return self.layout.all_reduce_max(0.0 if finite else 1.0) == 0.0
+
     def save(self) -> None:
         if self.cfg.checkpoint.save is None:
             return
+        if not self._weights_finite():
+            raise TrainingStopped(
+                f"the weights at iteration {self.iteration} are not finite: not saving them to "
+                f"{self.cfg.checkpoint.save} (its checkpoints are untouched; the last good step was iteration "
+                f"{self.last_good_iteration}). Resume from a checkpoint with a lower --lr or --clip-grad")
         t0 = time.time()
         path = ckpt.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.parts, self.optimizers,
                                     self.train_state())
@@ -125,6 +149,7 @@ class Trainer:
             self.iteration = state["iteration"]
             self.train_loader.load_state_dict(state["data_loader"])
             self.skipped, self.nan = state["skipped"], state["nan"]
+            self.last_good_iteration = self.iteration
         if self.is_logger:
             log(f"resumed from checkpoint at iteration {state['iteration']} ({path}); "
                 f"consumed samples {state['consumed_samples']}")
@@ -202,7 +227,7 @@ class Trainer:
         loss = (loss_sum.sum() / counts[0]).item()
         self.loss_parts = self._part_means(loss_sum, counts)
         grad_norm = grad_norm.item()
-        if not math.isfinite(grad_norm):  # a NaN/inf step is skipped, never applied, and counted
+        if not (math.isfinite(grad_norm) and math.isfinite(loss)):  # skipped, never applied, and counted
             self.nan += 1
             self.skipped += 1
             for opt in self.optimizers:
@@ -276,7 +301,35 @@ class Trainer:
         agreed = self.layout.all_reduce_max(reason)  # every rank must stop at the same step
         return {0.0: None, 1.0: "signal", 2.0: "--exit-duration-in-mins"}[agreed]
 
+    def _check_skipped(self, loss: float, grad_norm: float) -> None:
+        """Count a step's outcome; stop the run when non-finite steps go on (see the module doc)."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.consecutive_skipped = 0
+            self.last_good_iteration = self.iteration
+            return
+        self.consecutive_skipped += 1
+        t = self.cfg.training
+        if t.check_for_nan_in_loss_and_grad:
+            why = "--check-for-nan-in-loss-and-grad stops at the first one"
+        elif self.consecutive_skipped >= t.max_consecutive_skipped_iterations:
+            why = (f"{self.consecutive_skipped} steps in a row were skipped (--max-consecutive-skipped-iterations "
+                   f"{t.max_consecutive_skipped_iterations})")
+        else:
+            return
+        raise TrainingStopped(
+            f"iteration {self.iteration}: loss {loss}, gradient norm {grad_norm}; {why}. The last good iteration "
+            f"was {self.last_good_iteration} (this step is not saved). Resume from a checkpoint at or before it "
+            "with a lower --lr or --clip-grad, or check the data")
+
     def train(self) -> None:
+        """Train to --train-iters, or until a stop; the events reach tensorboard however it ends."""
+        try:
+            self._train()
+        finally:
+            if self.is_logger:
+                self.writer.close()
+
+    def _train(self) -> None:
         t, log_cfg = self.cfg.training, self.cfg.logging
         tokens_per_step = t.global_batch_size * self.cfg.model.seq_length
         interval_time, interval_steps = 0.0, 0
@@ -290,14 +343,19 @@ class Trainer:
             interval_time += time.time() - t0
             interval_steps += 1
             if self.is_logger:
+                # Scalars are logged against the iteration; consumed-tokens maps it to tokens (tools/plot_runs.py).
                 self.writer.scalars({"lm-loss": loss, "grad-norm": grad_norm,
-                                     "learning-rate": self.schedule(self.iteration - 1)}, self.iteration)
+                                     "learning-rate": self.schedule(self.iteration - 1),
+                                     "consumed-tokens": self.train_loader.consumed_samples * self.cfg.model.seq_length},
+                                    self.iteration)
             if first_step:
                 self._report_memory()
-                first_step = False
-            if self.iteration % log_cfg.log_interval == 0 or self.iteration == t.train_iters:
+            # The first step of a run is always logged: the starting loss (and a resumed run's continuity).
+            if first_step or self.iteration % log_cfg.log_interval == 0 or self.iteration == t.train_iters:
                 self._log_iteration(loss, grad_norm, interval_time / interval_steps, tokens_per_step)
                 interval_time, interval_steps = 0.0, 0
+            first_step = False
+            self._check_skipped(loss, grad_norm)
             if t.eval_interval and self.iteration % t.eval_interval == 0:
                 self._log_validation()
             reason = self._should_stop()
@@ -314,7 +372,6 @@ class Trainer:
         self.save()
         if self.is_logger:
             log(f"training finished at iteration {self.iteration}")
-            self.writer.close()
 
     def _report_memory(self) -> None:
         """Once, after the first step: every rank's peak memory, printed by rank 0 (the memory of

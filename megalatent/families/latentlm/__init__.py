@@ -95,8 +95,12 @@ def validate(cfg: Config) -> list[str]:
     if not os.path.isfile(os.path.join(m.latent_tokenizer, "config.json")):
         return e + [f"--latent-tokenizer {m.latent_tokenizer} is not a σ-VAE tokenizer directory (no config.json); "
                     "train one with python tools/train_vae.py --save DIR"]
-    from megalatent.models.sigma_vae import read_tokenizer_config
-    vae = read_tokenizer_config(m.latent_tokenizer)["config"]
+    from megalatent.models.sigma_vae import load_tokenizer, read_tokenizer_config
+    try:
+        vae = read_tokenizer_config(m.latent_tokenizer)["config"]
+        load_tokenizer(m.latent_tokenizer)  # its weights and latent statistics open too (a small model)
+    except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: torch's for a damaged weights file
+        return e + [f"--latent-tokenizer {m.latent_tokenizer}: unreadable ({str(err).splitlines()[0]})"]
     if m.latent_dim != vae["latent_dim"]:
         e.append(f"--latent-dim {m.latent_dim} differs from the tokenizer's latent_dim {vae['latent_dim']}")
     if d.data_path is not None:

@@ -1,0 +1,188 @@
+"""FP8 training of the transformer blocks' linear layers, on torchao's float8 training (the engine torchtitan
+uses): Megatron's --fp8-format, --fp8-recipe and --fp8-param-gather.
+
+    --fp8-format e4m3      input, weight and output gradient cast to float8_e4m3fn
+    --fp8-format hybrid    e4m3 forward, float8_e5m2 output gradients (more range, less precision)
+    --fp8-recipe tensorwise  one scale per tensor from its own amax at every cast (Megatron's "tensorwise"
+                           current scaling; torchao's "tensorwise" recipe is hybrid + tensorwise)
+    --fp8-recipe rowwise   one scale per row (per column for the operand read along its columns), rounded
+                           down to a power of two (torchao's "rowwise" recipe is e4m3 + rowwise)
+    --fp8-param-gather     FSDP2 all-gathers the weights in FP8 (tensorwise: one scale per weight, so the
+                           shards can be cast before the all-gather)
+
+Each selected `nn.Linear` becomes torchao's `Float8Linear` (a subclass that keeps its `weight` and `bias`,
+so state-dict names do not change and an FP8 run's checkpoint loads into a bf16 run and back). Its three
+matmuls (output, input gradient, weight gradient) quantise both operands with dynamic scales, run
+`torch._scaled_mm`, and return the high-precision dtype; the master weights, the optimizer and every other
+op keep their precision.
+
+What is converted: the plain `nn.Linear` layers of the transformer blocks — `model.layers` and the modules
+the family's pipeline plan keeps with a layer (e.g. a key/value projection shared by later layers) — whose two
+dimensions are multiples of 16 on every tensor-parallel rank (torch._scaled_mm's rule). Kept in high
+precision, and why:
+  - the output head and the embeddings: the logits' softmax and the vocabulary rows of rare tokens are
+    where FP8's 3-bit mantissa costs most loss, for ~1-5% of the FLOPs (Megatron and torchtitan keep them);
+  - MoE routers (fp32 by design: top-k selection flips on small errors) and norms (not matmuls);
+  - MoE experts' grouped matmuls: torchao's FP8 grouped GEMM (prototype.moe_training) runs only on CUDA
+    (Triton kernels and torch._scaled_grouped_mm, which has no CPU kernel), rowwise e4m3 only, with per-expert
+    token groups padded to 16 rows and column-major expert weights; it cannot run on our CPU machines, so it
+    is not used (MH-MoE's head and merge projections are plain linears and are converted);
+  - BitLinear layers (ternary weights, int8 activations already): FP8 is refused for such models;
+  - layers whose shape does not allow it (per-head gates: hidden -> heads), and whatever lies outside the
+    blocks (latent projections, diffusion heads, patch embeddings, classifiers);
+  - with --first-last-layers-bf16, the first/last transformer layers (Megatron's flag).
+The order in the parallel pipeline (parallelize.py): converted first, before tensor parallelism (the DTensor
+plans then shard Float8Linear weights like any linear's; torchao computes tensorwise amaxes of DTensors over
+all shards, so every rank uses the single-process scales), as torchtitan does.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megalatent.config import Config, FP8Config
+from megalatent.nn.bitlinear import BitLinear
+from megalatent.nn.moe import Router
+
+# torch._scaled_mm: both dimensions of each operand (and the inner dimension of every product) a multiple of 16.
+MULTIPLE = 16
+
+
+def float8_linear_config(cfg: FP8Config):
+    """The torchao Float8LinearConfig of the flags: the two recipes with either format."""
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8.config import CastConfig, ScalingGranularity
+
+    granularity = ScalingGranularity.TENSORWISE if cfg.fp8_recipe == "tensorwise" else ScalingGranularity.AXISWISE
+    grad_dtype = torch.float8_e5m2 if cfg.fp8_format == "hybrid" else torch.float8_e4m3fn
+
+    def cast(dtype):
+        return CastConfig(scaling_granularity=granularity, target_dtype=dtype)
+
+    return Float8LinearConfig(cast_config_input=cast(torch.float8_e4m3fn), cast_config_weight=cast(torch.float8_e4m3fn),
+                              cast_config_grad_output=cast(grad_dtype),
+                              enable_fsdp_float8_all_gather=cfg.fp8_param_gather, emulate=cfg.fp8_emulate,
+                              round_scales_to_power_of_2=cfg.fp8_recipe == "rowwise")
+
+
+def select_linears(model: nn.Module, trunk_modules: list[str], cfg: FP8Config, tp: int) -> tuple[list[str], dict]:
+    """(names of the linear layers to convert, {name: why kept} for every other linear layer). `trunk_modules`:
+    top-level modules outside `layers` that belong to the blocks (plan.pipeline.with_layer)."""
+    in_router = {id(m) for r in model.modules() if isinstance(r, Router) for m in r.modules()}
+    trunk = ("layers.",) + tuple(f"{name}." for name in trunk_modules)
+    num_layers = model.cfg.num_layers
+    selected, kept = [], {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+        if not name.startswith(trunk):
+            kept[name] = "outside the transformer blocks"
+        elif id(module) in in_router:
+            kept[name] = "MoE router"
+        elif type(module) is not nn.Linear:
+            kept[name] = type(module).__name__
+        elif module.in_features % (MULTIPLE * tp) or module.out_features % (MULTIPLE * tp):
+            kept[name] = f"{module.in_features}->{module.out_features} not multiples of {MULTIPLE * tp}"
+        elif cfg.first_last_layers_bf16 and layer is not None and not (
+                cfg.num_layers_at_start_in_bf16 <= layer < num_layers - cfg.num_layers_at_end_in_bf16):
+            kept[name] = "--first-last-layers-bf16"
+        else:
+            selected.append(name)
+    return selected, kept
+
+
+def convert_to_fp8(model: nn.Module, cfg: FP8Config, trunk_modules: list[str], tp: int) -> list[str]:
+    """Swap the selected linear layers for torchao Float8Linear (in place); returns their names."""
+    from torchao.float8 import convert_to_float8_training
+
+    selected, kept = select_linears(model, trunk_modules, cfg, tp)
+    chosen = set(selected)
+    convert_to_float8_training(model, config=float8_linear_config(cfg), module_filter_fn=lambda m, fqn: fqn in chosen)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        reasons = sorted(set(kept.values()))
+        print(f"[fp8] {len(selected)} linear layers in FP8 ({cfg.fp8_recipe}, {cfg.fp8_format}); "
+              f"{len(kept)} kept in high precision ({'; '.join(reasons) or 'none'}) besides embeddings, head, norms "
+              "and MoE experts", flush=True)
+    return selected
+
+
+def _scaled_mm_runs_on_cpu() -> bool:
+    try:
+        a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(()), scale_b=torch.ones(()), out_dtype=torch.float32)
+        return True
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+
+
+def device_errors(cfg: FP8Config) -> list[str]:
+    """FP8 tensor cores: CUDA capability 8.9 (Ada) or 9.0 (Hopper) and later; on CPU, torch._scaled_mm."""
+    if cfg.fp8_emulate:
+        return []
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < (8, 9):
+            return [f"--fp8-format: {torch.cuda.get_device_name()} (compute capability {major}.{minor}) has no FP8 "
+                    "tensor cores (they need 8.9, Ada, or 9.0, Hopper); add --fp8-emulate for FP8 numerics at "
+                    "high-precision speed"]
+        return []
+    if not _scaled_mm_runs_on_cpu():
+        return [f"--fp8-format: this torch ({torch.__version__}) has no CPU torch._scaled_mm; add --fp8-emulate"]
+    return []
+
+
+def fp8_errors(cfg: Config, build_model: Callable[[], nn.Module] | None, trunk_modules: list[str]) -> list[str]:
+    """The FP8 flags' rules, one message per broken rule. `build_model`: the run's model on the meta device
+    (None: the model's flags are invalid, so only the rules that need no model are checked)."""
+    f, m, p = cfg.fp8, cfg.model, cfg.parallel
+    if f.fp8_format is None:
+        defaults = FP8Config()
+        return [f"--{k.replace('_', '-')} configures FP8 training: add --fp8-format e4m3 or hybrid"
+                for k in ("fp8_recipe", "fp8_param_gather", "fp8_emulate", "first_last_layers_bf16")
+                if getattr(f, k) != getattr(defaults, k)]
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return ["--fp8-format needs torchao's float8 training: pip install torchao"]
+    e = []
+    if f.fp8_param_gather and f.fp8_recipe != "tensorwise":
+        e.append("--fp8-param-gather needs --fp8-recipe tensorwise: a rowwise weight has one scale per row, which "
+                 "the shards of a row cannot agree on before the all-gather")
+    e += device_errors(f)
+    if build_model is None:
+        return e
+    model = build_model()
+    bitlinear = [name for name, module in model.named_modules() if isinstance(module, BitLinear)]
+    if bitlinear:
+        e.append(f"--fp8-format: this model's linear layers are BitLinear ({bitlinear[0]}, ...: ternary weights times "
+                 "int8 activations, already below FP8); drop --fp8-format")
+        return e
+    tp = p.tensor_model_parallel_size
+    where = f" on each of the --tensor-model-parallel-size {tp} ranks" if tp > 1 else ""
+    widths = [("--hidden-size", m.hidden_size), ("K/V width (--num-query-groups x head size)", m.kv_heads * m.head_dim)]
+    if any(not m.is_moe_layer(i) for i in range(m.num_layers)):
+        widths.append(("--ffn-hidden-size (the MLP width)", m.mlp_width))
+    for name, width in widths:
+        if width % (MULTIPLE * tp):
+            e.append(f"--fp8-format: {name} {width} must be a multiple of {MULTIPLE * tp} (FP8 matmuls need every "
+                     f"dimension a multiple of {MULTIPLE}{where})")
+    # An MoE layer's tokens are split over the tensor-parallel ranks too (MH-MoE's projections see 1/tp of them).
+    mh_moe = m.num_experts is not None and m.moe_num_heads > 1
+    split = p.context_parallel_size * (tp if mh_moe else 1)
+    tokens = cfg.training.micro_batch_size * m.seq_length // split
+    if tokens % MULTIPLE:
+        e.append(f"--fp8-format: a micro-batch holds {tokens} tokens per rank (--micro-batch-size x --seq-length / "
+                 f"--context-parallel-size{' / --tensor-model-parallel-size in MH-MoE layers' if split > p.context_parallel_size else ''}); "
+                 f"the weight-gradient matmul sums over them, so it must be a multiple of {MULTIPLE}")
+    if f.first_last_layers_bf16 and (min(f.num_layers_at_start_in_bf16, f.num_layers_at_end_in_bf16) < 0 or
+                                     f.num_layers_at_start_in_bf16 + f.num_layers_at_end_in_bf16 >= m.num_layers):
+        e.append(f"--first-last-layers-bf16: --num-layers-at-start-in-bf16 {f.num_layers_at_start_in_bf16} and "
+                 f"--num-layers-at-end-in-bf16 {f.num_layers_at_end_in_bf16} must be >= 0 and leave some of the "
+                 f"{m.num_layers} layers in FP8")
+    if not e and not select_linears(model, trunk_modules, f, tp)[0]:
+        e.append("--fp8-format: no linear layer of this model can be FP8 (see megalatent/distributed/fp8.py)")
+    return e

@@ -1,0 +1,286 @@
+"""FP8 training (megalatent/distributed/fp8.py, torchao's float8 linears), on CPU where torch._scaled_mm runs:
+
+- a converted linear equals its quantise -> dequantise -> matmul emulation, forward and both gradients, for
+  each recipe and format (the emulation is written here from the recipes' definitions, not torchao's code);
+- a tiny model trained 50 steps in FP8 stays within 2% of the full-precision loss (fp32: the CPU's training
+  precision, as bf16 is a GPU's);
+- TP2 + SP, DP2 with FP8 weight all-gathers, PP2 and EP2 under FP8 equal one process under FP8; CP2 is within
+  FP8's own noise of it (each rank scales its part of the sequence);
+- checkpoints: an FP8 run's (FSDP2 with FP8 all-gathers) loads into a full-precision model with the same
+  parameter names, and a full-precision run's loads into an FP8 model;
+- bad combinations are refused before anything is built, each with its reason.
+"""
+import dataclasses
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("torchao.float8")
+
+from megalatent.config import ConfigError, FP8Config  # noqa: E402
+from megalatent.distributed import checkpoint as ckpt  # noqa: E402
+from megalatent.distributed.fp8 import convert_to_fp8, float8_linear_config  # noqa: E402
+from megalatent.distributed.layout import ParallelLayout  # noqa: E402
+from megalatent.families import build_model, parse_args, validate  # noqa: E402
+from megalatent.interop.convert import read_state  # noqa: E402
+from megalatent.training.optim import build_optimizer  # noqa: E402
+from megalatent.training.trainer import Trainer  # noqa: E402
+
+from test_parallel import UNTIED, assert_equivalent, run_worker  # noqa: E402
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def quantise_dequantise(t: torch.Tensor, dtype: torch.dtype, rowwise_over: int | None) -> torch.Tensor:
+    """t through FP8 and back: scale = max representable / amax (of the whole tensor, or over dimension
+    `rowwise_over`, rounded down to a power of two as the rowwise recipe does), round to `dtype`, unscale."""
+    amax = t.abs().amax() if rowwise_over is None else t.abs().amax(dim=rowwise_over, keepdim=True)
+    scale = torch.finfo(dtype).max / amax.double().clamp(min=1e-12)
+    if rowwise_over is not None:
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    scale = scale.float()
+    return (t * scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype).float() / scale
+
+
+def emulated_linear(x, w, grad_out, recipe, fmt):
+    """(out, grad_x, grad_w) of y = x w^T with every matmul operand through FP8 as the recipe says: rows of
+    the operand read along its rows, columns of the one read along its columns (rowwise), or whole tensors."""
+    rowwise = recipe == "rowwise"
+    grad_dtype = E5M2 if fmt == "hybrid" else E4M3
+
+    def q(t, dtype, over):
+        return quantise_dequantise(t, dtype, over if rowwise else None)
+
+    # Rowwise products come back in bf16 (torch._scaled_mm has no fp32 output for them; torchao rounds).
+    rounded = (lambda t: t.to(torch.bfloat16).float()) if rowwise else (lambda t: t)
+    out = rounded(q(x, E4M3, -1) @ q(w.t(), E4M3, 0))  # sums over the input features
+    grad_x = rounded(q(grad_out, grad_dtype, -1) @ q(w.t(), E4M3, -1).t())  # over the output features
+    grad_w = rounded(q(grad_out, grad_dtype, 0).t() @ q(x, E4M3, 0))  # over the tokens
+    return out, grad_x, grad_w
+
+
+# On a GPU (the acceptance run) the same test runs torchao on the FP8 tensor cores.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("fmt", ["e4m3", "hybrid"])
+def test_fp8_linear_equals_its_emulation(recipe, fmt):
+    from torchao.float8 import convert_to_float8_training
+
+    g = torch.Generator().manual_seed(0)
+    # Columns of very different size make rowwise and tensorwise scales (and the formats) disagree visibly.
+    x = (torch.randn(64, 96, generator=g) * torch.logspace(-2, 1, 96)).to(DEVICE)
+    grad_out = (torch.randn(64, 48, generator=g) * torch.logspace(1, -2, 48)).to(DEVICE)
+    linear = nn.Sequential(nn.Linear(96, 48, bias=False)).to(DEVICE)
+    with torch.no_grad():
+        linear[0].weight.copy_(torch.randn(48, 96, generator=g) * torch.logspace(0, -2, 48)[:, None])
+    w = linear[0].weight.detach().clone()
+    convert_to_float8_training(linear, config=float8_linear_config(FP8Config(fp8_format=fmt, fp8_recipe=recipe)))
+    assert type(linear[0]).__name__ == "Float8Linear"
+    x.requires_grad_()
+    out = linear(x)
+    out.backward(grad_out)
+
+    expected = emulated_linear(x.detach(), w, grad_out, recipe, fmt)
+    for name, got, want in zip(["output", "input gradient", "weight gradient"],
+                               [out.detach(), x.grad, linear[0].weight.grad], expected):
+        # Equal up to the order of the fp32 sums (CPU: ~1e-7; the tensor cores' FP8 accumulation keeps fewer
+        # bits); FP8 itself is 3.6e-2 away from the fp32 product, the other format 6e-2 from this one.
+        error = ((got - want).norm() / want.norm()).item()
+        assert error < (1e-6 if DEVICE == "cpu" else 2e-3), \
+            f"{recipe} {fmt}: {name} differs from its emulation by {error:.2e} (relative norm)"
+
+
+def _synthetic_batch(n, seq, vocab, g):
+    """Token walks t[i+1] = t[i] + {1, 2, 3} mod V: learnable, so the loss falls within a few dozen steps."""
+    start = torch.randint(0, vocab, (n, 1), generator=g)
+    steps = torch.randint(1, 4, (n, seq), generator=g)
+    tokens = (torch.cat([start, steps], 1).cumsum(1) % vocab)
+    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(n, seq),
+            "position_ids": torch.arange(seq).expand(n, seq)}
+
+
+def _train(flags, steps=50):
+    cfg = parse_args(["--vocab-size", "128", "--make-vocab-size-divisible-by", "16", "--num-layers", "2",
+                      "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size",
+                      "8", "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "5",
+                      "--train-iters", str(steps)] + flags)
+    validate(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    if cfg.fp8.fp8_format is not None:
+        convert_to_fp8(model, cfg.fp8, [], tp=1)
+    trainer = Trainer(cfg, ParallelLayout(world_size=1), torch.device("cpu"), model, None, None, 1.0)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        losses.append(trainer.train_step([_synthetic_batch(8, 32, 128, g)])[0])
+        trainer.iteration += 1
+    return losses
+
+
+def test_fifty_fp8_steps_stay_within_two_percent_of_full_precision():
+    full = _train([])
+    fp8 = _train(["--fp8-format", "hybrid"])
+    assert full[-1] < full[0] - 1.0, full  # it learns, so the comparison means something
+    for step, (a, b) in enumerate(zip(full, fp8)):
+        assert abs(b - a) <= 0.02 * a, f"step {step}: fp32 {a:.4f}, FP8 {b:.4f}"
+
+
+FP8 = {"fp8-format": "hybrid", "steps": 2}
+
+
+def assert_tp_equivalent(result, reference, full_precision, label):
+    """Tensor parallelism sums partial products in another order (row-parallel layers, SP's reduce-scatter), so
+    fp32 results differ by ~1e-7, and the few values that sit on an FP8 rounding boundary round the other way:
+    one FP8 step (2^-3 or 2^-2 of that value, more below e5m2's normal range) in a few elements, which reaches
+    the gradients upstream of it. Compared after one step: the loss as closely as ever; the typical gradient as
+    fp32 does (median error below 1e-5 of its norm; measured ~3e-7); and every gradient well inside FP8's own
+    error, the distance between the one-process FP8 and full-precision gradients (~0.1 of the norm): measured,
+    TP2 without SP <= 5% of it, with SP flips in layer 0's attention and layer 1's MLP at <= 13% and every
+    other layer at ~1e-7. An FP8 bug, e.g. one rank's scale instead of the tensor's, is FP8 error of its own
+    in every layer. After further steps AdamW's normalised update turns the flips' differences in near-zero
+    gradients into weight differences of ~lr, which the next step's FP8 casts amplify."""
+    assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5), label
+    assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4), label
+
+    def error(grads, name):
+        return ((grads[name] - reference["grads"][name]).norm() / reference["grads"][name].norm()).item()
+
+    errors = {name: error(result["grads"], name) for name in reference["grads"]}
+    assert statistics.median(errors.values()) < 1e-5, f"{label}: gradients differ: {errors}"
+    for name, e in errors.items():
+        fp8_error = error(full_precision["grads"], name)
+        assert e < 0.25 * fp8_error, f"{label}: grad {name} differs by {e:.2e} of its norm (FP8's own: {fp8_error:.2e})"
+
+
+def assert_within_fp8_noise(result, reference, full_precision, label):
+    """Context parallelism under the tensorwise recipe: each rank casts its own part of the sequence with the
+    scale of that part's amax (torchao's Float8Linear reduces no amax across ranks, as in torchtitan), so every
+    activation and output-gradient cast differs a little from the one process's, all through the model: the
+    gradients differ from one-process FP8 about as much as FP8 differs from full precision (measured: 0.7 to
+    1.3 times, every parameter), while a CP bug (positions, the ring, the causal split) costs O(1)."""
+    assert result["loss"] == pytest.approx(reference["loss"], rel=1e-4), label
+    for name, g in reference["grads"].items():
+        error = ((result["grads"][name] - g).norm() / g.norm()).item()
+        fp8_error = ((full_precision["grads"][name] - g).norm() / g.norm()).item()
+        assert error < 2 * fp8_error, f"{label}: grad {name} differs by {error:.2e} (FP8's own: {fp8_error:.2e})"
+
+
+MOE = {"num-experts": 4}  # experts stay in high precision; attention and dense MLP layers are FP8
+
+
+def test_layouts_under_fp8_equal_one_process(tmp_path):
+    """TP2+SP, DP2 with FP8 all-gathers, PP2 and EP2 against one process under FP8; CP2 within FP8's noise of
+    it (assert_within_fp8_noise). Tensorwise scales are amaxes over the whole tensor, which torchao takes over every shard (DTensors,
+    FSDP's all-gather), so each layout quantises as one process does. Data and pipeline parallelism change no
+    sum: equal after two steps (the second on updated weights, all-gathered in FP8) as any layout is. Tensor
+    parallelism: see assert_tp_equivalent."""
+    tp = {**FP8, "steps": 1}
+    tied, untied, tied_one_step, full_one_step, moe = run_worker(
+        tmp_path, 1, [FP8, {**FP8, **UNTIED}, tp, {"steps": 1}, {**FP8, **MOE}], "fp8-ref")
+    saved = str(tmp_path / "fp8-dp2")
+    layouts = [{**tp, "tensor-model-parallel-size": 2, "sequence-parallel": True},
+               {**FP8, "fp8-param-gather": True, "save": saved},
+               {**FP8, **UNTIED, "pipeline-model-parallel-size": 2},
+               {**tp, "context-parallel-size": 2},
+               {**FP8, **MOE, "expert-model-parallel-size": 2}]
+    tp_result, dp_result, pp_result, cp_result, ep_result = run_worker(tmp_path, 2, layouts, "fp8-two")
+    assert_tp_equivalent(tp_result, tied_one_step, full_one_step, "TP2+SP")
+    assert_within_fp8_noise(cp_result, tied_one_step, full_one_step, "CP2")
+    assert_equivalent(ep_result, moe, "EP2 (MoE)")
+    assert_equivalent(dp_result, tied, "DP2 with FP8 all-gathers")
+    assert "WeightWithDynamicFloat8CastTensor" in dp_result["local_tensor_types"]  # (FSDP2 gathers these in FP8)
+    assert_equivalent(pp_result, untied, "PP2")
+    _fp8_checkpoint_loads_without_fp8(ckpt.iteration_dir(saved, 2), dp_result["weights"])
+
+
+def _fp8_checkpoint_loads_without_fp8(path, weights):
+    """The DP2 run with FP8 all-gathers saved through FSDP2 (its weights wrapped for the FP8 all-gather): the
+    names are a full-precision model's, and its weights and optimizer state load into one."""
+    from parallel_worker import MODEL
+    cfg = parse_args(MODEL)
+    model = build_model(cfg.model)
+    assert set(read_state(path, keys=["model"])["model"]) == set(model.state_dict())
+    optimizer = build_optimizer(model, cfg.training)
+    ckpt.load_checkpoint(path, [model], [optimizer], load_rng=False)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), weights[name], rtol=0, atol=0, msg=name)
+
+
+def test_full_precision_checkpoint_loads_into_an_fp8_model():
+    """A checkpoint a full-precision run wrote (a fixture of tests/test_checkpoint_compat.py: MH-MoE layers,
+    GQA) loads into the model converted to FP8, weights and AdamW state by name."""
+    from test_checkpoint_compat import FIXTURES, flags_of
+    path = ckpt.iteration_dir(f"{FIXTURES}/gpt_moe/run", 2)
+    cfg = parse_args(flags_of("gpt_moe") + ["--vocab-size", "512", "--fp8-format", "hybrid"])
+    model = build_model(cfg.model)
+    assert convert_to_fp8(model, cfg.fp8, [], tp=1)
+    optimizer = build_optimizer(model, cfg.training)
+    model(torch.zeros(1, 16, dtype=torch.long)).sum().backward()  # the optimizer's state exists once it stepped
+    optimizer.step()
+    ckpt.load_checkpoint(path, [model], [optimizer], load_rng=False)
+    saved = read_state(path)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), saved["model"][name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(optimizer.state[p]["exp_avg"], saved["optim"][f"state.{name}.exp_avg"],
+                                   rtol=0, atol=0)
+
+
+BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+        "--vocab-size", "256", "--micro-batch-size", "2", "--global-batch-size", "8"]
+
+
+def _errors(flags, world_size=1):
+    with pytest.raises(ConfigError) as e:
+        validate(parse_args(BASE + flags), world_size=world_size)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("flags, world_size, expected", [
+    (["--hidden-size", "72", "--num-attention-heads", "4"], 1, "--hidden-size 72 must be a multiple of 16"),
+    (["--ffn-hidden-size", "200"], 1, "--ffn-hidden-size (the MLP width) 200 must be a multiple of 16"),
+    (["--hidden-size", "80", "--tensor-model-parallel-size", "2"], 2,
+     "--hidden-size 80 must be a multiple of 32 (FP8 matmuls need every dimension a multiple of 16 on each of the"),
+    (["--seq-length", "20", "--micro-batch-size", "1", "--global-batch-size", "4"], 1,
+     "a micro-batch holds 20 tokens per rank"),
+    (["--fp8-recipe", "rowwise", "--fp8-param-gather"], 1, "--fp8-param-gather needs --fp8-recipe tensorwise"),
+    (["--linear-impl", "bitlinear"], 1, "linear layers are BitLinear"),
+    (["--first-last-layers-bf16", "--num-layers-at-start-in-bf16", "2", "--num-layers-at-end-in-bf16", "2"], 1,
+     "leave some of the 4 layers in FP8"),
+])
+def test_bad_fp8_combinations_are_refused(flags, world_size, expected):
+    assert expected in _errors(["--fp8-format", "hybrid"] + flags, world_size)
+
+
+def test_fp8_flags_without_a_format_are_refused():
+    assert "--fp8-param-gather configures FP8 training: add --fp8-format" in _errors(["--fp8-param-gather"])
+
+
+def test_a_gpu_without_fp8_tensor_cores_needs_the_emulation_flag(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    assert "NVIDIA A100 (compute capability 8.0) has no FP8 tensor cores" in _errors(["--fp8-format", "e4m3"])
+    validate(parse_args(BASE + ["--fp8-format", "e4m3", "--fp8-emulate"]))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    validate(parse_args(BASE + ["--fp8-format", "e4m3"]))
+
+
+def test_what_is_converted_and_what_is_kept():
+    """The blocks' projections become FP8; the head, embedding, routers, norms and experts do not; MH-MoE's
+    head/merge projections do; --first-last-layers-bf16 keeps the outer layers."""
+    cfg = parse_args(BASE + ["--fp8-format", "hybrid", "--num-experts", "4", "--moe-num-heads", "2",
+                             "--moe-router-type", "xmoe", "--moe-layer-freq", "2"])
+    model = build_model(cfg.model)
+    converted = set(convert_to_fp8(model, cfg.fp8, [], tp=1))
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert converted == linears - {f"layers.{i}.mlp.router.proj" for i in (0, 2)}
+    assert "layers.0.mlp.head_proj" in converted and "layers.1.mlp.down_proj" in converted
+    assert all(type(m).__name__ == "Float8Linear" for n, m in model.named_modules() if n in converted)
+    fp8 = dataclasses.replace(cfg.fp8, first_last_layers_bf16=True)
+    outer = set(convert_to_fp8(build_model(cfg.model), fp8, [], tp=1))
+    assert outer == {n for n in converted if n.startswith(("layers.1.", "layers.2."))}
