@@ -7,8 +7,9 @@ Per rank role (simulate.RankReport):
                  ring that leaves the node), plus a fixed latency per call; the usual formulas for the bytes
                  one rank sends: ring all-reduce 2(n-1)/n x S, all-gather and reduce-scatter (n-1)/n x S
                  (S the gathered size), all-to-all (n-1)/n x S, broadcast and send/recv S.
-  overlap        FSDP's all-gathers and reduce-scatters run on their own streams, prefetched a layer ahead:
-                 they overlap the compute, so the role takes max(compute, FSDP time). Every other collective
+  overlap        FSDP's all-gathers and reduce-scatters (collectives.Transfer.fsdp: FSDP issued them) run on
+                 their own streams, prefetched a layer ahead: they overlap the compute, so the role takes
+                 max(compute, FSDP time). Every other collective
                  (tensor and context parallelism, expert all-to-all, pipeline send/recv, the loss and
                  grad-norm all-reduces) waits in eager PyTorch and adds to it.
 Pipeline: the stages run their micro-batches in a schedule whose bubble stretches the slowest stage by

@@ -52,7 +52,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
     for role in plan.step.roles:
         for g in role.traffic:
             lines.append(f"  {role.rank:<8}{g.label:<22}{g.collective:<16}{g.link:<8}{g.calls:>7.0f}"
-                         f"{g.bytes / GiB:>10.3f}{g.seconds:>10.4f}  {'with compute (FSDP)' if g.overlapped else 'exposed'}")
+                         f"{g.bytes / GiB:>10.3f}{g.seconds:>10.4f}  "
+                         + ("with compute (FSDP)" if g.overlapped else "exposed"))
     s = plan.step
     slowest = max(s.roles, key=lambda r: r.busy_s)
     lines += [f"step time: compute {slowest.compute_s:.3f} s at {t.peak_flops / 1e12:.0f} TFLOP/s "

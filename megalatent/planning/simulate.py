@@ -5,8 +5,8 @@ with its memory (memory.py: torch's MemTracker), its collectives (collectives.py
 
 The model is built and parallelized on the meta device exactly as a run builds it (pretrain.meta_model_parts),
 allocated on fake tensors instead of being initialised, brought to a steady state (step.warm_up: optimizer
-state, pipeline set-up), and then the trainer's step runs once inside the trackers (on fewer micro-batches when they repeat:
-step.simulated_micro_batches).
+state, pipeline set-up), and then the trainer's step runs once inside the trackers (on fewer micro-batches
+when they repeat: step.simulated_micro_batches).
 """
 from __future__ import annotations
 

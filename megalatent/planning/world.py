@@ -11,13 +11,16 @@ What is simulated and how:
 - FSDP at the full world size, with one shortcut: the ranks past a parameter's rows share one empty chunk
   (`_chunk_with_one_empty`), the same shards made faster.
 - Tensors: FakeTensorMode on the CPU device (torch's CPU build cannot run autograd on fake CUDA
-  tensors). What a GPU run would do differently is set in the configuration by the planner
-  (planning/hardware.py): bf16 autocast and bf16 FSDP all-gathers, and the attention kernels.
+  tensors). What a GPU run would do differently is set by the planner (planning/hardware.py): bf16
+  autocast and bf16 FSDP all-gathers, the attention kernels, fused AdamW, flash attention.
 - Values the program reads (`ValueModel`): tensors that were real before the simulation started (the
   mesh's rank tables, the pipeline's control messages) stay real; the MoE layers' counts of tokens per
-  expert (nn/moe.tokens_per_expert) are the balanced counts, real (the assumption the planner states); collectives of real tensors over a
-  fake group return what they would if every rank held this rank's values. Any other read of a fake value,
-  or an operator whose output shape depends on fake values, stops the simulation with torch's error.
+  expert (nn/moe.tokens_per_expert) are the balanced counts, real (the assumption the planner states);
+  collectives of real tensors over a fake group return what they would if every rank held this rank's
+  values. Any other read of a fake value, or an operator whose output shape depends on fake values, stops
+  the simulation with torch's error.
+- torch's own quirks under fake tensors, handled in `fake_tensors`: DTensor's shape inference, CausalBias.
+- The world is torn down on exit, DTensor's sharding caches (which name its groups) cleared with it.
 """
 from __future__ import annotations
 
