@@ -72,7 +72,13 @@ def format_search(plans: list[Plan], failed: list[tuple[dict, str]]) -> str:
     """The layouts that fit, fastest first, then those that do not fit and those that could not run."""
     fitting = sorted((p for p in plans if p.fits), key=lambda p: p.step.step_s)
     unfit = [p for p in plans if not p.fits]
-    lines = [f"{'#':>3}  {'layout':<52}{'step s':>9}{'MFU %':>7}{'peak GiB':>10}{'headroom GiB':>14}"]
+    lines = []
+    if plans:
+        p = plans[0]
+        lines.append(f"{p.cfg.model.model_family} on {p.nodes} node(s) x {p.gpus_per_node} {p.target.name} "
+                     f"({p.world_size} GPUs): {len(plans) + len(failed)} valid layouts, {len(fitting)} fit; "
+                     "ranked by predicted step time")
+    lines.append(f"{'#':>3}  {'layout':<52}{'step s':>9}{'MFU %':>7}{'peak GiB':>10}{'headroom GiB':>14}")
     for i, p in enumerate(fitting + unfit, 1):
         worst = min(p.roles, key=p.headroom)
         lines.append(f"{i if p.fits else '-':>3}  {layout_line(p):<52}{p.step.step_s:>9.3f}{100 * p.step.mfu:>7.1f}"

@@ -9,7 +9,6 @@ any divisor of dp x cp that divides the experts; optionally 2 virtual stages per
 from __future__ import annotations
 
 import copy
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator, Optional
 
@@ -17,7 +16,7 @@ from megalatent.config import Config, ConfigError
 from megalatent.families import validate
 from megalatent.planning.plan import Allowances, Plan, plan_layout, set_vocab_size
 from megalatent.planning.hardware import Target
-from megalatent.planning.workers import SimulationError
+from megalatent.planning.workers import SimulationError, process_context
 
 
 def _divisors(n: int) -> list[int]:
@@ -75,7 +74,7 @@ def search(cfg: Config, nodes: int, gpus_per_node: int, target: Target, allowanc
     candidates = list(layouts(cfg, nodes * gpus_per_node, gpus_per_node, virtual_stages))
     args = [(c, nodes, gpus_per_node, target, allowances, full_depth) for c in candidates]
     if jobs > 1:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=process_context()) as pool:
             results = list(pool.map(_plan, *zip(*args)))
     else:
         results = [_plan(*a) for a in args]

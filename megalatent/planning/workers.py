@@ -41,7 +41,7 @@ def _run(cfg: Config, world_size: int, rank: int, target: Target, store_path, re
         results.put((rank, None, traceback.format_exc()))
 
 
-def _processes():
+def process_context():
     """Fresh processes, started from a server that imported this module once (multiprocessing's forkserver):
     a process of its own per simulated rank without an interpreter's start-up and imports each time."""
     context = multiprocessing.get_context("forkserver")
@@ -71,7 +71,7 @@ def simulate_roles(cfg: Config, world_size: int, target: Target, timeout_s: floa
     cols = columns(cfg, world_size)
     if len(cols[0]) == 1:
         return [_in_this_process(cfg, world_size, rank, target) for (rank,) in cols]
-    context = _processes()
+    context = process_context()
     results = context.Queue()
     ranks = [rank for col in cols for rank in col]
     with tempfile.TemporaryDirectory(prefix="megalatent-plan-") as tmp:
