@@ -6,6 +6,8 @@
     triton  the Triton kernels, or an error naming why they cannot run (on CPU they need TRITON_INTERPRET=1
             set before Triton is imported: the tests' way of running them)
     torch   the plain-PyTorch references in megalatent/nn
+    gpu     (not a flag value) what `auto` chooses on a GPU, whatever device the tensors are on: the
+            planner's simulated GPU runs (megalatent/planning), whose fake tensors live on the CPU
 
 The choice is an argument everywhere (a model's cores hold it), never process state. Importing this
 module does not import Triton.
@@ -18,7 +20,7 @@ from megalatent.kernels import available
 from megalatent.nn import dilated as reference
 from megalatent.nn.dilated import _expand_kv, attention_pattern, merge_by_lse
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "gpu")
 
 
 def check_backend(backend: str) -> None:
@@ -73,4 +75,5 @@ def retention_uses_triton(q: torch.Tensor, backend: str = "auto") -> bool:
         if not available():
             raise ValueError("--attention-backend triton: Triton is not installed")
         return True
-    return backend == "auto" and q.is_cuda and available() and not torch.is_grad_enabled()
+    on_gpu = backend == "gpu" or (backend == "auto" and q.is_cuda and available())
+    return on_gpu and not torch.is_grad_enabled()

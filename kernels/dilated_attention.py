@@ -27,10 +27,12 @@ Block sizes are powers of two, at least 16 (tl.dot's minimum) and at most 64 (`T
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
 from megalatent.nn.dilated import NOT_COVERED, _expand_kv, attention_pattern
 
@@ -334,16 +336,65 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+# The launches as torch operators (torch.library.custom_op): their fake implementations give the outputs'
+# shapes without running a kernel, so the planner's fake tensors (megalatent/planning) and tracing take them,
+# and their FLOP formulas let torch's flop counter see them. `block_m`/`block_n` 0: the default tiles.
+@torch.library.custom_op("megalatent::dilated_pattern_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, r: int, causal: bool, first_head: int,
+                block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, _Launch(q, k, w, r, causal, first_head, (block_m, block_n) if block_m else None))
+
+
+@_forward_op.register_fake
+def _(q, k, v, w, r, causal, first_head, block_m, block_n):
+    b, h, n, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("megalatent::dilated_pattern_backward", mutates_args=())
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                 do: torch.Tensor, dlse: Optional[torch.Tensor], w: int, r: int, causal: bool, first_head: int,
+                 block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    launch = _Launch(q, k, w, r, causal, first_head, (block_m, block_n) if block_m else None)
+    return _backward(q, k, v, o, lse, do, dlse, launch)
+
+
+@_backward_op.register_fake
+def _(q, k, v, o, lse, do, dlse, w, r, causal, first_head, block_m, block_n):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def pattern_flops(q_shape, w: int, r: int, causal: bool) -> int:
+    """FLOPs of one pattern's forward: q k^T and p v on each segment's kept rows (2 x 2 x rows x rows x d per
+    head and segment), about half of the pairs under the causal mask."""
+    b, h, n, d = q_shape
+    w = min(w, n)
+    rows = math.ceil(w / r)
+    pairs = rows * (rows + 1) // 2 if causal else rows * rows
+    return 4 * b * h * math.ceil(n / w) * pairs * d
+
+
+@register_flop_formula(torch.ops.megalatent.dilated_pattern_forward)
+def _forward_flops(q_shape, k_shape, v_shape, w, r, causal, first_head, block_m, block_n, out_shape=None, **kw):
+    return pattern_flops(q_shape, w, r, causal)
+
+
+@register_flop_formula(torch.ops.megalatent.dilated_pattern_backward)
+def _backward_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kw):
+    w, r, causal = args[4:7]
+    return 5 * pattern_flops(q_shape, w, r, causal) // 2  # flash-attention-2: 5 matmuls to the forward's 2
+
+
 class DilatedPatternFunction(torch.autograd.Function):
     """(out, lse) of one pattern; the backward takes gradients on both."""
 
     @staticmethod
     def forward(ctx, q, k, v, w, r, causal, first_head, blocks):
         q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-        launch = _Launch(q, k, w, r, causal, first_head, blocks)
-        o, lse = _forward(q, k, v, launch)
+        block_m, block_n = blocks or (0, 0)
+        o, lse = torch.ops.megalatent.dilated_pattern_forward(q, k, v, w, r, causal, first_head, block_m, block_n)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.launch = launch
+        ctx.pattern = (w, r, causal, first_head, block_m, block_n)
         return o, lse
 
     @staticmethod
@@ -351,7 +402,7 @@ class DilatedPatternFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else _last_dim_contiguous(do)
-        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.launch)
+        dq, dk, dv = torch.ops.megalatent.dilated_pattern_backward(q, k, v, o, lse, do, dlse, *ctx.pattern)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -73,6 +73,41 @@ def _merge_bwd_kernel(O, LSE, DOUT, DO, DLSE, rows, PARTS, HEAD_DIM: tl.constexp
         tl.store(DLSE + i * rows + r, weight * tl.sum(dout * (o - out), 1), mask=r_ok)
 
 
+# The launches as torch operators with fake implementations (see dilated_attention.py): fake tensors take them.
+@torch.library.custom_op("megalatent::lse_merge_forward", mutates_args=())
+def _forward_op(outputs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
+    parts, d = outputs.shape[0], outputs.shape[-1]
+    rows = lses[0].numel()
+    out = torch.empty(outputs.shape[1:], dtype=outputs.dtype, device=outputs.device)
+    out_lse = torch.empty(lses.shape[1:], dtype=torch.float32, device=lses.device)
+    block_d = max(16, triton.next_power_of_2(d))
+    _merge_fwd_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](outputs, lses, out, out_lse, rows, parts,
+                                                        HEAD_DIM=d, BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d)
+    return out
+
+
+@_forward_op.register_fake
+def _(outputs, lses):
+    return outputs.new_empty(outputs.shape[1:])
+
+
+@torch.library.custom_op("megalatent::lse_merge_backward", mutates_args=())
+def _backward_op(outputs: torch.Tensor, lses: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    parts, d = outputs.shape[0], outputs.shape[-1]
+    rows = lses[0].numel()
+    doutputs = torch.empty_like(outputs)
+    dlses = torch.empty_like(lses)
+    _merge_bwd_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
+        outputs, lses, dout, doutputs, dlses, rows, parts,
+        HEAD_DIM=d, BLOCK_R=BLOCK_ROWS, BLOCK_D=max(16, triton.next_power_of_2(d)))
+    return doutputs, dlses
+
+
+@_backward_op.register_fake
+def _(outputs, lses, dout):
+    return torch.empty_like(outputs), torch.empty_like(lses)
+
+
 class LseMergeFunction(torch.autograd.Function):
     """Stacked partials O [P, ..., d] and LSE [P, ...] (fp32) -> the merged output [..., d]. The merged LSE
     is computed too but not returned: the mixture's callers need only O."""
@@ -80,28 +115,14 @@ class LseMergeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, outputs: torch.Tensor, lses: torch.Tensor):
         outputs, lses = outputs.contiguous(), lses.float().contiguous()
-        parts, d = outputs.shape[0], outputs.shape[-1]
-        rows = lses[0].numel()
-        out = torch.empty(outputs.shape[1:], dtype=outputs.dtype, device=outputs.device)
-        out_lse = torch.empty(lses.shape[1:], dtype=torch.float32, device=lses.device)
-        block_d = max(16, triton.next_power_of_2(d))
-        _merge_fwd_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](outputs, lses, out, out_lse, rows, parts,
-                                                            HEAD_DIM=d, BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d)
         ctx.save_for_backward(outputs, lses)
-        return out
+        return torch.ops.megalatent.lse_merge_forward(outputs, lses)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         outputs, lses = ctx.saved_tensors
-        parts, d = outputs.shape[0], outputs.shape[-1]
-        rows = lses[0].numel()
-        doutputs = torch.empty_like(outputs)
-        dlses = torch.empty_like(lses)
-        _merge_bwd_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
-            outputs, lses, dout.contiguous(), doutputs, dlses, rows, parts,
-            HEAD_DIM=d, BLOCK_R=BLOCK_ROWS, BLOCK_D=max(16, triton.next_power_of_2(d)))
-        return doutputs, dlses
+        return torch.ops.megalatent.lse_merge_backward(outputs, lses, dout.contiguous())
 
 
 def lse_merge(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:

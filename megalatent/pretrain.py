@@ -170,8 +170,16 @@ def build_model_parts(cfg: Config, layout: ParallelLayout, device: torch.device)
     shards. Returns (parts, pipeline or None).
 
     Built on the meta device (no memory), split into stages (each keeps only its own layers), parallelized
-    there, then materialised: each rank allocates its shards and fills them with the values a single process
-    would hold at those positions (distributed/materialize.py), so every layout starts from the same weights."""
+    there (`meta_model_parts`), then materialised: each rank allocates its shards and fills them with the values
+    a single process would hold at those positions (distributed/materialize.py), so every layout starts from the
+    same weights."""
+    parts, pipeline = meta_model_parts(cfg, layout, device)
+    return [materialize(part, device, cfg.training.seed) for part in parts], pipeline
+
+
+def meta_model_parts(cfg: Config, layout: ParallelLayout, device: torch.device):
+    """`build_model_parts` before materialising: the parallelized parts still on the meta device, and the
+    pipeline (the planner allocates them on fake tensors instead)."""
     family = get_family(cfg.model.model_family)
 
     def build_on_meta() -> nn.Module:
@@ -192,9 +200,8 @@ def build_model_parts(cfg: Config, layout: ParallelLayout, device: torch.device)
                   f"{[plan.stage_layers[s] for s in pipeline.stage_ids]}", flush=True)
     param_dtype = torch.bfloat16 if uses_bf16(cfg, device) else None
     compile_backend = cfg.training.compile_backend if cfg.training.compile else None
-    return [materialize(parallelize(part, layout, cfg.parallel, family.parallel, cfg.model.seq_length, param_dtype,
-                                    fp8=cfg.fp8, compile_backend=compile_backend),
-                        device, cfg.training.seed) for part in parts], pipeline
+    return [parallelize(part, layout, cfg.parallel, family.parallel, cfg.model.seq_length, param_dtype,
+                        fp8=cfg.fp8, compile_backend=compile_backend) for part in parts], pipeline
 
 
 def tied_embeddings(cfg: Config) -> tuple[str, ...]:

@@ -30,12 +30,13 @@ LAYERS = [
     {"interop"},
     {"inference"},
     {"pretrain"},
+    {"planning"},
     {"__main__"},
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
 
 FAMILY_NAMES = re.compile(r"latentlm|yoco|longvit|bitnet|longnet|mhmoe", re.IGNORECASE)
-SHARED = ["config.py", "pretrain.py", "training", "distributed", "data/gpt_data.py", "inference"]
+SHARED = ["config.py", "pretrain.py", "training", "distributed", "data/gpt_data.py", "inference", "planning"]
 
 
 def modules():

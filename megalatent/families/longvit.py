@@ -34,6 +34,7 @@ IMAGE_CLASSIFICATION = Objective(
     loss_sum=lambda logits, b: F.cross_entropy(logits.float(), b["labels"], reduction="sum"),
     count=lambda b: torch.tensor(float(b["labels"].numel())),
     shard=lambda b, cp_rank, cp, split: b,
+    batch_shapes=lambda m, b: {"images": (b, m.num_channels, m.img_h, m.img_w), "labels": (b,)},
 )
 
 

@@ -117,6 +117,13 @@ def grouped_mm_loop(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor)
     return torch.cat([block @ weight[e] for e, block in enumerate(blocks)]) if blocks else x.new_zeros(0, weight.shape[-1])
 
 
+def tokens_per_expert(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many of the assignments `experts` (expert ids) each expert got, [num_experts]. (bincount's length
+    depends on the data for torch.compile, a graph break; this count's does not.)"""
+    return torch.zeros(num_experts, dtype=torch.long, device=experts.device).index_add_(
+        0, experts, torch.ones_like(experts))
+
+
 def on_this_device(t: torch.Tensor) -> torch.Tensor:
     """The sum over every device holding other tokens of a statistic: on one device, the statistic itself.
     (A parallel layout gives an MoE layer the all-reduce over its ranks; see `MoELayer.sum_over_token_ranks`.)"""
@@ -237,9 +244,7 @@ class MoELayer(nn.Module):
         routing = self.router(tokens)
         experts, weights = routing.experts.flatten(), routing.weights.flatten()
         token_of = torch.arange(tokens.shape[0], device=x.device).repeat_interleave(self.topk)
-        # (bincount's length depends on the data for torch.compile, a graph break; this count's does not)
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
-            0, experts, torch.ones_like(experts))
+        counts = tokens_per_expert(experts, self.num_experts)
         order, kept_counts = self._dispatch_order(experts, weights, counts)
         rows = token_of[order]
         if self.dispatcher is not None:

@@ -39,6 +39,9 @@ class Objective:
     # `part_counts` the items each part averages over [n].
     loss_parts: tuple[str, ...] = ()
     part_counts: Optional[Callable[[Batch], torch.Tensor]] = None
+    # The shape of each key in a micro-batch of b samples, (model config, b) -> {key: shape}, for batches made
+    # without data (the planner's). None: every key is per token, [b, seq_length].
+    batch_shapes: Optional[Callable[[object, int], dict[str, tuple[int, ...]]]] = None
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

@@ -37,12 +37,19 @@ def set_step_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight
 
 
 def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group=None, replicas: set[int] = frozenset()) -> float:
+    """`clip_grad_norm_`, with the norm read back as a number."""
+    return clip_grad_norm_(parts, max_norm, pp_group, replicas).item()
+
+
+def clip_grad_norm_(parts: list[nn.Module], max_norm: float, pp_group=None,
+                    replicas: set[int] = frozenset()) -> torch.Tensor:
     """Global L2 norm of all gradients (over every shard of every rank); scales them down to max_norm.
 
     `parts` are this rank's model parts (its pipeline stages); `pp_group` sums the squared norms over
     the pipeline ranks, which hold different layers; `replicas` (parameter ids) are second copies of a
     weight another stage holds too (tied embeddings), clipped but not counted twice. Returns the norm before
-    clipping, the number Megatron logs as 'grad norm'. max_norm 0 only measures.
+    clipping (the number Megatron logs as 'grad norm') as a tensor, not read back here (the planner runs this on
+    fake tensors). max_norm 0 only measures.
     """
     params = [p for part in parts for p in part.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
@@ -64,4 +71,4 @@ def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group=None, repli
     total = total.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
-    return total.item()
+    return total

@@ -32,7 +32,7 @@ from megalatent.distributed.pipeline import Pipeline
 from megalatent.training.hooks import StepHook, StepReport
 from megalatent.training.metrics import MetricsWriter, device_peak_tflops, iteration_line, log, peak_memory_gb
 from megalatent.training.objectives import LANGUAGE_MODELING, Objective
-from megalatent.training.optim import build_optimizer, clip_grad_norm, set_step_hyperparameters
+from megalatent.training.optim import build_optimizer, clip_grad_norm_, set_step_hyperparameters
 from megalatent.training.schedules import LRSchedule
 
 
@@ -223,6 +223,23 @@ class Trainer:
         return dict(zip(self.objective.loss_parts, means))
 
     def train_step(self, micro_batches) -> tuple[float, float]:
+        loss_sum, counts, grad_norm = self.compute_gradients(micro_batches)
+        loss = (loss_sum.sum() / counts[0]).item()
+        self.loss_parts = self._part_means(loss_sum, counts)
+        grad_norm = grad_norm.item()
+        if not (math.isfinite(grad_norm) and math.isfinite(loss)):  # skipped, never applied, and counted
+            self.nan += 1
+            self.skipped += 1
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            return loss, grad_norm
+        self.apply_gradients()
+        return loss, grad_norm
+
+    def compute_gradients(self, micro_batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A step up to the optimizer: forward and backward of the micro-batches, the step hooks, clipping.
+        Returns (the summed loss of every rank, per part; the global counts; the gradient norm before
+        clipping) as tensors, none read back to the host here (the planner runs this on fake tensors)."""
         for part in self.parts:
             part.train()
         for opt in self.optimizers:
@@ -237,25 +254,20 @@ class Trainer:
         # of the global batch.
         loss_sum = self._forward_backward(micro_batches, scale=self.layout.dp * self.layout.cp / global_tokens)
         loss_sum = self.layout.all_reduce_sum(loss_sum, ("pp", "dp", "cp"))
-        loss = (loss_sum.sum() / global_tokens).item()
-        self.loss_parts = self._part_means(loss_sum, counts)
         self.reports = [r for r in (hook.end_step(self.device) for hook in self.hooks) if r is not None]
-        grad_norm = clip_grad_norm(self.parts, self.cfg.training.clip_grad,
-                                   self.layout.group("pp") if self.layout.pp > 1 else None,
-                                   self.pipeline.replicas(self.parts) if self.pipeline is not None else set())
-        if not (math.isfinite(grad_norm) and math.isfinite(loss)):  # skipped, never applied, and counted
-            self.nan += 1
-            self.skipped += 1
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
-            return loss, grad_norm
+        grad_norm = clip_grad_norm_(self.parts, self.cfg.training.clip_grad,
+                                    self.layout.group("pp") if self.layout.pp > 1 else None,
+                                    self.pipeline.replicas(self.parts) if self.pipeline is not None else set())
+        return loss_sum, counts, grad_norm
+
+    def apply_gradients(self) -> None:
+        """The optimizer step with this iteration's lr and weight decay, then the hooks' after-step work."""
         lr, weight_decay = self.schedule(self.iteration), self.schedule.weight_decay(self.iteration)
         for opt in self.optimizers:
             set_step_hyperparameters(opt, lr, weight_decay)
             opt.step()
         for hook in self.hooks:
             hook.after_optimizer_step()
-        return loss, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> Optional[tuple[float, Optional[dict[str, float]]]]:

@@ -13,11 +13,14 @@ SPLITS = ("zigzag", "contiguous")
 
 
 def shard_sequence(t: torch.Tensor, cp_rank: int, cp: int, split: str, dim: int = 1) -> torch.Tensor:
-    """This rank's tokens of a full-sequence tensor."""
+    """This rank's tokens of a full-sequence tensor whose length the chunks divide (config.py checks it). One
+    view per chunk of its own, not one per chunk of the sequence (16,384 ranks would make 16,384 views)."""
     if split == "contiguous":
-        return t.chunk(cp, dim=dim)[cp_rank].contiguous()
-    chunks = t.chunk(2 * cp, dim=dim)
-    return torch.cat([chunks[cp_rank], chunks[2 * cp - 1 - cp_rank]], dim=dim).contiguous()
+        size = t.shape[dim] // cp
+        return t.narrow(dim, cp_rank * size, size).contiguous()
+    size = t.shape[dim] // (2 * cp)
+    return torch.cat([t.narrow(dim, cp_rank * size, size), t.narrow(dim, (2 * cp - 1 - cp_rank) * size, size)],
+                     dim=dim).contiguous()
 
 
 class _AllGatherSeq(torch.autograd.Function):
