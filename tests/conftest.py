@@ -47,17 +47,20 @@ def unigram_entropy(cache: str) -> float:
     return float(-(frequencies * np.log(frequencies)).sum())
 
 
-def run_trainer(args, cache, nproc=1, timeout=600, env=None, check=True):
-    """Run the trainer as a user would (its own process or torchrun); returns the completed process, which
-    must have succeeded unless `check` is False."""
-    base = ["-m", "megalatent.pretrain", "--config", "examples/tiny/gpt.yaml", "--data-cache-path", cache,
-            *CORPUS_FLAGS]
-    if nproc == 1:
-        cmd = [sys.executable] + base + list(args)
+def run_trainer(args, cache, nproc=1, timeout=600, env=None, check=True, real_launcher=False):
+    """Run the trainer's command line (`python -m megalatent.pretrain ...`) in `nproc` processes; returns the
+    completed process, which must have succeeded unless `check` is False. The processes are forked from a
+    server that imported megalatent once (tests/launcher.py); `real_launcher` starts them as a user does
+    instead, with `python` or `torchrun --standalone`."""
+    command = ["-m", "megalatent.pretrain", "--config", "examples/tiny/gpt.yaml", "--data-cache-path", cache,
+               *CORPUS_FLAGS, *args]
+    if real_launcher:
+        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        out = subprocess.run([sys.executable] + launcher + command, cwd=REPO, capture_output=True, text=True,
+                             timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] + base + list(args)
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+        from launcher import launch
+        out = launch(command, nproc, env=env, timeout=timeout)
     assert out.returncode == 0 or not check, f"trainer failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     return out
 

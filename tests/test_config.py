@@ -1,11 +1,10 @@
 """Configuration: YAML + flags precedence, --help, and one test per validation rule's message."""
-import subprocess
-import sys
-
 import pytest
 
 from megalatent.config import ConfigError
 from megalatent.families import build_parser, parse_args, validate
+
+from launcher import launch
 
 
 def errors_of(argv, world=1):
@@ -63,7 +62,7 @@ def test_defaults_validate_and_examples_parse(tmp_path):
 
 
 def test_help_lists_every_flag_with_default():
-    out = subprocess.run([sys.executable, "-m", "megalatent.pretrain", "--help"], capture_output=True, text=True)
+    out = launch(["-m", "megalatent.pretrain", "--help"])
     assert out.returncode == 0, out.stderr
     for action in build_parser()._actions:
         for flag in action.option_strings:
@@ -188,8 +187,7 @@ def test_bad_data_path_is_reported_before_anything_runs(tmp_path):
 
 
 def test_trainer_exits_2_with_the_message(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "megalatent.pretrain", "--num-layers", "0"],
-                         capture_output=True, text=True, timeout=120)
+    out = launch(["-m", "megalatent.pretrain", "--num-layers", "0"], timeout=120)
     assert out.returncode == 2
     assert "--num-layers must be >= 1" in out.stderr
 

@@ -289,13 +289,10 @@ def test_distributed_dilated_attention_equals_single_process(tmp_path, ranks):
     import importlib.util
     import json
     import os
-    import subprocess
-    import sys
     from conftest import REPO
+    from launcher import launch
     out = tmp_path / "errors.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-                           os.path.join(REPO, "tests", "dilated_worker.py"), str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = launch([os.path.join(REPO, "tests", "dilated_worker.py"), str(out)], ranks, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     errors = json.loads(out.read_text())
     assert {e["rank"] for e in errors} == set(range(ranks))

@@ -4,8 +4,6 @@ start or end inside an image); a blend reads each sample's latents from its own 
 tools/preprocess_interleaved.py on the digits demo and on JSONL with image files."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from megalatent.data.interleaved import (
 from megalatent.data.interleaved_sources import iter_jsonl_documents, scan_jsonl
 from megalatent.models.sigma_vae import SigmaVAE, SigmaVAEConfig, load_tokenizer, save_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from launcher import launch
 SEED = 7
 
 
@@ -230,8 +228,7 @@ def test_errors(tmp_path, tokenizers):
 
 
 def run_tool(*args):
-    out = subprocess.run([sys.executable, "tools/preprocess_interleaved.py", "--no-progress", *args], cwd=REPO,
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = launch(["tools/preprocess_interleaved.py", "--no-progress", *args], timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out.stdout
 

@@ -5,8 +5,6 @@ DDIM with exact denoisers, classifier-free guidance)."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,8 @@ from megalatent.models.sigma_vae import (
 from megalatent.distributed.materialize import initialize
 from megalatent.nn.diffusion_head import CosineSchedule, DiffusionHead, sample, sampling_timesteps
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
+from launcher import launch
 TINY_VAE = SigmaVAEConfig(image_size=16, patch_size=4, latent_dim=8, hidden_size=32, num_layers=1, num_attention_heads=2)
 
 
@@ -144,11 +143,9 @@ def test_train_vae_learns_to_reconstruct_digits(tmp_path):
     from megalatent.data.images import DigitsDataset
 
     out_dir = str(tmp_path / "vae-digits")
-    cmd = [sys.executable, "tools/train_vae.py", "--save", out_dir, "--train-iters", "150", "--hidden-size", "32",
-           "--num-layers", "1", "--num-attention-heads", "2", "--micro-batch-size", "32", "--lr", "3e-3",
-           "--log-interval", "50"]
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = launch(["tools/train_vae.py", "--save", out_dir, "--train-iters", "150", "--hidden-size", "32",
+                  "--num-layers", "1", "--num-attention-heads", "2", "--micro-batch-size", "32", "--lr", "3e-3",
+                  "--log-interval", "50"], timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "recon mse" in run.stdout and f"wrote {out_dir}" in run.stdout
 
@@ -270,10 +267,7 @@ def test_data_parallel_step_with_a_rank_without_continuous_tokens(tmp_path):
     """FSDP2 and DDP on 2 gloo ranks, one rank with latents and one without (its loss is the dummy):
     the step completes and the averaged gradients equal the single-process ones (tests/latent_worker.py)."""
     out = str(tmp_path / "dp.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           os.path.join(REPO, "tests", "latent_worker.py"), out]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = launch([os.path.join(REPO, "tests", "latent_worker.py"), out], 2, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     with open(out) as f:
         result = json.load(f)

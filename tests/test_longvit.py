@@ -3,13 +3,13 @@ equals one device (logits and gradients); positions interpolate to other image s
 embedded band by band exactly as all at once."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from conftest import REPO
+from launcher import launch
 from megalatent.config import ConfigError
 from megalatent.families import parse_args, validate
 from megalatent.models.longvit import PatchEmbedding, interpolate_positions
@@ -22,10 +22,7 @@ from longvit_worker import FLAGS  # noqa: E402
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_context_parallel_equals_one_device(tmp_path, nproc):
     out = str(tmp_path / "errors.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           os.path.join(REPO, "tests", "longvit_worker.py"), out]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = launch([os.path.join(REPO, "tests", "longvit_worker.py"), out], nproc, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     errors = json.load(open(out))
     assert errors["logits"] < 1e-5

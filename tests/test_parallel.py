@@ -1,14 +1,13 @@
 """Every parallel layout against the single-process run: losses, grad norms, gathered gradients and
-weights after several optimizer steps (gloo, CPU, tiny model). One torchrun launch runs several layouts."""
+weights after several optimizer steps (gloo, CPU, tiny model). One launch runs several layouts."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import REPO
+from launcher import launch
 
 WORKER = os.path.join(REPO, "tests", "parallel_worker.py")
 UNTIED = {"untie-embeddings-and-output-weights": True}  # pipeline parallelism needs an untied head
@@ -16,13 +15,7 @@ UNTIED = {"untie-embeddings-and-output-weights": True}  # pipeline parallelism n
 
 def run_worker(tmp_path, nproc, layouts, name, worker=WORKER):
     out = str(tmp_path / f"{name}.pt")
-    args = [out] + [json.dumps(layout) for layout in layouts]
-    if nproc == 1:
-        cmd = [sys.executable, worker] + args
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", worker] + args
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = launch([worker, out] + [json.dumps(layout) for layout in layouts], nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return torch.load(out, weights_only=False)
 

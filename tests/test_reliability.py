@@ -20,6 +20,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import REPO, losses, run_trainer
+from launcher import launch
 from megalatent.distributed import checkpoint as ckpt
 
 # A small model: one step in tens of milliseconds; 64 tokens per step.
@@ -237,8 +238,7 @@ def test_a_bad_yaml_file_is_one_line(tmp_path):
     from megalatent.families import parse_args
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"num-layers: [2\n")
-    out = subprocess.run([sys.executable, "-m", "megalatent.pretrain", "--config", str(bad)],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = launch(["-m", "megalatent.pretrain", "--config", str(bad)], timeout=300)
     assert out.returncode == 2
     assert error_line(out).startswith(f"error: --config {bad}: invalid YAML at line 2, column 1: ")
     bad.write_bytes(b"num-layers: 2  # caf\xe9 in latin-1\n")  # the same path to the same line, in-process
@@ -284,9 +284,9 @@ def test_damaged_datasets_and_tokenizer_are_one_line_each(corpus_cache, corpus, 
     assert out.returncode == 2
     assert f"tokenizer model {tmp_path / 'tok.model'}: not a readable sentencepiece model" in error_line(out)
     (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "x = 1"}) + "\n")
-    out = subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(tmp_path / "docs.jsonl"),
-                          "--output-prefix", str(tmp_path / "out"), "--tokenizer-model", str(tmp_path / "tok.model")],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = launch(["tools/preprocess_data.py", "--input", str(tmp_path / "docs.jsonl"),
+                  "--output-prefix", str(tmp_path / "out"), "--tokenizer-model", str(tmp_path / "tok.model")],
+                 timeout=300)
     assert out.returncode == 2 and "not a readable sentencepiece model" in error_line(out)
 
 
@@ -294,9 +294,8 @@ def test_the_tokenizer_tool_says_what_vocabulary_its_corpus_supports(tmp_path):
     words = ["alpha", "beta", "gamma", "delta", "x", "y", "z"]
     (tmp_path / "small.txt").write_text("\n".join(" ".join(words[(i * j) % 7] for j in range(10))
                                                   for i in range(2000)))
-    out = subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", str(tmp_path / "small.txt"),
-                          "--vocab-size", "32000", "--output-prefix", str(tmp_path / "tok")],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = launch(["tools/train_tokenizer.py", "--input", str(tmp_path / "small.txt"),
+                  "--vocab-size", "32000", "--output-prefix", str(tmp_path / "tok")], timeout=300)
     assert out.returncode == 2
     line = error_line(out)
     assert line.startswith("error: --vocab-size 32000 is more than this corpus supports: its text gives at most ")
@@ -318,8 +317,8 @@ def test_flag_typos_and_help(capsys):
 
 def test_plot_runs_draws_the_runs_curves_against_tokens(run, tmp_path):
     _, tb, printed = run
-    out = subprocess.run([sys.executable, "tools/plot_runs.py", tb, "--output", str(tmp_path / "runs.png"),
-                          "--json", str(tmp_path / "runs.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = launch(["tools/plot_runs.py", tb, "--output", str(tmp_path / "runs.png"), "--json", str(tmp_path / "runs.json")],
+                 timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert open(tmp_path / "runs.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     [(name, data)] = json.load(open(tmp_path / "runs.json")).items()

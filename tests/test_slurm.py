@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS_FLAGS
+from launcher import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "pretrain_gpt.sh"
@@ -147,14 +148,6 @@ def assert_completed(job: Job, info: dict[str, str], train_iters: int) -> None:
     assert ckpts.is_dir() and any(ckpts.iterdir()), f"job {job.id}: no checkpoint in {ckpts}\n{job.tail()}"
 
 
-def test_one_node_two_tasks(submit, text_data):
-    iters = 20
-    job = submit("n1x2", [], ["--train-iters", str(iters), *TINY, *text_data])
-    info = wait_done(job, FIRST_JOB_TIMEOUT)
-    assert_completed(job, info, iters)
-    assert "1 node(s), 2 task(s)" in job.text(), job.tail()
-
-
 @pytest.fixture
 def two_nodes(cluster_nodes):
     if len(cluster_nodes) < 2:
@@ -164,24 +157,28 @@ def two_nodes(cluster_nodes):
         pytest.skip(msg)
 
 
-def test_two_nodes_one_task_each(submit, two_nodes, text_data):
-    iters = 20
-    job = submit("n2x1", ["--nodes=2", "--ntasks-per-node=1"], ["--train-iters", str(iters), *TINY, *text_data])
-    info = wait_done(job, FIRST_JOB_TIMEOUT)
-    assert_completed(job, info, iters)
-    assert "2 node(s), 2 task(s)" in job.text(), job.tail()
-    assert info.get("NumNodes") == "2", f"NumNodes={info.get('NumNodes')}\n{job.tail()}"
+# Job shapes: sbatch arguments, the line the trainer must print about its world, and the nodes it must span.
+SHAPES = {
+    "n1x2": ([], "1 node(s), 2 task(s)", "1"),
+    "n2x1": (["--nodes=2", "--ntasks-per-node=1"], "2 node(s), 2 task(s)", "2"),
+    # The parallel engine under SLURM: TP=2 inside each node (adjacent ranks), DP=2 across the nodes.
+    "tp2dp2": (["--nodes=2", "--ntasks-per-node=2"], "world 4 = pp 1 x dp 2 x cp 1 x tp 2 (slurm)", "2"),
+}
 
 
-def test_tp2_dp2_on_two_nodes(submit, two_nodes, text_data):
-    """The parallel engine under SLURM: TP=2 inside each node (adjacent ranks), DP=2 across the nodes."""
+def test_job_shapes(submit, two_nodes, text_data):
+    """pretrain_gpt.sh at one node x 2 tasks, 2 nodes x 1 task, and 2 nodes x 2 tasks with TP2 x DP2: all
+    submitted at once (8 tasks fill the cluster's 2 x 4 CPUs, and the jobs' scheduling waits overlap)."""
     iters = 20
-    job = submit("tp2dp2", ["--nodes=2", "--ntasks-per-node=2"],
-                 ["--train-iters", str(iters), "--tensor-model-parallel-size", "2", *TINY, *text_data])
-    info = wait_done(job, FIRST_JOB_TIMEOUT)
-    assert_completed(job, info, iters)
-    assert "world 4 = pp 1 x dp 2 x cp 1 x tp 2 (slurm)" in job.text(), job.tail()
-    assert info.get("NumNodes") == "2", f"NumNodes={info.get('NumNodes')}\n{job.tail()}"
+    jobs = {name: submit(name, sbatch, ["--train-iters", str(iters), *TINY, *text_data]
+                         + (["--tensor-model-parallel-size", "2"] if name == "tp2dp2" else []))
+            for name, (sbatch, _, _) in SHAPES.items()}
+    for name, job in jobs.items():
+        info = wait_done(job, FIRST_JOB_TIMEOUT)
+        assert_completed(job, info, iters)
+        _, printed, nodes = SHAPES[name]
+        assert printed in job.text(), job.tail()
+        assert info.get("NumNodes") == nodes, f"NumNodes={info.get('NumNodes')}\n{job.tail()}"
 
 
 # Every model family's batch script other than pretrain_gpt.sh (tested above), with its default tiny config
@@ -192,20 +189,31 @@ FAMILY_SCRIPTS = {"pretrain_longnet.sh": ([], True), "pretrain_mhmoe.sh": ([], T
 
 
 def test_every_family_batch_script_trains(submit, tmp_path, text_data):
-    """`sbatch launch/pretrain_<family>.sh` as the README says: all submitted at once, each must finish; and
-    LatentLM on classes and on documents, each script training its own σ-VAE tokenizer first and the second
-    writing its documents (each in its own directory of the test, so no two jobs write one, nor the repo)."""
+    """`sbatch launch/pretrain_<family>.sh` as the README says, one task each (their 2-task shape is
+    pretrain_gpt.sh's, above; the families' layouts are tested against one process elsewhere): all submitted
+    at once, each must finish. LatentLM on documents: the script trains its own σ-VAE tokenizer first and
+    writes its documents (in the test's directory, not the repo's); LatentLM on classes is given a small
+    σ-VAE trained here, which the script must use rather than train its own."""
     iters = 10
-    jobs = {name: submit(name.removesuffix(".sh"), [], ["--train-iters", str(iters), *TINY, *extra,
-                                                        *(text_data if text else [])],
+    given_vae = str(tmp_path / "vae-classes")
+    trained = launch(["tools/train_vae.py", "--save", given_vae, "--train-iters", "100", "--hidden-size", "32",
+                      "--num-layers", "1", "--num-attention-heads", "2", "--micro-batch-size", "32"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    one_task = ["--ntasks-per-node=1"]
+    jobs = {name: submit(name.removesuffix(".sh"), one_task, ["--train-iters", str(iters), *TINY, *extra,
+                                                              *(text_data if text else [])],
                          script=ROOT / "launch" / name,
-                         env={"LATENT_TOKENIZER": tmp_path / "vae-classes"} if "latentlm" in name else None)
+                         env={"LATENT_TOKENIZER": given_vae} if "latentlm" in name else None)
             for name, (extra, text) in FAMILY_SCRIPTS.items()}
     jobs["LATENTLM_DATA=documents"] = submit(
-        "latentlm-documents", [], ["--train-iters", str(iters), *TINY], script=ROOT / "launch" / "pretrain_latentlm.sh",
+        "latentlm-documents", one_task, ["--train-iters", str(iters), *TINY],
+        script=ROOT / "launch" / "pretrain_latentlm.sh",
         env={"LATENTLM_DATA": "documents", "LATENT_TOKENIZER": tmp_path / "vae", "DOCUMENTS": tmp_path / "docs"})
     for name, job in jobs.items():
         assert_completed(job, wait_done(job, FIRST_JOB_TIMEOUT), iters)
+    training_vae = "[megalatent] training the σ-VAE tokenizer into"
+    assert training_vae not in jobs["pretrain_latentlm.sh"].text(), jobs["pretrain_latentlm.sh"].tail()
+    assert f"{training_vae} {tmp_path / 'vae'}" in jobs["LATENTLM_DATA=documents"].text()
 
 
 def test_usr1_requeue_resumes_exactly(submit, text_data):

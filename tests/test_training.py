@@ -188,11 +188,7 @@ def test_a_save_that_crashed_midway_never_replaces_the_last_good_one(corpus_cach
 
 
 def test_checkpoint_from_another_model_is_refused_before_training(corpus_cache, uninterrupted):
-    import subprocess, sys
-    out = subprocess.run([sys.executable, "-m", "megalatent.pretrain", "--config", "examples/tiny/gpt.yaml",
-                          "--data-cache-path", corpus_cache, *CORPUS_FLAGS, "--hidden-size", "64", "--load",
-                          uninterrupted[1]],
-                         capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = run_trainer(["--hidden-size", "64", "--load", uninterrupted[1]], corpus_cache, timeout=300, check=False)
     assert out.returncode == 2
     assert "was written by a different model (hidden_size: checkpoint 128, this run 64)" in out.stderr
 
@@ -201,7 +197,7 @@ def test_two_data_parallel_ranks_equal_one_process(corpus_cache, tmp_path):
     args = ["--train-iters", "4", "--log-interval", "1", "--micro-batch-size", "2", "--global-batch-size", "8",
             "--eval-interval", "0", "--lr-warmup-iters", "2"]
     single = run_trainer(args + ["--save", str(tmp_path / "s")], corpus_cache)
-    dp2 = run_trainer(args + ["--save", str(tmp_path / "d")], corpus_cache, nproc=2)
+    dp2 = run_trainer(args + ["--save", str(tmp_path / "d")], corpus_cache, nproc=2, real_launcher=True)  # torchrun
     s, d = losses(single.stdout), losses(dp2.stdout)
     assert len(s) == 4
     for it in s:
