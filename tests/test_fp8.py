@@ -94,6 +94,89 @@ def test_fp8_linear_equals_its_emulation(recipe, fmt):
             f"{recipe} {fmt}: {name} differs from its emulation by {error:.2e} (relative norm)"
 
 
+# Experts 0..3: the second gets no token, blocks are not multiples of 16, and weights and tokens differ in size
+# by 10^5 between experts, so that scales shared by the experts would flush the small one's values to FP8's
+# subnormals (tensorwise) or zero (rowwise's weight columns) and differ from per-expert scales visibly.
+COUNTS, SIZES = [40, 0, 23, 9], [1.0, 1.0, 30.0, 3e-4]
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("fmt", ["e4m3", "hybrid"])
+def test_fp8_experts_equal_their_emulation(recipe, fmt):
+    """MoE experts in FP8 (fp8.Float8GroupedMM, the experts' grouped matmul): each expert's block of tokens times
+    its weight equals the emulation above with that expert's own scales, in the output and both gradients (on a
+    GPU, rowwise e4m3 runs torchao's FP8 grouped GEMM); the same emulation with scales shared by all experts
+    does not."""
+    from megalatent.distributed.fp8 import Float8GroupedMM
+
+    g = torch.Generator().manual_seed(0)
+    counts, sizes = torch.tensor(COUNTS), torch.tensor(SIZES)
+    rows = sizes.repeat_interleave(counts)[:, None]
+    x = (torch.randn(sum(COUNTS), 32, generator=g) * torch.logspace(-2, 1, 32) * rows).to(DEVICE)
+    grad_out = (torch.randn(sum(COUNTS), 48, generator=g) * torch.logspace(1, -2, 48) * rows).to(DEVICE)
+    w = (torch.randn(4, 32, 48, generator=g) * torch.logspace(0, -2, 48) * sizes[:, None, None]).to(DEVICE)
+    mm = Float8GroupedMM(float8_linear_config(FP8Config(fp8_format=fmt, fp8_recipe=recipe)))
+    x.requires_grad_(), w.requires_grad_()
+    out = mm(x, w, counts.to(DEVICE))
+    out.backward(grad_out)
+
+    expected_out, expected_grad_x, expected_grad_w = [], [], torch.zeros_like(w)
+    for e, (xe, ge) in enumerate(zip(x.detach().split(COUNTS), grad_out.split(COUNTS))):
+        if COUNTS[e]:
+            o, gx, gw = emulated_linear(xe, w[e].detach().t(), ge, recipe, fmt)
+            expected_out.append(o), expected_grad_x.append(gx)
+            expected_grad_w[e] = gw.t()
+    expected = [torch.cat(expected_out), torch.cat(expected_grad_x), expected_grad_w]
+    for name, got, want in zip(["output", "input gradient", "weight gradient"], [out.detach(), x.grad, w.grad],
+                               expected):
+        for e in (0, 2, 3):  # (relative to each expert's own size)
+            part = (lambda t: t[e]) if name == "weight gradient" else (lambda t: t.split(COUNTS)[e])
+            error = ((part(got) - part(want)).norm() / part(want).norm()).item()
+            assert error < (1e-6 if DEVICE == "cpu" else 2e-3), \
+                f"{recipe} {fmt}: expert {e}'s {name} differs from its emulation by {error:.2e} (relative norm)"
+    assert not w.grad[1].any()  # (the expert without tokens)
+
+    # Scales shared by the experts (over the stacked weights and all tokens) give another output.
+    rowwise = recipe == "rowwise"
+    shared_x = quantise_dequantise(x.detach(), E4M3, -1 if rowwise else None)
+    shared_w = quantise_dequantise(w.detach(), E4M3, (0, 1) if rowwise else None)
+    shared = torch.cat([xe @ shared_w[e] for e, xe in enumerate(shared_x.split(COUNTS))])
+    small = slice(sum(COUNTS[:3]), None)
+    assert ((shared[small] - out[small]).norm() / out[small].norm()).item() > 1e-2
+
+
+def test_the_grouped_gemm_path_pads_groups_and_equals_the_per_expert_path():
+    """A GPU's path for rowwise e4m3 (torchao's FP8 grouped GEMM, CUDA-only) takes groups of rows that are multiples of
+    16 and column-major weights. fp8.padded_grouped_mm's padding, offsets and layout, checked here with the grouped
+    GEMM stood in by the per-expert path on each padded group (the same rowwise numerics: zero rows change no
+    amax), give the per-expert path's output and gradients."""
+    from megalatent.distributed.fp8 import Float8GroupedMM, float8_mm_per_expert, padded_grouped_mm
+
+    mm = Float8GroupedMM(float8_linear_config(FP8Config(fp8_format="e4m3", fp8_recipe="rowwise")))
+    assert mm.rowwise_e4m3 and not Float8GroupedMM(float8_linear_config(FP8Config(fp8_format="hybrid"))).rowwise_e4m3
+
+    def grouped_gemm(a, b_t, offs):
+        sizes = offs.diff(prepend=offs.new_zeros(1))
+        assert offs.dtype == torch.int32 and int(offs[-1]) == a.shape[0] and a.stride(-1) == 1 and b_t.stride(-2) == 1
+        assert (sizes % 16 == 0).all() and (sizes > 0).all(), sizes
+        return float8_mm_per_expert(a, b_t, sizes, mm.mm_config, mm.config).to(torch.bfloat16)
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor(COUNTS)
+    # (bf16 inputs, as the GPU path takes: its products, and so its output gradients, are bf16)
+    x = torch.randn(sum(COUNTS), 32, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(4, 32, 48, generator=g, requires_grad=True)
+    grad_out = torch.randn(sum(COUNTS), 48, generator=g).bfloat16()
+    results = []
+    for run in (lambda: padded_grouped_mm(x, w, counts, grouped_gemm), lambda: mm(x, w, counts)):
+        x.grad = w.grad = None
+        out = run()
+        out.backward(grad_out)
+        results.append((out.detach(), x.grad, w.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
 def _synthetic_batch(n, seq, vocab, g):
     """Token walks t[i+1] = t[i] + {1, 2, 3} mod V: learnable, so the loss falls within a few dozen steps."""
     start = torch.randint(0, vocab, (n, 1), generator=g)
@@ -271,16 +354,30 @@ def test_a_gpu_without_fp8_tensor_cores_needs_the_emulation_flag(monkeypatch):
 
 
 def test_what_is_converted_and_what_is_kept():
-    """The blocks' projections become FP8; the head, embedding, routers, norms and experts do not; MH-MoE's
-    head/merge projections do; --first-last-layers-bf16 keeps the outer layers."""
+    """The blocks' projections and MoE experts become FP8; the head, embedding, routers and norms do not; MH-MoE's
+    head/merge projections do; --first-last-layers-bf16 keeps the outer layers; experts whose widths are not
+    multiples of 16, and ternary (BitLinear) experts, are kept."""
+    from megalatent.distributed.fp8 import Float8GroupedMM, select_modules
+
     cfg = parse_args(BASE + ["--fp8-format", "hybrid", "--num-experts", "4", "--moe-num-heads", "2",
                              "--moe-router-type", "xmoe", "--moe-layer-freq", "2"])
     model = build_model(cfg.model)
     converted = set(convert_to_fp8(model, cfg.fp8, [], tp=1))
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert converted == linears - {f"layers.{i}.mlp.router.proj" for i in (0, 2)}
+    experts = {f"layers.{i}.mlp.experts" for i in (0, 2)}
+    assert converted == linears - {f"layers.{i}.mlp.router.proj" for i in (0, 2)} | experts
     assert "layers.0.mlp.head_proj" in converted and "layers.1.mlp.down_proj" in converted
-    assert all(type(m).__name__ == "Float8Linear" for n, m in model.named_modules() if n in converted)
+    assert all(type(m).__name__ == "Float8Linear" for n, m in model.named_modules() if n in converted - experts)
+    assert all(isinstance(model.get_submodule(n).matmul, Float8GroupedMM) for n in experts)
     fp8 = dataclasses.replace(cfg.fp8, first_last_layers_bf16=True)
-    outer = set(convert_to_fp8(build_model(cfg.model), fp8, [], tp=1))
+    outer_model = build_model(cfg.model)
+    outer = set(convert_to_fp8(outer_model, fp8, [], tp=1))
     assert outer == {n for n in converted if n.startswith(("layers.1.", "layers.2."))}
+    assert outer_model.get_submodule("layers.0.mlp.experts").matmul is None
+
+    narrow = parse_args(BASE + ["--num-experts", "4", "--moe-ffn-hidden-size", "40"])
+    _, kept = select_modules(build_model(narrow.model), [], cfg.fp8, tp=1)
+    assert kept["layers.0.mlp.experts"] == "experts 64->40->64 not multiples of 16"
+    ternary = parse_args(BASE + ["--num-experts", "4", "--linear-impl", "bitlinear"])
+    _, kept = select_modules(build_model(ternary.model), [], cfg.fp8, tp=1)
+    assert kept["layers.0.mlp.experts"] == "ternary experts" and kept["layers.0.attention.q_proj"] == "BitLinear"
