@@ -224,9 +224,9 @@ def convert_to_fp8(model: nn.Module, cfg: FP8Config, trunk_modules: list[str], t
         model.get_submodule(name).matmul = Float8GroupedMM(config)
     if not dist.is_initialized() or dist.get_rank() == 0:
         reasons = sorted(set(kept.values()))
-        print(f"[fp8] {len(linears)} linear layers and {len(experts)} layers' MoE experts in FP8 ({cfg.fp8_recipe}, "
-              f"{cfg.fp8_format}); {len(kept)} kept in high precision ({'; '.join(reasons) or 'none'}) besides "
-              "embeddings, head and norms", flush=True)
+        print(f"[fp8] {len(linears)} linear layers and the experts of {len(experts)} MoE layers in FP8 "
+              f"({cfg.fp8_recipe}, {cfg.fp8_format}); {len(kept)} kept in high precision "
+              f"({'; '.join(reasons) or 'none'}) besides embeddings, head and norms", flush=True)
     return selected
 
 
