@@ -1,5 +1,5 @@
-"""FP8 training of the transformer blocks' linear layers, on torchao's float8 training (the engine torchtitan
-uses): Megatron's --fp8-format, --fp8-recipe and --fp8-param-gather.
+"""FP8 training of the transformer blocks' linear layers and MoE experts, on torchao's float8 training (the engine
+torchtitan uses): Megatron's --fp8-format, --fp8-recipe and --fp8-param-gather.
 
     --fp8-format e4m3      input, weight and output gradient cast to float8_e4m3fn
     --fp8-format hybrid    e4m3 forward, float8_e5m2 output gradients (more range, less precision)
@@ -7,8 +7,8 @@ uses): Megatron's --fp8-format, --fp8-recipe and --fp8-param-gather.
                            current scaling; torchao's "tensorwise" recipe is hybrid + tensorwise)
     --fp8-recipe rowwise   one scale per row (per column for the operand read along its columns), rounded
                            down to a power of two (torchao's "rowwise" recipe is e4m3 + rowwise)
-    --fp8-param-gather     FSDP2 all-gathers the weights in FP8 (tensorwise: one scale per weight, so the
-                           shards can be cast before the all-gather)
+    --fp8-param-gather     FSDP2 all-gathers the linear layers' weights in FP8 (tensorwise: one scale per weight,
+                           so the shards can be cast before the all-gather)
 
 Each selected `nn.Linear` becomes torchao's `Float8Linear` (a subclass that keeps its `weight` and `bias`,
 so state-dict names do not change and an FP8 run's checkpoint loads into a bf16 run and back). Its three
@@ -16,24 +16,41 @@ matmuls (output, input gradient, weight gradient) quantise both operands with dy
 `torch._scaled_mm`, and return the high-precision dtype; the master weights, the optimizer and every other
 op keep their precision.
 
+Each selected MoE `Experts` module (stacked weights [E, d_in, d_out], one grouped matmul per projection) gets a
+`Float8GroupedMM` as its matmul (the `Experts.matmul` seam; no parameter changes, so checkpoints are unchanged):
+every expert's matmuls are a Float8Linear's, with the same casts, so the scales are per expert — tensorwise, one
+scale for each expert's weight and one for its block of tokens (and of output gradients); rowwise, per token
+row and per column of each expert's weight, and per column over each expert's tokens in the weight gradient.
+Per expert because each expert is its own linear layer: a scale shared by the experts would let one expert's
+outlier weights or tokens take the others' resolution, and under expert parallelism it would need an amax
+all-reduce, while an expert's weight and all its rows are on one rank after the all-to-all. It is also the
+granularity of torchao's FP8 grouped GEMM (per-group scales), which runs the rowwise e4m3 case on CUDA (see
+Float8GroupedMM); everywhere else (CPU, --fp8-emulate, tensorwise or hybrid on CUDA) a loop over the experts runs
+torchao's Float8Linear matmul on each block. One consequence: under expert parallelism an expert's block holds
+the tokens of every rank that routed to it, not one micro-batch's as in one process, so tensorwise scales (and
+rowwise weight-gradient column scales) span more tokens: EP changes FP8's rounding within its own noise
+(tests/test_fp8.py measures it), as context parallelism does.
+
 What is converted: the plain `nn.Linear` layers of the transformer blocks — `model.layers` and the modules
 the family's pipeline plan keeps with a layer (e.g. a key/value projection shared by later layers) — whose two
-dimensions are multiples of 16 on every tensor-parallel rank (torch._scaled_mm's rule). Kept in high
-precision, and why:
+dimensions are multiples of 16 on every tensor-parallel rank (torch._scaled_mm's rule), and the blocks' MoE
+experts whose widths (d_in and the expert FFN width; experts are not split over tensor-parallel ranks) are
+multiples of 16 (the tokens per expert can be any number: the weight-gradient matmul's inner dimension is
+zero-padded). Kept in high precision, and why:
   - the output head and the embeddings: the logits' softmax and the vocabulary rows of rare tokens are
     where FP8's 3-bit mantissa costs most loss, for ~1-5% of the FLOPs (Megatron and torchtitan keep them);
   - MoE routers (fp32 by design: top-k selection flips on small errors) and norms (not matmuls);
-  - MoE experts' grouped matmuls: torchao's FP8 grouped GEMM (prototype.moe_training) runs only on CUDA
-    (Triton kernels and torch._scaled_grouped_mm, which has no CPU kernel), rowwise e4m3 only, with per-expert
-    token groups padded to 16 rows and column-major expert weights; it cannot run on our CPU machines, so it
-    is not used (MH-MoE's head and merge projections are plain linears and are converted);
-  - BitLinear layers (ternary weights, int8 activations already): FP8 is refused for such models;
-  - layers whose shape does not allow it (per-head gates: hidden -> heads), and whatever lies outside the
-    blocks (latent projections, diffusion heads, patch embeddings, classifiers);
-  - with --first-last-layers-bf16, the first/last transformer layers (Megatron's flag).
+  - BitLinear layers and ternary experts (ternary weights, int8 activations already): FP8 is refused for
+    models that have them;
+  - layers and experts whose shapes do not allow it (per-head gates: hidden -> heads), and whatever lies outside
+    the blocks (latent projections, diffusion heads, patch embeddings, classifiers);
+  - with --first-last-layers-bf16, the first/last transformer layers (Megatron's flag), experts included;
+  - expert weights are all-gathered by FSDP2 in their own precision even with --fp8-param-gather (torchao's FP8
+    all-gather casts a whole tensor with one scale; a stacked expert weight has one scale per expert).
 The order in the parallel pipeline (parallelize.py): converted first, before tensor parallelism (the DTensor
 plans then shard Float8Linear weights like any linear's; torchao computes tensorwise amaxes of DTensors over
-all shards, so every rank uses the single-process scales), as torchtitan does.
+all shards, so every rank uses the single-process scales), as torchtitan does; expert parallelism then shards
+the experts, which keep their Float8GroupedMM.
 """
 from __future__ import annotations
 
