@@ -102,6 +102,8 @@ def run_layout(layout_flags: dict, env, device) -> dict:
     # The classes of the tensors this rank holds (e.g. torchao's weights that FSDP2 all-gathers in FP8).
     result["local_tensor_types"] = sorted({type(p.to_local() if hasattr(p, "to_local") else p.data).__name__
                                            for _, p in named})
+    # The classes of its modules (e.g. which layers are FP8: torchao's Float8Linear, fp8.Float8GroupedMM).
+    result["module_types"] = sorted({type(m).__name__ for part in parts for m in part.modules()})
     local = {"grads": {n: full(p.grad).detach().clone() for n, p in named},
              "weights": {n: full(p).detach().clone() for n, p in named}}
     gathered = [None] * dist.get_world_size() if dist.is_initialized() else [local]

@@ -1,5 +1,6 @@
 """--compile (megalatent/distributed/compile.py): each block compiled equals eager, over 5 training steps, for the
-baseline, a LongNet with MoE layers (LongNet's and the MoE's blocks in one model) and the baseline under FP8,
+baseline, a LongNet with MoE layers (LongNet's and the MoE's blocks in one model) and the baseline under FP8 with
+every second layer MoE (FP8 linears and FP8 experts),
 at one rank (the baseline also with selective recomputation), at TP2 x DP2 (FSDP2; the baseline with sequence
 parallelism) and for the baseline at PP2 x TP2; a dense decoder block compiles to one graph, without breaks;
 and the one combination torch cannot compile (TP with recomputation) is refused before anything starts.
@@ -18,9 +19,9 @@ STEPS = {"steps": 5}
 GPT = {}
 LONGNET_MOE = {"model-family": "longnet", "segment-lengths": [8, 16], "dilated-ratios": [1, 2],
                "num-experts": 4}
-FP8 = {"fp8-format": "hybrid"}
+FP8_MOE = {"fp8-format": "hybrid", "num-experts": 4, "moe-layer-freq": 2}  # FP8 linears and FP8 experts
 COMPILED = {"compile": True, "compile-backend": "aot_eager"}
-MODELS = {"baseline": GPT, "LongNet + MoE": LONGNET_MOE, "baseline FP8": FP8}
+MODELS = {"baseline": GPT, "LongNet + MoE": LONGNET_MOE, "baseline FP8 + MoE": FP8_MOE}
 EAGER_ONLY = {"baseline untied": UNTIED}  # the pipeline's reference
 RECOMPUTED = {"baseline recomputed": ("baseline", {"recompute-granularity": "selective"})}  # compiled only
 

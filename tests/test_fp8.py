@@ -2,12 +2,16 @@
 
 - a converted linear equals its quantise -> dequantise -> matmul emulation, forward and both gradients, for
   each recipe and format (the emulation is written here from the recipes' definitions, not torchao's code);
-- a tiny model trained 50 steps in FP8 stays within 2% of the full-precision loss (fp32: the CPU's training
-  precision, as bf16 is a GPU's);
-- TP2 + SP, DP2 with FP8 weight all-gathers, PP2 and EP2 under FP8 equal one process under FP8; CP2 is within
-  FP8's own noise of it (each rank scales its part of the sequence);
-- checkpoints: an FP8 run's (FSDP2 with FP8 all-gathers) loads into a full-precision model with the same
-  parameter names, and a full-precision run's loads into an FP8 model;
+- MoE experts in FP8 (each expert's block through the same casts, with its own scales) equal the same emulation,
+  and the GPU's grouped-GEMM path pads and lays out the groups so that it computes what the per-expert path does;
+- a tiny model (one MoE layer, one dense) trained 50 steps in FP8 stays within 2% of the full-precision loss
+  (fp32: the CPU's training precision, as bf16 is a GPU's);
+- TP2 + SP, DP2 with FP8 weight all-gathers and PP2 under FP8 equal one process under FP8; CP2 is within FP8's own
+  noise of it (each rank scales its part of the sequence); EP2 with FP8 experts (checked to be FP8 by type) equals
+  it under rowwise but for the experts' weight gradients (a few % of FP8's own error: an expert's block holds both
+  ranks' tokens), and is within FP8's noise of it under tensorwise;
+- checkpoints: an FP8 run's (FSDP2 with FP8 all-gathers; EP2 with FP8 experts) loads into a full-precision
+  model with the same parameter names, and a full-precision run's (MH-MoE) loads into an FP8 model;
 - bad combinations are refused before anything is built, each with its reason.
 """
 import dataclasses
@@ -94,6 +98,89 @@ def test_fp8_linear_equals_its_emulation(recipe, fmt):
             f"{recipe} {fmt}: {name} differs from its emulation by {error:.2e} (relative norm)"
 
 
+# Experts 0..3: the second gets no token, blocks are not multiples of 16, and weights and tokens differ in size
+# by 10^5 between experts, so that scales shared by the experts would flush the small one's values to FP8's
+# subnormals (tensorwise) or zero (rowwise's weight columns) and differ from per-expert scales visibly.
+COUNTS, SIZES = [40, 0, 23, 9], [1.0, 1.0, 30.0, 3e-4]
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("fmt", ["e4m3", "hybrid"])
+def test_fp8_experts_equal_their_emulation(recipe, fmt):
+    """MoE experts in FP8 (fp8.Float8GroupedMM, the experts' grouped matmul): each expert's block of tokens times
+    its weight equals the emulation above with that expert's own scales, in the output and both gradients (on a
+    GPU, rowwise e4m3 runs torchao's FP8 grouped GEMM); the same emulation with scales shared by all experts
+    does not."""
+    from megalatent.distributed.fp8 import Float8GroupedMM
+
+    g = torch.Generator().manual_seed(0)
+    counts, sizes = torch.tensor(COUNTS), torch.tensor(SIZES)
+    rows = sizes.repeat_interleave(counts)[:, None]
+    x = (torch.randn(sum(COUNTS), 32, generator=g) * torch.logspace(-2, 1, 32) * rows).to(DEVICE)
+    grad_out = (torch.randn(sum(COUNTS), 48, generator=g) * torch.logspace(1, -2, 48) * rows).to(DEVICE)
+    w = (torch.randn(4, 32, 48, generator=g) * torch.logspace(0, -2, 48) * sizes[:, None, None]).to(DEVICE)
+    mm = Float8GroupedMM(float8_linear_config(FP8Config(fp8_format=fmt, fp8_recipe=recipe)))
+    x.requires_grad_(), w.requires_grad_()
+    out = mm(x, w, counts.to(DEVICE))
+    out.backward(grad_out)
+
+    expected_out, expected_grad_x, expected_grad_w = [], [], torch.zeros_like(w)
+    for e, (xe, ge) in enumerate(zip(x.detach().split(COUNTS), grad_out.split(COUNTS))):
+        if COUNTS[e]:
+            o, gx, gw = emulated_linear(xe, w[e].detach().t(), ge, recipe, fmt)
+            expected_out.append(o), expected_grad_x.append(gx)
+            expected_grad_w[e] = gw.t()
+    expected = [torch.cat(expected_out), torch.cat(expected_grad_x), expected_grad_w]
+    for name, got, want in zip(["output", "input gradient", "weight gradient"], [out.detach(), x.grad, w.grad],
+                               expected):
+        for e in (0, 2, 3):  # (relative to each expert's own size)
+            part = (lambda t: t[e]) if name == "weight gradient" else (lambda t: t.split(COUNTS)[e])
+            error = ((part(got) - part(want)).norm() / part(want).norm()).item()
+            assert error < (1e-6 if DEVICE == "cpu" else 2e-3), \
+                f"{recipe} {fmt}: expert {e}'s {name} differs from its emulation by {error:.2e} (relative norm)"
+    assert not w.grad[1].any()  # (the expert without tokens)
+
+    # Scales shared by the experts (over the stacked weights and all tokens) give another output.
+    rowwise = recipe == "rowwise"
+    shared_x = quantise_dequantise(x.detach(), E4M3, -1 if rowwise else None)
+    shared_w = quantise_dequantise(w.detach(), E4M3, (0, 1) if rowwise else None)
+    shared = torch.cat([xe @ shared_w[e] for e, xe in enumerate(shared_x.split(COUNTS))])
+    small = slice(sum(COUNTS[:3]), None)
+    assert ((shared[small] - out[small]).norm() / out[small].norm()).item() > 1e-2
+
+
+def test_the_grouped_gemm_path_pads_groups_and_equals_the_per_expert_path():
+    """A GPU's path for rowwise e4m3 (torchao's FP8 grouped GEMM, CUDA-only) takes groups of rows that are multiples of
+    16 and column-major weights. fp8.padded_grouped_mm's padding, offsets and layout, checked here with the grouped
+    GEMM stood in by the per-expert path on each padded group (the same rowwise numerics: zero rows change no
+    amax), give the per-expert path's output and gradients."""
+    from megalatent.distributed.fp8 import Float8GroupedMM, float8_mm_per_expert, padded_grouped_mm
+
+    mm = Float8GroupedMM(float8_linear_config(FP8Config(fp8_format="e4m3", fp8_recipe="rowwise")))
+    assert mm.rowwise_e4m3 and not Float8GroupedMM(float8_linear_config(FP8Config(fp8_format="hybrid"))).rowwise_e4m3
+
+    def grouped_gemm(a, b_t, offs):
+        sizes = offs.diff(prepend=offs.new_zeros(1))
+        assert offs.dtype == torch.int32 and int(offs[-1]) == a.shape[0] and a.stride(-1) == 1 and b_t.stride(-2) == 1
+        assert (sizes % 16 == 0).all() and (sizes > 0).all(), sizes
+        return float8_mm_per_expert(a, b_t, sizes, mm.mm_config, mm.config).to(torch.bfloat16)
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor(COUNTS)
+    # (bf16 inputs, as the GPU path takes: its products, and so its output gradients, are bf16)
+    x = torch.randn(sum(COUNTS), 32, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(4, 32, 48, generator=g, requires_grad=True)
+    grad_out = torch.randn(sum(COUNTS), 48, generator=g).bfloat16()
+    results = []
+    for run in (lambda: padded_grouped_mm(x, w, counts, grouped_gemm), lambda: mm(x, w, counts)):
+        x.grad = w.grad = None
+        out = run()
+        out.backward(grad_out)
+        results.append((out.detach(), x.grad, w.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
 def _synthetic_batch(n, seq, vocab, g):
     """Token walks t[i+1] = t[i] + {1, 2, 3} mod V: learnable, so the loss falls within a few dozen steps."""
     start = torch.randint(0, vocab, (n, 1), generator=g)
@@ -104,27 +191,30 @@ def _synthetic_batch(n, seq, vocab, g):
 
 
 def _train(flags, steps=50):
+    """The losses of `steps` steps of a tiny model whose first layer is MoE (4 experts, top-2) and second dense, and
+    the names of the modules made FP8."""
     cfg = parse_args(["--vocab-size", "128", "--make-vocab-size-divisible-by", "16", "--num-layers", "2",
                       "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size",
-                      "8", "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "5",
-                      "--train-iters", str(steps)] + flags)
+                      "8", "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "5", "--num-experts", "4",
+                      "--moe-layer-freq", "2", "--train-iters", str(steps)] + flags)
     validate(cfg)
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    if cfg.fp8.fp8_format is not None:
-        convert_to_fp8(model, cfg.fp8, [], tp=1)
+    converted = convert_to_fp8(model, cfg.fp8, [], tp=1) if cfg.fp8.fp8_format is not None else []
     trainer = Trainer(cfg, ParallelLayout(world_size=1), torch.device("cpu"), model, None, None, 1.0)
     g = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(steps):
         losses.append(trainer.train_step([_synthetic_batch(8, 32, 128, g)])[0])
         trainer.iteration += 1
-    return losses
+    return losses, converted
 
 
 def test_fifty_fp8_steps_stay_within_two_percent_of_full_precision():
-    full = _train([])
-    fp8 = _train(["--fp8-format", "hybrid"])
+    """(Measured: within 0.2% at every step.)"""
+    full, _ = _train([])
+    fp8, converted = _train(["--fp8-format", "hybrid"])
+    assert {"layers.0.mlp.experts", "layers.1.mlp.down_proj"} <= set(converted)  # FP8 experts and dense MLP
     assert full[-1] < full[0] - 1.0, full  # it learns, so the comparison means something
     for step, (a, b) in enumerate(zip(full, fp8)):
         assert abs(b - a) <= 0.02 * a, f"step {step}: fp32 {a:.4f}, FP8 {b:.4f}"
@@ -170,39 +260,76 @@ def assert_within_fp8_noise(result, reference, full_precision, label):
         assert error < 2 * fp8_error, f"{label}: grad {name} differs by {error:.2e} (FP8's own: {fp8_error:.2e})"
 
 
-MOE = {"num-experts": 4}  # experts stay in high precision; attention and dense MLP layers are FP8
+MOE = {"num-experts": 4, "moe-num-heads": 2}  # MH-MoE layers: FP8 head/merge projections and experts
+ROWWISE_MOE = {**MOE, "fp8-format": "e4m3", "fp8-recipe": "rowwise", "steps": 1}
+TENSORWISE_MOE = {**MOE, **FP8, "steps": 1}
+
+
+def assert_ep_equivalent(result, reference, full_precision, label):
+    """Expert parallelism under FP8. Each expert quantises the block of rows it computes on (fp8.Float8GroupedMM),
+    and at EP2 that block holds the tokens of both ranks' micro-batches, where one process sees one micro-batch's:
+    the rowwise recipe scales rows (tokens) and each expert's weight columns alike at any layout, so the loss and
+    every gradient but the experts' weight gradients (whose column scales span the block's tokens) are one
+    process's, and those differ by a few percent of FP8's own error (measured 1.3-1.4%: 2.4e-3 of the gradient's
+    norm, FP8's own 0.18-0.29 after one step from initialisation); under tensorwise every expert block's scale is its
+    amax over the two micro-batches, and the gradients all through the model differ from one process's by less
+    than FP8's own error (measured 0.02 to 0.7 of it), as under context parallelism."""
+    if full_precision is None:  # rowwise
+        experts = {n for n in reference["grads"] if ".experts." in n}
+        assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5), label
+        for name, g in reference["grads"].items():
+            if name not in experts:
+                torch.testing.assert_close(result["grads"][name], g, rtol=1e-4, atol=1e-6, msg=f"{label}: {name}")
+        return experts
+    assert_within_fp8_noise(result, reference, full_precision, label)
+    return set()
 
 
 def test_layouts_under_fp8_equal_one_process(tmp_path):
-    """TP2+SP, DP2 with FP8 all-gathers, PP2 and EP2 against one process under FP8; CP2 within FP8's noise of
-    it (assert_within_fp8_noise). Tensorwise scales are amaxes over the whole tensor, which torchao takes over every shard (DTensors,
-    FSDP's all-gather), so each layout quantises as one process does. Data and pipeline parallelism change no
-    sum: equal after two steps (the second on updated weights, all-gathered in FP8) as any layout is. Tensor
-    parallelism: see assert_tp_equivalent."""
+    """TP2+SP, DP2 with FP8 all-gathers, PP2 and EP2 (MH-MoE layers, FP8 experts) against one process under FP8;
+    CP2 within FP8's noise of it (assert_within_fp8_noise); EP2 as assert_ep_equivalent says. Tensorwise scales
+    are amaxes over the whole tensor, which torchao takes over every shard (DTensors, FSDP's all-gather), so each
+    layout quantises as one process does. Data and pipeline parallelism change no sum: equal after two steps (the
+    second on updated weights, all-gathered in FP8) as any layout is. Tensor parallelism: see
+    assert_tp_equivalent."""
     tp = {**FP8, "steps": 1}
-    tied, untied, tied_one_step, full_one_step, moe = run_worker(
-        tmp_path, 1, [FP8, {**FP8, **UNTIED}, tp, {"steps": 1}, {**FP8, **MOE}], "fp8-ref")
-    saved = str(tmp_path / "fp8-dp2")
+    tied, untied, tied_one_step, full_one_step, rowwise_moe, tensorwise_moe, full_moe = run_worker(
+        tmp_path, 1, [FP8, {**FP8, **UNTIED}, tp, {"steps": 1}, ROWWISE_MOE, TENSORWISE_MOE, {**MOE, "steps": 1}],
+        "fp8-ref")
+    saved, saved_moe = str(tmp_path / "fp8-dp2"), str(tmp_path / "fp8-ep2")
     layouts = [{**tp, "tensor-model-parallel-size": 2, "sequence-parallel": True},
                {**FP8, "fp8-param-gather": True, "save": saved},
                {**FP8, **UNTIED, "pipeline-model-parallel-size": 2},
                {**tp, "context-parallel-size": 2},
-               {**FP8, **MOE, "expert-model-parallel-size": 2}]
-    tp_result, dp_result, pp_result, cp_result, ep_result = run_worker(tmp_path, 2, layouts, "fp8-two")
+               {**ROWWISE_MOE, "expert-model-parallel-size": 2, "save": saved_moe},
+               {**TENSORWISE_MOE, "expert-model-parallel-size": 2}]
+    tp_result, dp_result, pp_result, cp_result, ep_rowwise, ep_tensorwise = run_worker(tmp_path, 2, layouts, "fp8-two")
     assert_tp_equivalent(tp_result, tied_one_step, full_one_step, "TP2+SP")
     assert_within_fp8_noise(cp_result, tied_one_step, full_one_step, "CP2")
-    assert_equivalent(ep_result, moe, "EP2 (MoE)")
+    # The experts are FP8 (Float8GroupedMM) in every FP8 MoE run here, and in the rowwise EP2 run's expert gradients
+    # FP8's own error is ~70x what the layout changes.
+    for result in (rowwise_moe, tensorwise_moe, ep_rowwise, ep_tensorwise):
+        assert {"Float8GroupedMM", "Float8Linear"} <= set(result["module_types"])
+    assert "Float8GroupedMM" not in full_moe["module_types"]
+    for name in assert_ep_equivalent(ep_rowwise, rowwise_moe, None, "EP2 (MH-MoE), rowwise"):
+        def error(grads):
+            return ((grads[name] - rowwise_moe["grads"][name]).norm() / rowwise_moe["grads"][name].norm()).item()
+        assert error(ep_rowwise["grads"]) < 0.05 * error(full_moe["grads"]), (name, error(ep_rowwise["grads"]))
+    assert_ep_equivalent(ep_tensorwise, tensorwise_moe, full_moe, "EP2 (MH-MoE), tensorwise")
     assert_equivalent(dp_result, tied, "DP2 with FP8 all-gathers")
     assert "WeightWithDynamicFloat8CastTensor" in dp_result["local_tensor_types"]  # (FSDP2 gathers these in FP8)
     assert_equivalent(pp_result, untied, "PP2")
     _fp8_checkpoint_loads_without_fp8(ckpt.iteration_dir(saved, 2), dp_result["weights"])
+    _fp8_checkpoint_loads_without_fp8(ckpt.iteration_dir(saved_moe, 1), ep_rowwise["weights"],
+                                      ["--num-experts", "4", "--moe-num-heads", "2"])
 
 
-def _fp8_checkpoint_loads_without_fp8(path, weights):
-    """The DP2 run with FP8 all-gathers saved through FSDP2 (its weights wrapped for the FP8 all-gather): the
-    names are a full-precision model's, and its weights and optimizer state load into one."""
+def _fp8_checkpoint_loads_without_fp8(path, weights, flags=()):
+    """An FP8 run's checkpoint (DP2 with FP8 all-gathers, saved through FSDP2 with its weights wrapped for the FP8
+    all-gather; EP2 with FP8 experts, sharded over the expert-parallel ranks): the names are a full-precision
+    model's, and its weights and optimizer state load into one."""
     from parallel_worker import MODEL
-    cfg = parse_args(MODEL)
+    cfg = parse_args(MODEL + list(flags))
     model = build_model(cfg.model)
     assert set(read_state(path, keys=["model"])["model"]) == set(model.state_dict())
     optimizer = build_optimizer(model, cfg.training)
@@ -213,12 +340,12 @@ def _fp8_checkpoint_loads_without_fp8(path, weights):
 
 def test_full_precision_checkpoint_loads_into_an_fp8_model():
     """A checkpoint a full-precision run wrote (a fixture of tests/test_checkpoint_compat.py: MH-MoE layers,
-    GQA) loads into the model converted to FP8, weights and AdamW state by name."""
+    GQA) loads into the model converted to FP8 (its experts included), weights and AdamW state by name."""
     from test_checkpoint_compat import FIXTURES, flags_of
     path = ckpt.iteration_dir(f"{FIXTURES}/gpt_moe/run", 2)
     cfg = parse_args(flags_of("gpt_moe") + ["--vocab-size", "512", "--fp8-format", "hybrid"])
     model = build_model(cfg.model)
-    assert convert_to_fp8(model, cfg.fp8, [], tp=1)
+    assert any(name.endswith(".experts") for name in convert_to_fp8(model, cfg.fp8, [], tp=1))  # FP8 experts too
     optimizer = build_optimizer(model, cfg.training)
     model(torch.zeros(1, 16, dtype=torch.long)).sum().backward()  # the optimizer's state exists once it stepped
     optimizer.step()
@@ -271,16 +398,30 @@ def test_a_gpu_without_fp8_tensor_cores_needs_the_emulation_flag(monkeypatch):
 
 
 def test_what_is_converted_and_what_is_kept():
-    """The blocks' projections become FP8; the head, embedding, routers, norms and experts do not; MH-MoE's
-    head/merge projections do; --first-last-layers-bf16 keeps the outer layers."""
+    """The blocks' projections and MoE experts become FP8; the head, embedding, routers and norms do not; MH-MoE's
+    head/merge projections do; --first-last-layers-bf16 keeps the outer layers; experts whose widths are not
+    multiples of 16, and ternary (BitLinear) experts, are kept."""
+    from megalatent.distributed.fp8 import Float8GroupedMM, select_modules
+
     cfg = parse_args(BASE + ["--fp8-format", "hybrid", "--num-experts", "4", "--moe-num-heads", "2",
                              "--moe-router-type", "xmoe", "--moe-layer-freq", "2"])
     model = build_model(cfg.model)
     converted = set(convert_to_fp8(model, cfg.fp8, [], tp=1))
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert converted == linears - {f"layers.{i}.mlp.router.proj" for i in (0, 2)}
+    experts = {f"layers.{i}.mlp.experts" for i in (0, 2)}
+    assert converted == linears - {f"layers.{i}.mlp.router.proj" for i in (0, 2)} | experts
     assert "layers.0.mlp.head_proj" in converted and "layers.1.mlp.down_proj" in converted
-    assert all(type(m).__name__ == "Float8Linear" for n, m in model.named_modules() if n in converted)
+    assert all(type(m).__name__ == "Float8Linear" for n, m in model.named_modules() if n in converted - experts)
+    assert all(isinstance(model.get_submodule(n).matmul, Float8GroupedMM) for n in experts)
     fp8 = dataclasses.replace(cfg.fp8, first_last_layers_bf16=True)
-    outer = set(convert_to_fp8(build_model(cfg.model), fp8, [], tp=1))
+    outer_model = build_model(cfg.model)
+    outer = set(convert_to_fp8(outer_model, fp8, [], tp=1))
     assert outer == {n for n in converted if n.startswith(("layers.1.", "layers.2."))}
+    assert outer_model.get_submodule("layers.0.mlp.experts").matmul is None
+
+    narrow = parse_args(BASE + ["--num-experts", "4", "--moe-ffn-hidden-size", "40"])
+    _, kept = select_modules(build_model(narrow.model), [], cfg.fp8, tp=1)
+    assert kept["layers.0.mlp.experts"] == "experts 64->40->64 not multiples of 16"
+    ternary = parse_args(BASE + ["--num-experts", "4", "--linear-impl", "bitlinear"])
+    _, kept = select_modules(build_model(ternary.model), [], cfg.fp8, tp=1)
+    assert kept["layers.0.mlp.experts"] == "ternary experts" and kept["layers.0.attention.q_proj"] == "BitLinear"

@@ -1,5 +1,5 @@
-"""FP8 training of the transformer blocks' linear layers, on torchao's float8 training (the engine torchtitan
-uses): Megatron's --fp8-format, --fp8-recipe and --fp8-param-gather.
+"""FP8 training of the transformer blocks' linear layers and MoE experts, on torchao's float8 training (the engine
+torchtitan uses): Megatron's --fp8-format, --fp8-recipe and --fp8-param-gather.
 
     --fp8-format e4m3      input, weight and output gradient cast to float8_e4m3fn
     --fp8-format hybrid    e4m3 forward, float8_e5m2 output gradients (more range, less precision)
@@ -7,8 +7,8 @@ uses): Megatron's --fp8-format, --fp8-recipe and --fp8-param-gather.
                            current scaling; torchao's "tensorwise" recipe is hybrid + tensorwise)
     --fp8-recipe rowwise   one scale per row (per column for the operand read along its columns), rounded
                            down to a power of two (torchao's "rowwise" recipe is e4m3 + rowwise)
-    --fp8-param-gather     FSDP2 all-gathers the weights in FP8 (tensorwise: one scale per weight, so the
-                           shards can be cast before the all-gather)
+    --fp8-param-gather     FSDP2 all-gathers the linear layers' weights in FP8 (tensorwise: one scale per weight,
+                           so the shards can be cast before the all-gather)
 
 Each selected `nn.Linear` becomes torchao's `Float8Linear` (a subclass that keeps its `weight` and `bias`,
 so state-dict names do not change and an FP8 run's checkpoint loads into a bf16 run and back). Its three
@@ -16,27 +16,45 @@ matmuls (output, input gradient, weight gradient) quantise both operands with dy
 `torch._scaled_mm`, and return the high-precision dtype; the master weights, the optimizer and every other
 op keep their precision.
 
+Each selected MoE `Experts` module (stacked weights [E, d_in, d_out], one grouped matmul per projection) gets a
+`Float8GroupedMM` as its matmul (the `Experts.matmul` seam; no parameter changes, so checkpoints are unchanged):
+every expert's matmuls are a Float8Linear's, with the same casts, so the scales are per expert — tensorwise, one
+scale for each expert's weight and one for its block of tokens (and of output gradients); rowwise, per token
+row and per column of each expert's weight, and per column over each expert's tokens in the weight gradient.
+Per expert because each expert is its own linear layer: a scale shared by the experts would let one expert's
+outlier weights or tokens take the others' resolution, and under expert parallelism it would need an amax
+all-reduce, while an expert's weight and all its rows are on one rank after the all-to-all. It is also the
+granularity of torchao's FP8 grouped GEMM (per-group scales), which runs the rowwise e4m3 case on CUDA (see
+Float8GroupedMM); everywhere else (CPU, --fp8-emulate, tensorwise or hybrid on CUDA) a loop over the experts runs
+torchao's Float8Linear matmul on each block. One consequence: under expert parallelism an expert's block holds
+the tokens of every rank that routed to it, not one micro-batch's as in one process, so tensorwise scales (and
+rowwise weight-gradient column scales) span more tokens: EP changes FP8's rounding within its own noise
+(tests/test_fp8.py measures it), as context parallelism does.
+
 What is converted: the plain `nn.Linear` layers of the transformer blocks — `model.layers` and the modules
 the family's pipeline plan keeps with a layer (e.g. a key/value projection shared by later layers) — whose two
-dimensions are multiples of 16 on every tensor-parallel rank (torch._scaled_mm's rule). Kept in high
-precision, and why:
+dimensions are multiples of 16 on every tensor-parallel rank (torch._scaled_mm's rule), and the blocks' MoE
+experts whose widths (d_in and the expert FFN width; experts are not split over tensor-parallel ranks) are
+multiples of 16 (the tokens per expert can be any number: the weight-gradient matmul's inner dimension is
+zero-padded). Kept in high precision, and why:
   - the output head and the embeddings: the logits' softmax and the vocabulary rows of rare tokens are
     where FP8's 3-bit mantissa costs most loss, for ~1-5% of the FLOPs (Megatron and torchtitan keep them);
   - MoE routers (fp32 by design: top-k selection flips on small errors) and norms (not matmuls);
-  - MoE experts' grouped matmuls: torchao's FP8 grouped GEMM (prototype.moe_training) runs only on CUDA
-    (Triton kernels and torch._scaled_grouped_mm, which has no CPU kernel), rowwise e4m3 only, with per-expert
-    token groups padded to 16 rows and column-major expert weights; it cannot run on our CPU machines, so it
-    is not used (MH-MoE's head and merge projections are plain linears and are converted);
-  - BitLinear layers (ternary weights, int8 activations already): FP8 is refused for such models;
-  - layers whose shape does not allow it (per-head gates: hidden -> heads), and whatever lies outside the
-    blocks (latent projections, diffusion heads, patch embeddings, classifiers);
-  - with --first-last-layers-bf16, the first/last transformer layers (Megatron's flag).
+  - BitLinear layers and ternary experts (ternary weights, int8 activations already): FP8 is refused for
+    models that have them;
+  - layers and experts whose shapes do not allow it (per-head gates: hidden -> heads), and whatever lies outside
+    the blocks (latent projections, diffusion heads, patch embeddings, classifiers);
+  - with --first-last-layers-bf16, the first/last transformer layers (Megatron's flag), experts included;
+  - expert weights are all-gathered by FSDP2 in their own precision even with --fp8-param-gather (torchao's FP8
+    all-gather casts a whole tensor with one scale; a stacked expert weight has one scale per expert).
 The order in the parallel pipeline (parallelize.py): converted first, before tensor parallelism (the DTensor
 plans then shard Float8Linear weights like any linear's; torchao computes tensorwise amaxes of DTensors over
-all shards, so every rank uses the single-process scales), as torchtitan does.
+all shards, so every rank uses the single-process scales), as torchtitan does; expert parallelism then shards
+the experts, which keep their Float8GroupedMM.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -45,7 +63,7 @@ from torch import nn
 
 from megalatent.config import Config, FP8Config
 from megalatent.nn.bitlinear import BitLinear
-from megalatent.nn.moe import Router
+from megalatent.nn.moe import Experts, Router
 
 # torch._scaled_mm: both dimensions of each operand (and the inner dimension of every product) a multiple of 16.
 MULTIPLE = 16
@@ -68,25 +86,139 @@ def float8_linear_config(cfg: FP8Config):
                               round_scales_to_power_of_2=cfg.fp8_recipe == "rowwise")
 
 
-def select_linears(model: nn.Module, trunk_modules: list[str], cfg: FP8Config, tp: int) -> tuple[list[str], dict]:
-    """(names of the linear layers to convert, {name: why kept} for every other linear layer). `trunk_modules`:
-    top-level modules outside `layers` that belong to the blocks (plan.pipeline.with_layer)."""
+# ---------------------------------------------------------------------------------------------- MoE experts in FP8
+
+class Float8GroupedMM(nn.Module):
+    """The experts' grouped matmul in FP8 (the `Experts.matmul` seam of megalatent/nn/moe.py), with grouped_mm's
+    signature: x [T, d_in] sorted by expert, weight [E, d_in, d_out], counts [E] rows per expert -> [T, d_out].
+
+    Expert e's block x_e [counts[e], d_in] times its weight W_e is computed as a torchao Float8Linear computes
+    x W^T, W_e standing for W^T: its three matmuls (output, input gradient, weight gradient) quantise both
+    operands with the config's casts (recipe: tensorwise or rowwise; format: e4m3, or hybrid's e5m2 output
+    gradients) and run torch._scaled_mm. So every scale is one expert's: tensorwise, one scale for W_e and one
+    for the expert's block of rows (its tokens), for the output gradient's block, likewise; rowwise, one per
+    token row, per column of W_e (per row for the input gradient), and per column over the expert's tokens for
+    the weight gradient. (A scale shared by all experts would let one expert's outlier weights or tokens take
+    the resolution of every other expert's, and under expert parallelism need an all-reduce of amaxes; per
+    expert, the amaxes are local to the rank that holds the expert and all its rows.)
+
+    Two ways to run the same numerics:
+      - per expert (CPU, --fp8-emulate, the tensorwise recipe and the hybrid format on CUDA): a loop over the
+        experts, each block through torchao's Float8Linear matmul (`matmul_with_hp_or_float8_args`), its
+        inner dimension (the tokens, in the weight gradient) zero-padded to a multiple of 16;
+      - grouped (CUDA with compute capability >= 9.0, bf16 inputs as under the GPU's bf16 autocast, the rowwise
+        recipe with the e4m3 format, not emulated):
+        one call of torchao's FP8 grouped GEMM (prototype.moe_training `_to_fp8_rowwise_then_scaled_grouped_mm`,
+        torch._scaled_grouped_mm) per matmul, which quantises exactly as the rowwise Float8Linear does (rows of
+        the input and of the output gradient, columns of each expert's weight, columns of each expert's group
+        of rows for the weight gradient); `padded_grouped_mm` pads each expert's rows to a multiple of 16 with
+        zero rows (they change no amax and no product) and passes the weights column-major (a copy). Its products
+        are bf16, so its output gradients arrive in bf16: with fp32 inputs (--no-bf16) they would be rounded to
+        bf16 before their FP8 cast, unlike Float8Linear's, hence bf16 inputs only.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        from torchao.float8.config import ScalingGranularity
+        from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig
+
+        # The tokens an expert gets are any number: pad the inner dimension of the weight-gradient matmul.
+        # Expert weights are all-gathered by FSDP in their own precision (see the module docstring).
+        c = self.config = dataclasses.replace(config, pad_inner_dim=True, enable_fsdp_float8_all_gather=False)
+        self.mm_config = LinearMMConfig(*(ScaledMMConfig(c.emulate, gemm.use_fast_accum, False, c.pad_inner_dim)
+                                          for gemm in (c.gemm_config_output, c.gemm_config_grad_input,
+                                                       c.gemm_config_grad_weight)))
+        casts = (c.cast_config_input, c.cast_config_weight, c.cast_config_grad_output)
+        self.rowwise_e4m3 = not c.emulate and c.round_scales_to_power_of_2 and all(
+            cast.scaling_granularity is ScalingGranularity.AXISWISE and cast.target_dtype == torch.float8_e4m3fn
+            for cast in casts)
+
+    def grouped(self, x: torch.Tensor) -> bool:
+        """Whether this call takes torchao's FP8 grouped GEMM (else the per-expert loop)."""
+        return (self.rowwise_e4m3 and x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_scaled_grouped_mm")
+                and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # as Float8Linear: compute from the autocast dtype's input
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if self.grouped(x):
+            return padded_grouped_mm(x, weight, counts, torchao_fp8_grouped_mm)
+        return float8_mm_per_expert(x, weight, counts, self.mm_config, self.config)
+
+    def extra_repr(self) -> str:
+        return f"cast_configs=i:{self.config.cast_config_input.short_str()},w:" \
+               f"{self.config.cast_config_weight.short_str()},go:{self.config.cast_config_grad_output.short_str()}"
+
+
+@torch.compiler.disable  # block sizes are data (as grouped_mm_loop): eager, one graph break, no recompiles
+def float8_mm_per_expert(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, mm_config,
+                         config) -> torch.Tensor:
+    """Each expert's block of rows times its weight through torchao's Float8Linear matmul (forward and backward);
+    an expert without rows is skipped (its weight gradient is zero)."""
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+
+    # unbind: one stacked weight gradient in backward, not E full-size ones
+    out = [matmul_with_hp_or_float8_args.apply(block, w, mm_config, config) if block.shape[0]
+           else block.new_zeros(0, w.shape[-1]) for block, w in zip(x.split(counts.tolist()), weight.unbind(0))]
+    return torch.cat(out)
+
+
+def padded_grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+                      scaled_grouped_mm: Callable) -> torch.Tensor:
+    """`scaled_grouped_mm(a, b_t, offs)` (torchao's FP8 grouped GEMM) on x's rows: every expert's group padded
+    with zero rows to a multiple of 16 (at least 16: no empty group), the weights column-major."""
+    padded = ((counts + MULTIPLE - 1) // MULTIPLE * MULTIPLE).clamp(min=MULTIPLE)
+    expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts,
+                                            output_size=x.shape[0])
+    offset_in_group = torch.arange(x.shape[0], device=x.device) - (counts.cumsum(0) - counts)[expert_of_row]
+    row = (padded.cumsum(0) - padded)[expert_of_row] + offset_in_group  # each row's place in the padded groups
+    a = x.new_zeros(int(padded.sum()), x.shape[-1]).index_copy(0, row, x)
+    b_t = weight.transpose(-2, -1).contiguous().transpose(-2, -1)
+    return scaled_grouped_mm(a, b_t, padded.cumsum(0).to(torch.int32))[row].to(x.dtype)
+
+
+def torchao_fp8_grouped_mm(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torchao's rowwise e4m3 FP8 grouped GEMM (CUDA: Triton casts and torch._scaled_grouped_mm), bf16 out as
+    torch._scaled_mm's rowwise products (the per-expert path rounds them so too)."""
+    from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm
+
+    return _to_fp8_rowwise_then_scaled_grouped_mm(a, b_t, offs, out_dtype=torch.bfloat16,
+                                                  float8_dtype=torch.float8_e4m3fn,
+                                                  pad_token_groups_for_grouped_mm=False)
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+def select_modules(model: nn.Module, trunk_modules: list[str], cfg: FP8Config, tp: int) -> tuple[list[str], dict]:
+    """(names of the linear layers and MoE experts to convert, {name: why kept} for every other linear layer and
+    experts module). `trunk_modules`: top-level modules outside `layers` that belong to the blocks
+    (plan.pipeline.with_layer)."""
     in_router = {id(m) for r in model.modules() if isinstance(r, Router) for m in r.modules()}
     trunk = ("layers.",) + tuple(f"{name}." for name in trunk_modules)
     num_layers = model.cfg.num_layers
     selected, kept = [], {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, Experts)):
             continue
         layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+        if isinstance(module, Experts):
+            # Not split over the tensor-parallel ranks (expert tensor parallelism is 1): 16 is the rule at any tp.
+            _, dim, ffn = module.gate_proj.shape
+            shape = f"experts {dim}->{ffn}->{dim} not multiples of {MULTIPLE}" if dim % MULTIPLE or ffn % MULTIPLE \
+                else None
+        else:
+            shape = f"{module.in_features}->{module.out_features} not multiples of {MULTIPLE * tp}" if (
+                module.in_features % (MULTIPLE * tp) or module.out_features % (MULTIPLE * tp)) else None
         if not name.startswith(trunk):
             kept[name] = "outside the transformer blocks"
         elif id(module) in in_router:
             kept[name] = "MoE router"
-        elif type(module) is not nn.Linear:
+        elif isinstance(module, Experts) and module.ternary:
+            kept[name] = "ternary experts"
+        elif isinstance(module, nn.Linear) and type(module) is not nn.Linear:
             kept[name] = type(module).__name__
-        elif module.in_features % (MULTIPLE * tp) or module.out_features % (MULTIPLE * tp):
-            kept[name] = f"{module.in_features}->{module.out_features} not multiples of {MULTIPLE * tp}"
+        elif shape is not None:
+            kept[name] = shape
         elif cfg.first_last_layers_bf16 and layer is not None and not (
                 cfg.num_layers_at_start_in_bf16 <= layer < num_layers - cfg.num_layers_at_end_in_bf16):
             kept[name] = "--first-last-layers-bf16"
@@ -96,17 +228,22 @@ def select_linears(model: nn.Module, trunk_modules: list[str], cfg: FP8Config, t
 
 
 def convert_to_fp8(model: nn.Module, cfg: FP8Config, trunk_modules: list[str], tp: int) -> list[str]:
-    """Swap the selected linear layers for torchao Float8Linear (in place); returns their names."""
+    """Swap the selected linear layers for torchao Float8Linear and give the selected experts a Float8GroupedMM
+    (in place); returns their names."""
     from torchao.float8 import convert_to_float8_training
 
-    selected, kept = select_linears(model, trunk_modules, cfg, tp)
-    chosen = set(selected)
-    convert_to_float8_training(model, config=float8_linear_config(cfg), module_filter_fn=lambda m, fqn: fqn in chosen)
+    selected, kept = select_modules(model, trunk_modules, cfg, tp)
+    config = float8_linear_config(cfg)
+    experts = [name for name in selected if isinstance(model.get_submodule(name), Experts)]
+    linears = set(selected) - set(experts)
+    convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn in linears)
+    for name in experts:
+        model.get_submodule(name).matmul = Float8GroupedMM(config)
     if not dist.is_initialized() or dist.get_rank() == 0:
         reasons = sorted(set(kept.values()))
-        print(f"[fp8] {len(selected)} linear layers in FP8 ({cfg.fp8_recipe}, {cfg.fp8_format}); "
-              f"{len(kept)} kept in high precision ({'; '.join(reasons) or 'none'}) besides embeddings, head, norms "
-              "and MoE experts", flush=True)
+        print(f"[fp8] {len(linears)} linear layers and the experts of {len(experts)} MoE layers in FP8 "
+              f"({cfg.fp8_recipe}, {cfg.fp8_format}); {len(kept)} kept in high precision "
+              f"({'; '.join(reasons) or 'none'}) besides embeddings, head and norms", flush=True)
     return selected
 
 
@@ -183,6 +320,7 @@ def fp8_errors(cfg: Config, build_model: Callable[[], nn.Module] | None, trunk_m
         e.append(f"--first-last-layers-bf16: --num-layers-at-start-in-bf16 {f.num_layers_at_start_in_bf16} and "
                  f"--num-layers-at-end-in-bf16 {f.num_layers_at_end_in_bf16} must be >= 0 and leave some of the "
                  f"{m.num_layers} layers in FP8")
-    if not e and not select_linears(model, trunk_modules, f, tp)[0]:
-        e.append("--fp8-format: no linear layer of this model can be FP8 (see megalatent/distributed/fp8.py)")
+    if not e and not select_modules(model, trunk_modules, f, tp)[0]:
+        e.append("--fp8-format: no linear layer or MoE expert of this model can be FP8 "
+                 "(see megalatent/distributed/fp8.py)")
     return e

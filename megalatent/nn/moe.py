@@ -137,7 +137,11 @@ class Experts(nn.Module):
     `ternary` makes them BitNet b1.58 experts (--linear-impl bitlinear): as a BitLinear, each projection's
     input is RMS-normalised (a gain per expert; gate and up share theirs, as in BitNet's reference model)
     and quantised to int8 per token, and each expert's weight is ternary with its own absmean scale, all
-    passed straight through in backward (see megalatent/nn/bitlinear.py)."""
+    passed straight through in backward (see megalatent/nn/bitlinear.py).
+
+    `matmul`, a seam for low-precision training: None computes with `grouped_mm` in the weights' (or autocast's)
+    precision; FP8 training sets a module with grouped_mm's signature that quantises every expert's operands
+    (distributed/fp8.py). It holds no parameters, so the state dict is the same either way."""
 
     def __init__(self, num_experts: int, dim: int, ffn: int, ternary: bool = False, eps: float = 1e-5):
         super().__init__()
@@ -148,6 +152,7 @@ class Experts(nn.Module):
         if ternary:
             self.input_norm = nn.Parameter(torch.ones(num_experts, dim))
             self.hidden_norm = nn.Parameter(torch.ones(num_experts, ffn))
+        self.matmul: Optional[nn.Module] = None
 
     def _quantized_input(self, x: torch.Tensor, norm: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)
@@ -172,10 +177,11 @@ class Experts(nn.Module):
         if self.ternary:
             x = self._quantized_input(x, w["input_norm"], counts)
             gate, up, down = (self._quantized_weight(t) for t in (gate, up, down))
-        hidden = F.silu(grouped_mm(x, gate, counts)) * grouped_mm(x, up, counts)
+        mm = grouped_mm if self.matmul is None else self.matmul
+        hidden = F.silu(mm(x, gate, counts)) * mm(x, up, counts)
         if self.ternary:
             hidden = self._quantized_input(hidden, w["hidden_norm"], counts)
-        return grouped_mm(hidden, down, counts)
+        return mm(hidden, down, counts)
 
 
 class _AttachAuxLoss(torch.autograd.Function):
