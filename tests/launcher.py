@@ -38,7 +38,8 @@ FAILURE_GRACE_S = 5.0  # after a rank fails, how long the others may take to end
 
 def launch(command: list[str], nproc: int = 1, env: dict | None = None, timeout: float = 600,
            cwd: str = REPO) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [os.fspath(arg) for arg in command]  # paths too, as subprocess takes them
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **{k: os.fspath(v) for k, v in (env or {}).items()}}
     if nproc > 1:
         full_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc),
                         LOCAL_WORLD_SIZE=str(nproc))

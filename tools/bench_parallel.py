@@ -1,7 +1,8 @@
 """Throughput and memory of the parallel engine at several layouts, for one fixed model and global batch.
 
 For each layout the tool launches itself under ``torch.distributed.run --standalone`` (one launch per
-layout, so that every layout starts from a fresh process and the per-process peak memory is its own),
+layout, so that every layout starts from a fresh process and the per-process peak memory is its own; a
+one-process layout runs without torchrun),
 builds the model exactly as ``megalatent.pretrain`` does (``parse_args``, ``validate``,
 ``ParallelLayout.from_config``, ``build_mesh``, ``pretrain.build_model_parts`` = ``build_model`` + the
 pipeline split + ``parallelize``, ``Trainer``), feeds
@@ -161,7 +162,8 @@ def _device_name(device) -> str:
 
 
 def worker(spec_path: str) -> None:
-    """One rank of one layout (under torch.distributed.run). Rank 0 writes the record to spec['result']."""
+    """One rank of one layout (under torch.distributed.run, or alone for one process). Rank 0 writes the record
+    to spec['result']."""
     code = 0
     try:
         # The driver ends stray workers by these pids after a timeout (torchrun starts each worker in
@@ -442,8 +444,9 @@ def run_layout(label: str, nproc: int, layout_flags: list[str], argv: list[str],
     with open(spec_path, "w") as f:
         json.dump({"label": label, "layout_flags": layout_flags, "argv": argv, "warmup": args.warmup,
                    "steps": args.steps, "result": result}, f)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           os.path.abspath(__file__), "--worker", spec_path]
+    # One process needs no rendezvous: without torchrun's agent (an interpreter importing torch) it starts sooner.
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, os.path.abspath(__file__), "--worker", spec_path]
     env = dict(os.environ)
     if nproc > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = "1"  # what torchrun would set; explicit so that the record is clear
