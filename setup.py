@@ -24,7 +24,8 @@ setup(
     extras_require={
         # triton: CUDA torch brings it; the CPU tests run the kernels in its interpreter (TRITON_INTERPRET=1)
         # scikit-learn: its bundled digits are the embedded image data (LongViT, the σ-VAE, LatentLM demos)
-        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "triton", "scikit-learn",
+        # pytest-xdist: tests/run.sh runs the suite in 2 worker processes, a test file per worker at a time
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "transformers", "safetensors", "triton", "scikit-learn",
                 "pillow",  # pillow: the image pipeline's PyTorch fallback (tests/test_image_pipeline.py)
                 "accelerate",  # transformers' BitNet loader needs it (tests/test_hf_interop.py)
                 "torchao>=0.18"],  # the FP8 tests (tests/test_fp8.py)

@@ -23,11 +23,27 @@ CORPUS_VOCAB_SIZE = 512
 CORPUS_FLAGS = ["--default-corpus-vocab-size", str(CORPUS_VOCAB_SIZE)]  # with --data-cache-path corpus_cache
 
 
+# Files that take longest start first (tests/run.sh's workers take a file at a time, in collection order): a long
+# file that started last would run alone on one core at the end.
+LONGEST_FILES = ["test_slurm.py", "test_planner.py", "test_acceptance.py", "test_compile.py", "test_moe.py",
+                 "test_checkpoint_reshard.py", "test_parallel.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+    items.sort(key=rank)  # stable: the order within a file, and of the other files, is kept
+
+
 @pytest.fixture(scope="session")
-def corpus_cache(tmp_path_factory):
+def corpus_cache(tmp_path_factory, worker_id):
     """A data cache dir holding the default stdlib corpus, built once for every test that trains (pass
-    CORPUS_FLAGS with it, as run_trainer does)."""
-    cache = str(tmp_path_factory.mktemp("megalatent-cache"))
+    CORPUS_FLAGS with it, as run_trainer does). Under pytest-xdist the workers share one (the first to get
+    there builds it; prepare_default_corpus makes the others wait for it)."""
+    base = tmp_path_factory.getbasetemp()
+    cache = str(base.parent / "megalatent-cache" if worker_id != "master" else base / "megalatent-cache")
+    os.makedirs(cache, exist_ok=True)
     from megalatent.data.stdlib_corpus import prepare_default_corpus
     prepare_default_corpus(cache, CORPUS_VOCAB_SIZE)
     return cache

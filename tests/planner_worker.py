@@ -1,4 +1,4 @@
-"""Processes for tests/test_planner.py, forked from multiprocessing's forkserver, which imports this module
+"""Processes for tests/test_planner.py, forked from multiprocessing's forkserver, which imports megalatent
 once: eight ranks start in a second, not after eight interpreters' imports (~5 s of CPU each).
 
 Ranks: real steps measured by the planner's instruments (planning/measure.py), several layouts of several
@@ -63,7 +63,9 @@ def run(out: str, cases: list[dict], rank: int) -> None:
 
 def _forkserver():
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    # By installed names: Python 3.11's forkserver imports them with its own sys.path, without tests/ (and
+    # ignores an ImportError), so this module itself would be imported again by every process.
+    context.set_forkserver_preload(["megalatent.planning.measure", "megalatent.pretrain"])
     return context
 
 
