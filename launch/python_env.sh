@@ -38,7 +38,7 @@ fi
 _megalatent_extras=${1:-}
 # What must import, by extra (module names, not package names).
 _megalatent_modules="'yaml', 'sentencepiece', 'megatron', 'numpy', 'tensorboard', 'tqdm', 'xxhash', 'matplotlib'"
-[[ "$_megalatent_extras" == *dev* ]] && _megalatent_modules="$_megalatent_modules, 'pytest', 'pytest_timeout', 'transformers', 'safetensors', 'triton', 'sklearn'"
+[[ "$_megalatent_extras" == *dev* ]] && _megalatent_modules="$_megalatent_modules, 'pytest', 'pytest_timeout', 'xdist', 'transformers', 'safetensors', 'triton', 'sklearn'"
 [[ "$_megalatent_extras" == *mpi* ]] && _megalatent_modules="$_megalatent_modules, 'mpi4py'"
 [[ "$_megalatent_extras" == *vision* ]] && _megalatent_modules="$_megalatent_modules, 'nvidia.dali', 'sklearn', 'PIL'"
 # Installed (from this checkout, e.g. not a second clone) with every dependency? Checked from / so that
