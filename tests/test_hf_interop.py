@@ -226,9 +226,16 @@ def packed_bitnet(path):
     json.dump(config, open(path / "config.json", "w"))
 
 
-def test_bitnet_2b4t_in_and_out(tmp_path, monkeypatch):
+@pytest.fixture
+def without_compiler():
+    """transformers' BitNet @torch.compile kernels run eagerly. (config.patch restores the flag; monkeypatch's
+    undo would delete it from the config module, breaking every later torch.compile in the process.)"""
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
+def test_bitnet_2b4t_in_and_out(tmp_path, without_compiler):
     pytest.importorskip("accelerate")  # transformers' BitNet quantizer needs it
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # its @torch.compile kernels, eagerly (no compiler)
     packed_bitnet(tmp_path / "hf")
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     convert("from-hf", "--input", tmp_path / "hf", "--save", tmp_path / "run")
