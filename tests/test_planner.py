@@ -83,6 +83,14 @@ def runs(tmp_path_factory):
     return measured, planned
 
 
+@pytest.fixture(scope="module")
+def planners():
+    """Two processes (the cores are two) that plan side by side, for every test that does: started once, from
+    planner_worker's forkserver (no imports of their own), and warm from one test to the next."""
+    with planner_worker.planners(2) as pool:
+        yield pool
+
+
 def totals(transfers, weights, same_role: bool) -> dict:
     """(kind, group) -> [calls, bytes] in the step; the group by its ranks, or (another rank of the same role,
     whose groups are others of the same sizes) by its size."""
@@ -124,11 +132,13 @@ def test_the_tracker_measures_what_the_process_holds(runs):
     ["--config", "examples/tiny/gpt.yaml", "--vocab-size", "8192", "--num-layers", "10", "--num-experts", "4",
      "--moe-layer-freq", "2", "--expert-model-parallel-size", "2"],
 ], ids=["yoco (self- then cross-decoder)", "MoE every 2nd layer, EP2"])
-def test_layers_extrapolated_from_two_depths_equal_all_simulated(argv):
+def test_layers_extrapolated_from_two_depths_equal_all_simulated(planners, argv):
     """What depth.py assumes: a plan from 4 and 6 layers (the units repeat by 2) equals the plan of all 10. (On
     a GPU: torch's fake grouped matmul of the MoE experts takes bf16 only.)"""
     ranks = 2 if "--expert-model-parallel-size" in argv else 1
-    fast, full = (plan_layout(parse_args(argv), 1, ranks, target("h100-80gb"), full_depth=f) for f in (False, True))
+    fast, full = (plan.result() for plan in [  # side by side
+        planners.submit(plan_layout, parse_args(argv), 1, ranks, target("h100-80gb"), full_depth=full)
+        for full in (False, True)])
     assert fast.simulated_layers == (4, 6) and full.simulated_layers is None
     for a, b in zip(fast.roles, full.roles):
         assert a.memory == b.memory
@@ -156,7 +166,7 @@ CONFIGS = sorted(os.path.relpath(os.path.join(d, f), REPO) for d in (os.path.joi
                  os.path.join(REPO, "examples", "gpu")) for f in os.listdir(d) if f.endswith(".yaml"))
 
 
-def test_every_example_config_fits_at_its_documented_layout(tmp_path):
+def test_every_example_config_fits_at_its_documented_layout(planners, tmp_path):
     """Each config's `python tools/plan.py` comment, run as written (two at a time: the cores are two): it plans
     as fitting, at the layout of the config's sbatch command where it has one."""
     commands = {}
@@ -168,8 +178,7 @@ def test_every_example_config_fits_at_its_documented_layout(tmp_path):
             if flag in sbatch or (flag != "--nodes" and sbatch):
                 assert layout_flag(argv, flag) == layout_flag(sbatch, flag), f"{path}: {flag} of plan != sbatch"
         commands[path] = argv + ["--json", str(tmp_path / (os.path.basename(path) + ".json"))]
-    with planner_worker.planners(2) as pool:
-        codes = dict(zip(commands, pool.map(planner_worker.plan_command, commands.values())))
+    codes = dict(zip(commands, planners.map(planner_worker.plan_command, commands.values())))
     assert codes == {path: 0 for path in commands}, codes
     unfit = {}
     for path, argv in commands.items():
@@ -201,7 +210,7 @@ def test_bad_input_is_one_line_naming_the_fix_and_exit_2(capsys, argv, message):
 def test_search_ranks_the_layouts_that_fit(tmp_path, capsys):
     out = tmp_path / "search.json"
     argv = ["--config", "examples/tiny/longnet.yaml", "--vocab-size", "8192", "--nodes", "1", "--gpus-per-node", "2",
-            "--search", "--json", str(out)]
+            "--search", "--jobs", "2", "--json", str(out)]  # two layouts at a time: the cores are two
     assert plan_tool.main(argv) == 0
     result = json.load(open(out))
     layouts = [(p["layout"]["tp"], p["layout"]["pp"], p["layout"]["cp"], p["layout"]["dp"]) for p in result["plans"]]
