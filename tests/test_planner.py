@@ -1,16 +1,19 @@
 """The planner (megalatent/planning, tools/plan.py) against real runs, on every example config, and its
 command line.
 
-Honesty: every case runs for real on 8 gloo ranks started once (tests/planner_worker.py: case by case on its
-first k ranks, each rank's step measured by the planner's instruments, planning/measure.py) while this process
-plans the same cases the way tools/plan.py does (plan_layout for this CPU: fake tensors and process groups at
-the case's world size, one simulation per rank role, fewer micro-batches and, where layers repeat, fewer
-layers, extrapolated). Memory is measured by torch's MemTracker (the live bytes of every tensor storage) around
-the real step; the simulation's tracker is the same instrument on fake tensors, so the comparison checks the
-simulation. The instrument itself is checked against the operating system on the ~100M model: the peak the
-plan predicts against its process's resident high-water mark minus its resident size before the build
-(tensors are most of that process). The collectives of each real rank, recorded by the planner's recorder, must
-equal the plan's for its role exactly: per group and kind, the calls and the bytes.
+Honesty: tiny models (a GPT; LongNet at 2 ranks) and a ~100M GPT (GPT-2 small's shape) each run for real at 1,
+2, 4 and 8 ranks (CASES), on 8 gloo ranks started once (tests/planner_worker.py: case by case on its first k
+ranks, each rank's step measured by the planner's instruments, planning/measure.py) while this process plans the
+same cases the way tools/plan.py does (plan_layout for this CPU: fake tensors and process groups at the case's
+world size, one simulation per rank role, fewer micro-batches and, where layers repeat, fewer layers,
+extrapolated). Memory is measured by torch's MemTracker (the live bytes of every tensor storage) around the real
+step; the simulation's tracker is the same instrument on fake tensors, so the comparison checks the simulation:
+the predicted peak must be within 15% of the measured one on every rank. The instrument itself is checked
+against the operating system on the ~100M model: the peak the plan predicts against its process's resident
+high-water mark minus its resident size before the build (tensors are most of that process). The collectives of
+each real rank, recorded by the planner's recorder (a dispatch mode around the real gloo step: every c10d and
+functional collective with its group and payload), must equal the plan's for its role exactly: per group and
+kind, the calls and the bytes.
 """
 import importlib.util
 import json
@@ -32,13 +35,20 @@ plan_tool = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(plan_tool)
 
 TINY = ["--config", "examples/tiny/gpt.yaml", "--vocab-size", "8192"]
-# ~110M parameters (GPT-2 small's shape): what a CPU process of a few GB holds mostly as tensors.
+# ~110M parameters (GPT-2 small's shape): what a CPU process of a few GB holds mostly as tensors. Every ~100M
+# case takes the same step, 2 sequences of 128 tokens, whatever its ranks.
 GPT_100M = ["--config", "examples/gpu/gpt_125m.yaml", "--vocab-size", "32000", "--seq-length", "128",
-            "--micro-batch-size", "2", "--global-batch-size", "2"]
+            "--global-batch-size", "2"]
 
-# (name, ranks, flags). The ~100M case comes first: a rank's resident high-water mark is its process's.
+# (name, ranks, flags). The ~100M 1-rank case comes first: a rank's resident high-water mark is its process's.
+# The ~100M layouts at 2, 4 and 8 ranks are those that cost least here while each exercises something the
+# others do not: ZeRO-3 over the whole model (2), a pipeline with its tied embeddings and tensor parallelism
+# (4), and 4-way tensor parallelism under FSDP (8). Measured (CPU seconds on this machine, all ranks, build
+# and step; the plan's beside it): FSDP2 12 + 2, PP2 x TP2+SP 21 + 14, TP4+SP x FSDP2 31 + 2. The tiny 8-rank
+# layout at ~100M (TP2+SP x PP2 x FSDP2, 2 micro-batches) costs 60 + 13, and FSDP8 52 + 2: a real step of a
+# ~100M model costs little arithmetic but much Python per operator and per rank, and FSDP's gathers.
 CASES = [
-    ("~100M, 1 rank (12 layers: 2 and 3 simulated)", 1, GPT_100M),
+    ("~100M, 1 rank (12 layers: 2 and 3 simulated)", 1, GPT_100M + ["--micro-batch-size", "2"]),
     ("1 rank", 1, TINY),
     ("2 ranks: LongNet, context parallel (dilated segments across ranks, two roles)", 2, [
         "--config", "examples/tiny/longnet.yaml", "--vocab-size", "8192", "--context-parallel-size", "2",
@@ -49,6 +59,12 @@ CASES = [
     ("8 ranks: TP2+SP x PP2 (1F1B, tied embeddings) x FSDP2 (5 micro-batches: 4 simulated)", 8, TINY + [
         "--num-layers", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
         "--pipeline-model-parallel-size", "2", "--micro-batch-size", "1", "--global-batch-size", "10"]),
+    ("~100M, 2 ranks: FSDP2 (ZeRO-3 of the whole model)", 2, GPT_100M + ["--micro-batch-size", "1"]),
+    ("~100M, 4 ranks: PP2 (1F1B, tied embeddings; 2 micro-batches) x TP2+SP (2 and 3 layers per stage simulated)",
+     4, GPT_100M + ["--micro-batch-size", "1", "--pipeline-model-parallel-size", "2",
+                    "--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    ("~100M, 8 ranks: TP4+SP x FSDP2", 8, GPT_100M + ["--micro-batch-size", "1", "--tensor-model-parallel-size", "4",
+                                                      "--sequence-parallel"]),
 ]
 
 
@@ -65,6 +81,14 @@ def runs(tmp_path_factory):
     measured = [{r: json.load(open(os.path.join(out, f"case{i}", f"rank{r}.json"))) for r in range(world)}
                 for i, (_, world, _) in enumerate(CASES)]
     return measured, planned
+
+
+@pytest.fixture(scope="module")
+def planners():
+    """Two processes (the cores are two) that plan side by side, for every test that does: started once, from
+    planner_worker's forkserver (no imports of their own), and warm from one test to the next."""
+    with planner_worker.planners(2) as pool:
+        yield pool
 
 
 def totals(transfers, weights, same_role: bool) -> dict:
@@ -108,11 +132,13 @@ def test_the_tracker_measures_what_the_process_holds(runs):
     ["--config", "examples/tiny/gpt.yaml", "--vocab-size", "8192", "--num-layers", "10", "--num-experts", "4",
      "--moe-layer-freq", "2", "--expert-model-parallel-size", "2"],
 ], ids=["yoco (self- then cross-decoder)", "MoE every 2nd layer, EP2"])
-def test_layers_extrapolated_from_two_depths_equal_all_simulated(argv):
+def test_layers_extrapolated_from_two_depths_equal_all_simulated(planners, argv):
     """What depth.py assumes: a plan from 4 and 6 layers (the units repeat by 2) equals the plan of all 10. (On
     a GPU: torch's fake grouped matmul of the MoE experts takes bf16 only.)"""
     ranks = 2 if "--expert-model-parallel-size" in argv else 1
-    fast, full = (plan_layout(parse_args(argv), 1, ranks, target("h100-80gb"), full_depth=f) for f in (False, True))
+    fast, full = (plan.result() for plan in [  # side by side
+        planners.submit(plan_layout, parse_args(argv), 1, ranks, target("h100-80gb"), full_depth=full)
+        for full in (False, True)])
     assert fast.simulated_layers == (4, 6) and full.simulated_layers is None
     for a, b in zip(fast.roles, full.roles):
         assert a.memory == b.memory
@@ -140,7 +166,7 @@ CONFIGS = sorted(os.path.relpath(os.path.join(d, f), REPO) for d in (os.path.joi
                  os.path.join(REPO, "examples", "gpu")) for f in os.listdir(d) if f.endswith(".yaml"))
 
 
-def test_every_example_config_fits_at_its_documented_layout(tmp_path):
+def test_every_example_config_fits_at_its_documented_layout(planners, tmp_path):
     """Each config's `python tools/plan.py` comment, run as written (two at a time: the cores are two): it plans
     as fitting, at the layout of the config's sbatch command where it has one."""
     commands = {}
@@ -152,8 +178,7 @@ def test_every_example_config_fits_at_its_documented_layout(tmp_path):
             if flag in sbatch or (flag != "--nodes" and sbatch):
                 assert layout_flag(argv, flag) == layout_flag(sbatch, flag), f"{path}: {flag} of plan != sbatch"
         commands[path] = argv + ["--json", str(tmp_path / (os.path.basename(path) + ".json"))]
-    with planner_worker.planners(2) as pool:
-        codes = dict(zip(commands, pool.map(planner_worker.plan_command, commands.values())))
+    codes = dict(zip(commands, planners.map(planner_worker.plan_command, commands.values())))
     assert codes == {path: 0 for path in commands}, codes
     unfit = {}
     for path, argv in commands.items():
@@ -185,7 +210,7 @@ def test_bad_input_is_one_line_naming_the_fix_and_exit_2(capsys, argv, message):
 def test_search_ranks_the_layouts_that_fit(tmp_path, capsys):
     out = tmp_path / "search.json"
     argv = ["--config", "examples/tiny/longnet.yaml", "--vocab-size", "8192", "--nodes", "1", "--gpus-per-node", "2",
-            "--search", "--json", str(out)]
+            "--search", "--jobs", "2", "--json", str(out)]  # two layouts at a time: the cores are two
     assert plan_tool.main(argv) == 0
     result = json.load(open(out))
     layouts = [(p["layout"]["tp"], p["layout"]["pp"], p["layout"]["cp"], p["layout"]["dp"]) for p in result["plans"]]
