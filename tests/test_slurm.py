@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +31,9 @@ SCRIPT = ROOT / "launch" / "pretrain_gpt.sh"
 REQUIRE = os.environ.get("MEGALATENT_REQUIRE_SLURM") == "1"
 # The first job may build the default corpus (~10 s here, a minute or two on a slow machine).
 FIRST_JOB_TIMEOUT = 300
-JOB_TIMEOUT = 180
+JOB_TIMEOUT = 300  # the requeued run queues behind the jobs still waiting
 TINY = ["--log-interval", "1", "--save-interval", "1000"]
 
-
-@pytest.fixture
-def text_data(corpus_cache) -> list[str]:
-    """The text families' data: the session's default corpus at the tests' 512-token vocabulary (conftest),
-    built once, rather than the 8192-token one each fresh machine would build in its first job."""
-    return ["--data-cache-path", corpus_cache, *CORPUS_FLAGS]
 
 ITERATION_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+)\s*\|.*?lm loss: ([0-9.]+E[+-]\d+)")
 RESUMED_RE = re.compile(r"resumed from checkpoint at iteration (\d+)")
@@ -102,15 +97,16 @@ class Job:
         return [(int(i), int(n), loss) for i, n, loss in ITERATION_RE.findall(self.text())]
 
 
-@pytest.fixture
-def submit(tmp_path):
-    """submit(name, sbatch_args, trainer_args) -> Job; jobs still queued at teardown are cancelled."""
-    jobs: list[Job] = []
+class Submitter:
+    """submit(name, sbatch_args, trainer_args) -> Job, each job in a directory of its own under `root`."""
 
-    def _submit(name: str, sbatch_args: list[str], trainer_args: list[str], script: Path = SCRIPT,
-                env: dict[str, str] | None = None) -> Job:
-        run_dir = tmp_path / name
-        log = tmp_path / f"{name}-%j.out"
+    def __init__(self, root: Path):
+        self.root, self.jobs = root, []
+
+    def submit(self, name: str, sbatch_args: list[str], trainer_args: list[str], script: Path = SCRIPT,
+               env: dict[str, str] | None = None) -> Job:
+        run_dir = self.root / name
+        log = self.root / f"{name}-%j.out"
         env = ",".join([f"ALL,RUN_DIR={run_dir},PYTHON={sys.executable}"] + [f"{k}={v}" for k, v in (env or {}).items()])
         cmd = ["sbatch", "--parsable", f"--export={env}", f"--output={log}", f"--job-name=ml-test-{name}",
                *sbatch_args, str(script), *trainer_args]
@@ -118,13 +114,13 @@ def submit(tmp_path):
         assert r.returncode == 0, f"{' '.join(cmd)} failed: {r.stderr}"
         job_id = r.stdout.strip().split(";")[0]
         job = Job(job_id, Path(str(log).replace("%j", job_id)), run_dir)
-        jobs.append(job)
+        self.jobs.append(job)
         return job
 
-    yield _submit
-    for job in jobs:
-        if job.active():
-            _run(["scancel", job.id])
+    def cancel_active(self) -> None:
+        for job in self.jobs:
+            if job.active():
+                _run(["scancel", job.id])
 
 
 def wait_done(job: Job, timeout: float) -> dict[str, str]:
@@ -158,79 +154,82 @@ def two_nodes(cluster_nodes):
 
 
 # Job shapes: sbatch arguments, the line the trainer must print about its world, and the nodes it must span.
+# n1x2 is pretrain_gpt.sh's own shape and also the unsignalled reference of the USR1 test (same arguments).
 SHAPES = {
     "n1x2": ([], "1 node(s), 2 task(s)", "1"),
     "n2x1": (["--nodes=2", "--ntasks-per-node=1"], "2 node(s), 2 task(s)", "2"),
     # The parallel engine under SLURM: TP=2 inside each node (adjacent ranks), DP=2 across the nodes.
     "tp2dp2": (["--nodes=2", "--ntasks-per-node=2"], "world 4 = pp 1 x dp 2 x cp 1 x tp 2 (slurm)", "2"),
 }
-
-
-def test_job_shapes(submit, two_nodes, text_data):
-    """pretrain_gpt.sh at one node x 2 tasks, 2 nodes x 1 task, and 2 nodes x 2 tasks with TP2 x DP2: all
-    submitted at once (8 tasks fill the cluster's 2 x 4 CPUs, and the jobs' scheduling waits overlap)."""
-    iters = 20
-    jobs = {name: submit(name, sbatch, ["--train-iters", str(iters), *TINY, *text_data]
-                         + (["--tensor-model-parallel-size", "2"] if name == "tp2dp2" else []))
-            for name, (sbatch, _, _) in SHAPES.items()}
-    for name, job in jobs.items():
-        info = wait_done(job, FIRST_JOB_TIMEOUT)
-        assert_completed(job, info, iters)
-        _, printed, nodes = SHAPES[name]
-        assert printed in job.text(), job.tail()
-        assert info.get("NumNodes") == nodes, f"NumNodes={info.get('NumNodes')}\n{job.tail()}"
-
+SHAPE_ITERS = 20
+SIGNAL_AFTER = 3  # the USR1 test signals its job once it has logged this iteration
 
 # Every model family's batch script other than pretrain_gpt.sh (tested above), with its default tiny config
 # (the text families on the tests' corpus); whether it trains on text.
 FAMILY_SCRIPTS = {"pretrain_longnet.sh": ([], True), "pretrain_mhmoe.sh": ([], True), "pretrain_latentlm.sh": ([], False),
                   "pretrain_longvit.sh": ([], False), "pretrain_yoco.sh": ([], True),
                   "pretrain_bitnet.sh": (["--lr-warmup-iters", "2", "--lr-two-stage-boundary-iter", "5"], True)}  # tiny: 30
+FAMILY_ITERS = 10
 
 
-def test_every_family_batch_script_trains(submit, tmp_path, text_data):
-    """`sbatch launch/pretrain_<family>.sh` as the README says, one task each (their 2-task shape is
-    pretrain_gpt.sh's, above; the families' layouts are tested against one process elsewhere): all submitted
-    at once, each must finish. LatentLM on documents: the script trains its own σ-VAE tokenizer first and
-    writes its documents (in the test's directory, not the repo's); LatentLM on classes is given a small
-    σ-VAE trained here, which the script must use rather than train its own."""
-    iters = 10
-    given_vae = str(tmp_path / "vae-classes")
-    trained = launch(["tools/train_vae.py", "--save", given_vae, "--train-iters", "100", "--hidden-size", "32",
-                      "--num-layers", "1", "--num-attention-heads", "2", "--micro-batch-size", "32"])
-    assert trained.returncode == 0, trained.stderr[-3000:]
+@pytest.fixture(scope="module")
+def jobs(cluster_nodes, tmp_path_factory, corpus_cache) -> dict[str, Job]:
+    """Every job of this file, submitted at once at the start: the tests then wait for theirs. The cluster
+    queues what does not fit its 2 x 4 CPUs, so no test waits for another's jobs to finish before its own are
+    submitted, and SLURM's scheduling waits (seconds each) overlap. The USR1 test's job goes first: its test
+    must see it running to signal it. (The 2-node shapes only on a 2-node cluster: test_job_shapes fails or
+    skips without one.)"""
+    root = tmp_path_factory.mktemp("slurm")
+    text_data = ["--data-cache-path", corpus_cache, *CORPUS_FLAGS]
+    submitter = Submitter(root)
+    shape = ["--train-iters", str(SHAPE_ITERS), *TINY, *text_data]
+    out = {"signalled": submitter.submit("signalled", [], shape)}
+    out.update({name: submitter.submit(name, sbatch, shape + (["--tensor-model-parallel-size", "2"]
+                                                              if name == "tp2dp2" else []))
+                for name, (sbatch, _, nodes) in SHAPES.items() if int(nodes) <= len(cluster_nodes)})
     one_task = ["--ntasks-per-node=1"]
-    jobs = {name: submit(name.removesuffix(".sh"), one_task, ["--train-iters", str(iters), *TINY, *extra,
-                                                              *(text_data if text else [])],
-                         script=ROOT / "launch" / name,
-                         env={"LATENT_TOKENIZER": given_vae} if "latentlm" in name else None)
-            for name, (extra, text) in FAMILY_SCRIPTS.items()}
-    jobs["LATENTLM_DATA=documents"] = submit(
-        "latentlm-documents", one_task, ["--train-iters", str(iters), *TINY],
+    out["LATENTLM_DATA=documents"] = submitter.submit(
+        "latentlm-documents", one_task, ["--train-iters", str(FAMILY_ITERS), *TINY],
         script=ROOT / "launch" / "pretrain_latentlm.sh",
-        env={"LATENTLM_DATA": "documents", "LATENT_TOKENIZER": tmp_path / "vae", "DOCUMENTS": tmp_path / "docs"})
-    for name, job in jobs.items():
-        assert_completed(job, wait_done(job, FIRST_JOB_TIMEOUT), iters)
-    training_vae = "[megalatent] training the σ-VAE tokenizer into"
-    assert training_vae not in jobs["pretrain_latentlm.sh"].text(), jobs["pretrain_latentlm.sh"].tail()
-    assert f"{training_vae} {tmp_path / 'vae'}" in jobs["LATENTLM_DATA=documents"].text()
+        env={"LATENTLM_DATA": "documents", "LATENT_TOKENIZER": root / "vae", "DOCUMENTS": root / "docs"})
+    # LatentLM on classes is given a small σ-VAE: its job is submitted held, and released once a thread has
+    # trained the σ-VAE (while the other jobs run; the USR1 test must not wait for it to watch its job).
+    given_vae = str(root / "vae-classes")
+    for name, (extra, text) in FAMILY_SCRIPTS.items():
+        given = "latentlm" in name
+        out[name] = submitter.submit(name.removesuffix(".sh"), one_task + (["--hold"] if given else []),
+                                     ["--train-iters", str(FAMILY_ITERS), *TINY, *extra, *(text_data if text else [])],
+                                     script=ROOT / "launch" / name, env={"LATENT_TOKENIZER": given_vae} if given else None)
+
+    def train_given_vae():
+        trained = launch(["tools/train_vae.py", "--save", given_vae, "--train-iters", "100", "--hidden-size", "32",
+                          "--num-layers", "1", "--num-attention-heads", "2", "--micro-batch-size", "32"])
+        vae_training["returncode"], vae_training["stderr"] = trained.returncode, trained.stderr
+        if trained.returncode == 0:
+            _run(["scontrol", "release", out["pretrain_latentlm.sh"].id])
+
+    vae_training = {}
+    out["vae training"] = vae_training
+    thread = threading.Thread(target=train_given_vae, daemon=True)
+    thread.start()
+    vae_training["thread"] = thread
+    out["root"] = root
+    yield out
+    submitter.cancel_active()
 
 
-def test_usr1_requeue_resumes_exactly(submit, text_data):
+def test_usr1_requeue_resumes_exactly(jobs):
     """scancel --signal=USR1 --full: the trainer checkpoints, the batch shell requeues, the rerun resumes
-    from the checkpoint, and the final loss equals that of an unsignalled run with the same arguments."""
-    iters, signal_after = 20, 3
-    args = ["--train-iters", str(iters), *TINY, *text_data]
-    reference = submit("reference", [], args)  # runs alongside; the 2 nodes x 4 CPUs fit both
-    job = submit("signalled", [], args)
-
+    from the checkpoint, and the final loss equals that of an unsignalled run with the same arguments
+    (the n1x2 job shape)."""
+    job, reference = jobs["signalled"], jobs["n1x2"]
     deadline = time.monotonic() + FIRST_JOB_TIMEOUT
-    while not any(i >= signal_after for i, _, _ in job.iterations()):
+    while not any(i >= SIGNAL_AFTER for i, _, _ in job.iterations()):
         if not job.active():
-            pytest.fail(f"job {job.id} ended before iteration {signal_after}: {job.info().get('JobState')}\n"
+            pytest.fail(f"job {job.id} ended before iteration {SIGNAL_AFTER}: {job.info().get('JobState')}\n"
                         f"{job.tail()}")
         if time.monotonic() > deadline:
-            pytest.fail(f"job {job.id} did not reach iteration {signal_after} in {FIRST_JOB_TIMEOUT} s\n{job.tail()}")
+            pytest.fail(f"job {job.id} did not reach iteration {SIGNAL_AFTER} in {FIRST_JOB_TIMEOUT} s\n{job.tail()}")
         time.sleep(0.3)
     r = _run(["scancel", "--signal=USR1", "--full", job.id])
     assert r.returncode == 0, f"scancel --signal=USR1 --full {job.id}: {r.stderr}"
@@ -238,16 +237,16 @@ def test_usr1_requeue_resumes_exactly(submit, text_data):
     # The requeued run waits ~15 s (cred_expire=10, sched_interval=5) before it starts again.
     info = wait_done(job, JOB_TIMEOUT)
     ref_info = wait_done(reference, JOB_TIMEOUT)
-    assert_completed(reference, ref_info, iters)
-    assert_completed(job, info, iters)
+    assert_completed(reference, ref_info, SHAPE_ITERS)
+    assert_completed(job, info, SHAPE_ITERS)
 
     text = job.text()
     assert int(info.get("Restarts", "0")) >= 1, f"job {job.id} was not requeued (Restarts={info.get('Restarts')})\n" \
                                                 f"{job.tail()}"
     assert "(restart 1)" in text, f"no second start (SLURM_RESTART_COUNT=1) in the log\n{job.tail()}"
     resumed = [int(k) for k in RESUMED_RE.findall(text)]
-    assert resumed and signal_after <= resumed[-1] < iters, (
-        f"the rerun did not resume from a checkpoint taken after iteration {signal_after}\n{job.tail()}")
+    assert resumed and SIGNAL_AFTER <= resumed[-1] < SHAPE_ITERS, (
+        f"the rerun did not resume from a checkpoint taken after iteration {SIGNAL_AFTER}\n{job.tail()}")
 
     final, ref_final = job.iterations()[-1][2], reference.iterations()[-1][2]
     assert final == ref_final, (f"final lm loss after requeue {final} != unsignalled {ref_final}\n"
@@ -255,3 +254,30 @@ def test_usr1_requeue_resumes_exactly(submit, text_data):
     ref_curve = {i: loss for i, _, loss in reference.iterations()}
     diffs = [(i, loss, ref_curve.get(i)) for i, _, loss in job.iterations() if ref_curve.get(i) != loss]
     assert not diffs, f"lm loss differs from the unsignalled run at (iteration, requeued, reference): {diffs[:5]}"
+
+
+def test_job_shapes(jobs, two_nodes):
+    """pretrain_gpt.sh at one node x 2 tasks, 2 nodes x 1 task, and 2 nodes x 2 tasks with TP2 x DP2."""
+    for name, (_, printed, nodes) in SHAPES.items():
+        job = jobs[name]
+        info = wait_done(job, FIRST_JOB_TIMEOUT)
+        assert_completed(job, info, SHAPE_ITERS)
+        assert printed in job.text(), job.tail()
+        assert info.get("NumNodes") == nodes, f"NumNodes={info.get('NumNodes')}\n{job.tail()}"
+
+
+def test_every_family_batch_script_trains(jobs):
+    """`sbatch launch/pretrain_<family>.sh` as the README says, one task each (their 2-task shape is
+    pretrain_gpt.sh's, above; the families' layouts are tested against one process elsewhere): each must
+    finish. LatentLM on documents: the script trains its own σ-VAE tokenizer first and writes its documents
+    (in the test's directory, not the repo's); LatentLM on classes is given a small σ-VAE trained by the
+    fixture (its job held until then), which the script must use rather than train its own."""
+    vae_training = jobs["vae training"]
+    vae_training["thread"].join(timeout=FIRST_JOB_TIMEOUT)
+    assert vae_training.get("returncode") == 0, f"training the given σ-VAE: {vae_training.get('stderr', '')[-3000:]}"
+    for name in [*FAMILY_SCRIPTS, "LATENTLM_DATA=documents"]:
+        job = jobs[name]
+        assert_completed(job, wait_done(job, FIRST_JOB_TIMEOUT), FAMILY_ITERS)
+    training_vae = "[megalatent] training the σ-VAE tokenizer into"
+    assert training_vae not in jobs["pretrain_latentlm.sh"].text(), jobs["pretrain_latentlm.sh"].tail()
+    assert f"{training_vae} {jobs['root'] / 'vae'}" in jobs["LATENTLM_DATA=documents"].text()
