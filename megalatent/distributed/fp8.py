@@ -29,7 +29,11 @@ Float8GroupedMM); everywhere else (CPU, --fp8-emulate, tensorwise or hybrid on C
 torchao's Float8Linear matmul on each block. One consequence: under expert parallelism an expert's block holds
 the tokens of every rank that routed to it, not one micro-batch's as in one process, so tensorwise scales (and
 rowwise weight-gradient column scales) span more tokens: EP changes FP8's rounding within its own noise
-(tests/test_fp8.py measures it), as context parallelism does.
+(tests/test_fp8.py measures it). Under context parallelism (without EP) an expert's block holds this rank's part
+of the sequence, and its scales are over that part: the blocks' sizes are data (an expert may get no token on
+one rank, so no cast there to join an all-reduce), the grouped GEMM path casts inside torchao's kernel, and
+under EP (carved out of dp x cp) a block already mixes ranks' tokens, so no group of ranks would reproduce one
+process's blocks; the experts' FP8 rounding under CP is within FP8's noise, as under EP.
 
 What is converted: the plain `nn.Linear` layers of the transformer blocks — `model.layers` and the modules
 the family's pipeline plan keeps with a layer (e.g. a key/value projection shared by later layers) — whose two
@@ -51,6 +55,18 @@ The order in the parallel pipeline (parallelize.py): converted first, before ten
 plans then shard Float8Linear weights like any linear's; torchao computes tensorwise amaxes of DTensors over
 all shards, so every rank uses the single-process scales), as torchtitan does; expert parallelism then shards
 the experts, which keep their Float8GroupedMM.
+
+With the other parallelisms (each tested against one process under FP8, tests/test_fp8.py):
+  - context parallelism, tensorwise: the linear layers become ContextParallelFloat8Linear
+    (fp8_context_parallel.py), whose input and output-gradient amaxes are all-reduced (MAX) over the cp (x tp)
+    ranks, as Megatron/Transformer Engine reduce them over the context-parallel group, so every cast is one
+    process's. Not over the data-parallel ranks: their micro-batches are other micro-batches, each cast on its
+    own in one process too.
+    Rowwise: the output and input-gradient products' scales are per token row and unchanged by CP; the
+    weight-gradient product's operands are scaled per column over the tokens it sums, which are this rank's
+    (torchao computes those scales inside its matmul's backward, with no reduction hook; reducing them would mean
+    copying that backward), so the FP8 layers' weight gradients differ from one process's by a few percent of
+    FP8's own error, and every other gradient and the loss are one process's. MoE experts: see above.
 """
 from __future__ import annotations
 
@@ -227,9 +243,12 @@ def select_modules(model: nn.Module, trunk_modules: list[str], cfg: FP8Config, t
     return selected, kept
 
 
-def convert_to_fp8(model: nn.Module, cfg: FP8Config, trunk_modules: list[str], tp: int) -> list[str]:
+def convert_to_fp8(model: nn.Module, cfg: FP8Config, trunk_modules: list[str], tp: int,
+                   sequence_mesh=None) -> list[str]:
     """Swap the selected linear layers for torchao Float8Linear and give the selected experts a Float8GroupedMM
-    (in place); returns their names."""
+    (in place); returns their names. `sequence_mesh` (under context parallelism: ParallelLayout.sequence_mesh):
+    tensorwise linear layers take their activation and output-gradient scales over it
+    (fp8_context_parallel.ContextParallelFloat8Linear)."""
     from torchao.float8 import convert_to_float8_training
 
     selected, kept = select_modules(model, trunk_modules, cfg, tp)
@@ -237,12 +256,17 @@ def convert_to_fp8(model: nn.Module, cfg: FP8Config, trunk_modules: list[str], t
     experts = [name for name in selected if isinstance(model.get_submodule(name), Experts)]
     linears = set(selected) - set(experts)
     convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn in linears)
+    over = ""
+    if sequence_mesh is not None and cfg.fp8_recipe == "tensorwise":
+        from megalatent.distributed.fp8_context_parallel import reduce_scales_over
+        reduce_scales_over([model.get_submodule(name) for name in sorted(linears)], sequence_mesh)
+        over = f"; activation scales over {' x '.join(sequence_mesh.mesh_dim_names[0].split('_'))}"
     for name in experts:
         model.get_submodule(name).matmul = Float8GroupedMM(config)
     if not dist.is_initialized() or dist.get_rank() == 0:
         reasons = sorted(set(kept.values()))
         print(f"[fp8] {len(linears)} linear layers and the experts of {len(experts)} MoE layers in FP8 "
-              f"({cfg.fp8_recipe}, {cfg.fp8_format}); {len(kept)} kept in high precision "
+              f"({cfg.fp8_recipe}, {cfg.fp8_format}{over}); {len(kept)} kept in high precision "
               f"({'; '.join(reasons) or 'none'}) besides embeddings, head and norms", flush=True)
     return selected
 
