@@ -7,11 +7,12 @@
   and the GPU's grouped-GEMM path pads and lays out the groups so that it computes what the per-expert path does;
 - a tiny model (one MoE layer, one dense) trained 50 steps in FP8 stays within 2% of the full-precision loss
   (fp32: the CPU's training precision, as bf16 is a GPU's);
-- TP2 + SP, DP2 with FP8 weight all-gathers and PP2 under FP8 equal one process under FP8; so does CP2 under
-  tensorwise (scales over the cp ranks), and under rowwise but for the FP8 layers' weight gradients (a few % of
-  FP8's own error: their column scales span this rank's tokens); EP2 with FP8 experts (checked to be FP8 by type)
-  equals it under rowwise but for the experts' weight gradients (likewise: an expert's block holds both ranks'
-  tokens), and is within FP8's noise of it under tensorwise;
+- TP2 + SP (torchao's float8 styles: the all-gathers checked to move FP8), DP2 with FP8 weight all-gathers and PP2
+  under FP8 equal one process under FP8; so does CP2 under tensorwise (scales over the cp ranks), and under rowwise
+  but for the FP8 layers' weight gradients (a few % of FP8's own error: their column scales span this rank's
+  tokens); EP2 with FP8 experts (checked to be FP8 by type) equals it under rowwise but for the experts' weight
+  gradients (likewise: an expert's block holds both ranks' tokens), and is within FP8's noise of it under
+  tensorwise;
 - checkpoints: an FP8 run's (FSDP2 with FP8 all-gathers; EP2 with FP8 experts) loads into a full-precision
   model with the same parameter names, and a full-precision run's (MH-MoE) loads into an FP8 model;
 - bad combinations are refused before anything is built, each with its reason.
@@ -359,7 +360,8 @@ def assert_ep_equivalent(result, reference, full_precision, label):
 
 
 def test_layouts_under_fp8_equal_one_process(tmp_path):
-    """TP2+SP, DP2 with FP8 all-gathers, PP2, CP2 (tensorwise: scales over the cp ranks; and rowwise) and EP2
+    """TP2+SP (torchao's float8 styles: FP8 all-gathers), DP2 with FP8 all-gathers, PP2, CP2 (tensorwise: scales
+    over the cp ranks; and rowwise) and EP2
     (MH-MoE layers, FP8 experts) against one process under FP8. Tensorwise scales are amaxes over the whole tensor,
     which torchao takes over every shard (DTensors, FSDP's all-gather) and ContextParallelFloat8Linear over the
     cp ranks, so each layout quantises as one process does. Data and pipeline parallelism change no sum: equal
@@ -371,7 +373,7 @@ def test_layouts_under_fp8_equal_one_process(tmp_path):
         tmp_path, 1, [FP8, {**FP8, **UNTIED}, tp, {"steps": 1}, ROWWISE_MOE, TENSORWISE_MOE, {**MOE, "steps": 1}],
         "fp8-ref")
     saved, saved_moe = str(tmp_path / "fp8-dp2"), str(tmp_path / "fp8-ep2")
-    layouts = [{**tp, "tensor-model-parallel-size": 2, "sequence-parallel": True},
+    layouts = [{**tp, "tensor-model-parallel-size": 2, "sequence-parallel": True, "record-collectives": True},
                {**FP8, "fp8-param-gather": True, "save": saved},
                {**FP8, **UNTIED, "pipeline-model-parallel-size": 2},
                {**tp, "context-parallel-size": 2},
@@ -381,6 +383,7 @@ def test_layouts_under_fp8_equal_one_process(tmp_path):
     tp_result, dp_result, pp_result, cp_result, cp_rowwise, ep_rowwise, ep_tensorwise = run_worker(
         tmp_path, 2, layouts, "fp8-two")
     assert_tp_equivalent(tp_result, tied_one_step, full_one_step, "TP2+SP")
+    _tp_all_gathers_are_fp8(tp_result)
     assert_cp_equivalent(cp_result, tied_one_step, "CP2")
     assert_rowwise_cp_equivalent(cp_rowwise, rowwise_moe, full_moe, "CP2 (MH-MoE), rowwise")
     # The experts are FP8 (Float8GroupedMM) in every FP8 MoE run here, and in the rowwise EP2 run's expert gradients
@@ -399,6 +402,18 @@ def test_layouts_under_fp8_equal_one_process(tmp_path):
     _fp8_checkpoint_loads_without_fp8(ckpt.iteration_dir(saved, 2), dp_result["weights"])
     _fp8_checkpoint_loads_without_fp8(ckpt.iteration_dir(saved_moe, 1), ep_rowwise["weights"],
                                       ["--num-experts", "4", "--moe-num-heads", "2"])
+
+
+def _tp_all_gathers_are_fp8(result):
+    """TP2+SP with torchao's float8 styles (tensor_parallel.float8_styles) all-gathers in FP8. A step's all-gathers
+    (4 micro-batches of [2, 16, 64] activations): those of the attention and MLP blocks' inputs (forward) and of the
+    row-parallel layers' output gradients (backward), 4 per layer and micro-batch, move one byte per value, cast
+    before the gather; the head's input and the embedding's output gradient (not FP8 layers) four, fp32's. Without
+    the styles (the layers cast after the all-gathers) every one moves four: measured 589,824 bytes a step, with
+    them 196,608 (the planner's recorder, which counts an FP8 tensor's all-gather as its 1-byte data)."""
+    values = 2 * 16 * 64  # [micro-batch, sequence, hidden]
+    all_gathers = [nbytes for kind, _, nbytes, _ in result["collectives"] if kind == "all_gather"]
+    assert sorted(all_gathers) == [values] * (4 * 4 * 4) + [4 * values] * (2 * 4), all_gathers
 
 
 def _fp8_checkpoint_loads_without_fp8(path, weights, flags=()):

@@ -57,11 +57,19 @@ all shards, so every rank uses the single-process scales), as torchtitan does; e
 the experts, which keep their Float8GroupedMM.
 
 With the other parallelisms (each tested against one process under FP8, tests/test_fp8.py):
+  - tensor (+ sequence) parallelism, tensorwise: the plans take torchao's float8 styles (Float8ColwiseParallel,
+    Float8RowwiseParallel, PrepareFloat8ModuleInput; tensor_parallel.float8_styles, as torchtitan), which cast
+    before the all-gathers: sequence parallelism's all-gathers of the attention and MLP inputs and of the
+    row-parallel layers' output gradients move FP8 (`gathers_in_fp8` says which layers; a block with a linear
+    layer kept in high precision, e.g. gated retention's per-head gates, gathers its input in high precision).
+    gloo has no float8 collectives: on CPU the FP8 values are all-gathered as bytes
+    (`float8_all_gathers_as_bytes`). Rowwise: the plain styles (a row's scale needs the whole row);
   - context parallelism, tensorwise: the linear layers become ContextParallelFloat8Linear
     (fp8_context_parallel.py), whose input and output-gradient amaxes are all-reduced (MAX) over the cp (x tp)
     ranks, as Megatron/Transformer Engine reduce them over the context-parallel group, so every cast is one
-    process's. Not over the data-parallel ranks: their micro-batches are other micro-batches, each cast on its
-    own in one process too.
+    process's. They take the plain tensor-parallel styles (the float8 styles' casts would be over the tp shards
+    alone): under CP x TP+SP the sequence-parallel all-gathers stay in high precision. Not over the
+    data-parallel ranks: their micro-batches are other micro-batches, each cast on its own in one process too.
     Rowwise: the output and input-gradient products' scales are per token row and unchanged by CP; the
     weight-gradient product's operands are scaled per column over the tokens it sums, which are this rank's
     (torchao computes those scales inside its matmul's backward, with no reduction hook; reducing them would mean
@@ -71,6 +79,7 @@ With the other parallelisms (each tested against one process under FP8, tests/te
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable
 
 import torch
@@ -269,6 +278,55 @@ def convert_to_fp8(model: nn.Module, cfg: FP8Config, trunk_modules: list[str], t
               f"({cfg.fp8_recipe}, {cfg.fp8_format}{over}); {len(kept)} kept in high precision "
               f"({'; '.join(reasons) or 'none'}) besides embeddings, head and norms", flush=True)
     return selected
+
+
+# ---------------------------------------------------------------------------------------------- tensor parallelism
+
+def gathers_in_fp8(module: nn.Module) -> bool:
+    """Whether torchao's float8 tensor-parallel styles (Float8ColwiseParallel, Float8RowwiseParallel,
+    PrepareFloat8ModuleInput: casts before the all-gathers, tensor_parallel.float8_styles) can cast this layer's
+    input and output gradient: a torchao Float8Linear without bias, with dynamic tensorwise casts of both. Not
+    rowwise (one scale per row needs the whole row, not a shard of the sequence), nor a ContextParallelFloat8Linear
+    (its scales span the context-parallel ranks too, which the styles' casts, over the tensor-parallel shards,
+    would not), nor a layer with a bias (the styles cast the gradient of the layer's output, so the bias's
+    gradient would be summed from FP8 values; one process sums it in high precision)."""
+    # No Float8Linear exists unless torchao's module was imported (by convert_to_fp8): a run without FP8 imports
+    # nothing here.
+    float8_linear = sys.modules.get("torchao.float8.float8_linear")
+    if float8_linear is None or type(module) is not float8_linear.Float8Linear or module.bias is not None:
+        return False
+    from torchao.float8.config import ScalingGranularity, ScalingType
+
+    c = module.config
+    return all(cast.scaling_type is ScalingType.DYNAMIC and cast.scaling_granularity is ScalingGranularity.TENSORWISE
+               for cast in (c.cast_config_input, c.cast_config_grad_output))
+
+
+def float8_all_gathers_as_bytes() -> None:
+    """Let gloo all-gather FP8 tensors. torchao all-gathers an FP8 tensor (float8_ops, what the float8 styles'
+    redistributions call) as its float8 data, which NCCL moves as bytes but gloo refuses ("Invalid scalar type":
+    it has no float8 dtypes). This makes torchao's all-gather of a CPU FP8 tensor move the same bytes as uint8
+    (and wait for them: gloo's collectives are synchronous on CPU anyway); CUDA tensors keep torchao's. Installed
+    in torchao's FP8 op table once per process (the table is torchao's only way to extend its FP8 tensor)."""
+    from torchao.float8.float8_ops import FLOAT8_OPS_TABLE
+    from torchao.float8.float8_training_tensor import Float8TrainingTensor
+
+    op = torch.ops._c10d_functional.all_gather_into_tensor.default
+    original = FLOAT8_OPS_TABLE[op]
+    if getattr(original, "as_bytes", False):
+        return
+
+    def all_gather(aten_op, args, kwargs=None):
+        fp8 = args[0]
+        if fp8._data.device.type != "cpu":
+            return original(aten_op, args, kwargs)
+        data = fp8._data.contiguous()
+        gathered = aten_op(data.view(torch.uint8), *args[1:], **(kwargs or {}))
+        return Float8TrainingTensor(torch.ops._c10d_functional.wait_tensor(gathered).view(data.dtype), fp8._scale,
+                                    fp8._orig_dtype, fp8._linear_mm_config, fp8._gemm_input_role)
+
+    all_gather.as_bytes = True
+    FLOAT8_OPS_TABLE[op] = all_gather
 
 
 def _scaled_mm_runs_on_cpu() -> bool:
