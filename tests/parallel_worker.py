@@ -113,6 +113,10 @@ def run_layout(layout_flags: dict, env, device) -> dict:
                                            for _, p in named})
     # The classes of its modules (e.g. which layers are FP8: torchao's Float8Linear, fp8.Float8GroupedMM).
     result["module_types"] = sorted({type(m).__name__ for part in parts for m in part.modules()})
+    # The FP8 scales precomputed for FSDP2's FP8 all-gathers (--fp8-param-gather), by weight.
+    result["precomputed_scales"] = {n: p._local_tensor._precomputed_scale.clone() for n, p in named
+                                    if getattr(getattr(p, "_local_tensor", None), "_precomputed_scale", None)
+                                    is not None}
     local = {"grads": {n: full(p.grad).detach().clone() for n, p in named},
              "weights": {n: full(p).detach().clone() for n, p in named}}
     gathered = [None] * dist.get_world_size() if dist.is_initialized() else [local]

@@ -7,12 +7,12 @@
   and the GPU's grouped-GEMM path pads and lays out the groups so that it computes what the per-expert path does;
 - a tiny model (one MoE layer, one dense) trained 50 steps in FP8 stays within 2% of the full-precision loss
   (fp32: the CPU's training precision, as bf16 is a GPU's);
-- TP2 + SP (torchao's float8 styles: the all-gathers checked to move FP8), DP2 with FP8 weight all-gathers and PP2
-  under FP8 equal one process under FP8; so does CP2 under tensorwise (scales over the cp ranks), and under rowwise
-  but for the FP8 layers' weight gradients (a few % of FP8's own error: their column scales span this rank's
-  tokens); EP2 with FP8 experts (checked to be FP8 by type) equals it under rowwise but for the experts' weight
-  gradients (likewise: an expert's block holds both ranks' tokens), and is within FP8's noise of it under
-  tensorwise;
+- TP2 + SP (torchao's float8 styles: the all-gathers checked to move FP8), DP2 with FP8 weight all-gathers (their
+  scales checked to be precomputed after each optimizer step) and PP2 under FP8 equal one process under FP8; so
+  does CP2 under tensorwise (scales over the cp ranks), and under rowwise but for the FP8 layers' weight gradients
+  (a few % of FP8's own error: their column scales span this rank's tokens); EP2 with FP8 experts (checked to be
+  FP8 by type) equals it under rowwise but for the experts' weight gradients (likewise: an expert's block holds
+  both ranks' tokens), and is within FP8's noise of it under tensorwise;
 - checkpoints: an FP8 run's (FSDP2 with FP8 all-gathers; EP2 with FP8 experts) loads into a full-precision
   model with the same parameter names, and a full-precision run's (MH-MoE) loads into an FP8 model;
 - bad combinations are refused before anything is built, each with its reason.
@@ -360,13 +360,13 @@ def assert_ep_equivalent(result, reference, full_precision, label):
 
 
 def test_layouts_under_fp8_equal_one_process(tmp_path):
-    """TP2+SP (torchao's float8 styles: FP8 all-gathers), DP2 with FP8 all-gathers, PP2, CP2 (tensorwise: scales
-    over the cp ranks; and rowwise) and EP2
-    (MH-MoE layers, FP8 experts) against one process under FP8. Tensorwise scales are amaxes over the whole tensor,
-    which torchao takes over every shard (DTensors, FSDP's all-gather) and ContextParallelFloat8Linear over the
-    cp ranks, so each layout quantises as one process does. Data and pipeline parallelism change no sum: equal
-    after two steps (the second on updated weights, all-gathered in FP8) as any layout is. Tensor parallelism:
-    see assert_tp_equivalent; context parallelism: assert_cp_equivalent, assert_rowwise_cp_equivalent; expert
+    """TP2+SP (torchao's float8 styles: FP8 all-gathers), DP2 with FP8 all-gathers (scales precomputed after each
+    optimizer step), PP2, CP2 (tensorwise: scales over the cp ranks; and rowwise) and EP2 (MH-MoE layers, FP8
+    experts) against one process under FP8. Tensorwise scales are amaxes over the whole tensor, which torchao
+    takes over every shard (DTensors, FSDP's all-gather) and ContextParallelFloat8Linear over the cp ranks, so
+    each layout quantises as one process does. Data and pipeline parallelism change no sum: equal after two steps
+    (the second on updated weights, all-gathered in FP8) as any layout is. Tensor parallelism: see
+    assert_tp_equivalent; context parallelism: assert_cp_equivalent, assert_rowwise_cp_equivalent; expert
     parallelism: assert_ep_equivalent."""
     tp = {**FP8, "steps": 1}
     tied, untied, tied_one_step, full_one_step, rowwise_moe, tensorwise_moe, full_moe = run_worker(
@@ -374,7 +374,7 @@ def test_layouts_under_fp8_equal_one_process(tmp_path):
         "fp8-ref")
     saved, saved_moe = str(tmp_path / "fp8-dp2"), str(tmp_path / "fp8-ep2")
     layouts = [{**tp, "tensor-model-parallel-size": 2, "sequence-parallel": True, "record-collectives": True},
-               {**FP8, "fp8-param-gather": True, "save": saved},
+               {**FP8, "fp8-param-gather": True, "save": saved, "record-collectives": True},
                {**FP8, **UNTIED, "pipeline-model-parallel-size": 2},
                {**tp, "context-parallel-size": 2},
                {**ROWWISE_MOE, "context-parallel-size": 2},
@@ -398,6 +398,7 @@ def test_layouts_under_fp8_equal_one_process(tmp_path):
     assert_ep_equivalent(ep_tensorwise, tensorwise_moe, full_moe, "EP2 (MH-MoE), tensorwise")
     assert_equivalent(dp_result, tied, "DP2 with FP8 all-gathers")
     assert "WeightWithDynamicFloat8CastTensor" in dp_result["local_tensor_types"]  # (FSDP2 gathers these in FP8)
+    _fsdp_scales_were_precomputed(dp_result)
     assert_equivalent(pp_result, untied, "PP2")
     _fp8_checkpoint_loads_without_fp8(ckpt.iteration_dir(saved, 2), dp_result["weights"])
     _fp8_checkpoint_loads_without_fp8(ckpt.iteration_dir(saved_moe, 1), ep_rowwise["weights"],
@@ -414,6 +415,19 @@ def _tp_all_gathers_are_fp8(result):
     values = 2 * 16 * 64  # [micro-batch, sequence, hidden]
     all_gathers = [nbytes for kind, _, nbytes, _ in result["collectives"] if kind == "all_gather"]
     assert sorted(all_gathers) == [values] * (4 * 4 * 4) + [4 * values] * (2 * 4), all_gathers
+
+
+def _fsdp_scales_were_precomputed(result):
+    """DP2 with --fp8-param-gather: after each optimizer step the PrecomputeFloat8Scales hook set every FP8-gathered
+    weight's scale (torchao's precompute_float8_dynamic_scale_for_fsdp), equal to the amax-derived scale of the
+    whole updated weight (the one the all-gather would compute), and the last step's FP8 all-gathers used them: FSDP
+    issued no amax all-reduce (the first step, before any update, issues one per weight and all-gather)."""
+    scales = result["precomputed_scales"]
+    assert set(scales) == fp8_weights(result["weights"]) and len(scales) == 28
+    for name, scale in scales.items():
+        amax = result["weights"][name].abs().max().double()
+        assert scale == (torch.finfo(E4M3).max / amax).float(), name
+    assert not [c for c in result["collectives"] if c[0] == "all_reduce" and c[3]]  # (FSDP's, fsdp=True)
 
 
 def _fp8_checkpoint_loads_without_fp8(path, weights, flags=()):

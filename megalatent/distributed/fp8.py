@@ -74,7 +74,12 @@ With the other parallelisms (each tested against one process under FP8, tests/te
     weight-gradient product's operands are scaled per column over the tokens it sums, which are this rank's
     (torchao computes those scales inside its matmul's backward, with no reduction hook; reducing them would mean
     copying that backward), so the FP8 layers' weight gradients differ from one process's by a few percent of
-    FP8's own error, and every other gradient and the loss are one process's. MoE experts: see above.
+    FP8's own error, and every other gradient and the loss are one process's. MoE experts: see above;
+  - FSDP2 with --fp8-param-gather: the weights' shards are cast and all-gathered in FP8; after each optimizer
+    step PrecomputeFloat8Scales (a step hook) computes every such weight's scale at once (torchao's
+    precompute_float8_dynamic_scale_for_fsdp, one all-reduce), which the next all-gathers use instead of an
+    all-reduce of each weight's amax. (torchao 0.18's Float8LinearConfig has no flag for it: its FP8 weight uses a
+    precomputed scale whenever one is set.)
 """
 from __future__ import annotations
 
@@ -327,6 +332,55 @@ def float8_all_gathers_as_bytes() -> None:
 
     all_gather.as_bytes = True
     FLOAT8_OPS_TABLE[op] = all_gather
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2
+
+class PrecomputeFloat8Scales:
+    """A step hook (training/hooks.py) of --fp8-param-gather: after each optimizer step, the FP8 scales of every
+    weight FSDP2 all-gathers in FP8, at once: torchao's precompute_float8_dynamic_scale_for_fsdp (what torchtitan
+    calls after its optimizer step), one all-reduce of all their amaxes per mesh, which each weight's FP8
+    all-gather then uses instead of an all-reduce of its own amax. The scale is the one the all-gather would
+    compute (max of the fp8 dtype / amax of the whole weight, as of this step's update); the first step's
+    all-gathers, before any update, compute their own."""
+
+    def __init__(self, groups: list[nn.ModuleList]):
+        self.groups = groups  # the FP8-gathered linear layers, one list per weight mesh (one all-reduce each)
+
+    def start_step(self, micro_batches: int) -> None:
+        pass
+
+    def end_step(self, device: torch.device) -> None:
+        return None
+
+    def after_optimizer_step(self) -> None:
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+        for group in self.groups:
+            precompute_float8_dynamic_scale_for_fsdp(group)
+
+
+def fp8_step_hooks(parts: list[nn.Module], cfg: FP8Config) -> list[PrecomputeFloat8Scales]:
+    """The step hook of a run whose FSDP2 all-gathers linear weights in FP8 (--fp8-param-gather), else none. The
+    layers are grouped by their weights' mesh (torchao stacks the amaxes of one call into one tensor: one mesh), in
+    module order, the same on every rank of a mesh."""
+    if cfg.fp8_format is None or not cfg.fp8_param_gather:
+        return []
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from torchao.float8.float8_linear import Float8Linear
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    by_mesh: dict = {}
+    seen: set[int] = set()
+    for part in parts:
+        for unit in (m for m in part.modules() if isinstance(m, FSDPModule)):  # weights FSDP2 gathers
+            for m in unit.modules():
+                if isinstance(m, Float8Linear) and id(m) not in seen and isinstance(m.weight, DTensor) and \
+                        isinstance(m.weight._local_tensor, WeightWithDynamicFloat8CastTensor):
+                    seen.add(id(m))
+                    by_mesh.setdefault(m.weight.device_mesh, []).append(m)
+    return [PrecomputeFloat8Scales([nn.ModuleList(ms) for ms in by_mesh.values()])] if by_mesh else []
 
 
 def _scaled_mm_runs_on_cpu() -> bool:
