@@ -22,6 +22,7 @@ from megalatent.config import Config, ConfigError, architectural_differences
 from megalatent.distributed import checkpoint as ckpt
 from megalatent.distributed import checkpoint_integrity
 from megalatent.distributed.env import DistEnv, discover, exit_process, init_process_group
+from megalatent.distributed.fp8 import fp8_step_hooks
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.distributed.materialize import materialize
 from megalatent.distributed.parallelize import parallelize
@@ -212,9 +213,11 @@ def tied_embeddings(cfg: Config) -> tuple[str, ...]:
 def make_trainer(cfg: Config, layout: ParallelLayout, device: torch.device, parts, train_loader, valid_loader,
                  pipeline: Optional[Pipeline] = None, stop: Optional[StopRequest] = None) -> Trainer:
     """The trainer of this rank's parts, with what the model's family and features bring to it: the
-    objective, the context-parallel split, the FLOPs, and the step hooks (mixture-of-experts bookkeeping)."""
+    objective, the context-parallel split, the FLOPs, and the step hooks (mixture-of-experts bookkeeping, FP8
+    weight scales for FSDP2's FP8 all-gathers)."""
     family = get_family(cfg.model.model_family)
-    hooks = moe_step_hooks(parts, layout, cfg.model) + (pipeline.tied_weight_hooks(parts) if pipeline else [])
+    hooks = (moe_step_hooks(parts, layout, cfg.model) + fp8_step_hooks(parts, cfg.fp8)
+             + (pipeline.tied_weight_hooks(parts) if pipeline else []))
     return Trainer(cfg, layout, device, parts, train_loader, valid_loader, family.flops_per_token(cfg.model), stop,
                    pipeline, objective=family.objective, cp_split=family.parallel.context_parallel_split,
                    hooks=tuple(hooks))

@@ -6,8 +6,11 @@ layouts and writes, per layout, the losses, grad norms, gathered gradients and f
 
 A layout is a dict of megalatent flags (e.g. {"tensor-model-parallel-size": 2, "sequence-parallel": true}),
 optionally with "steps": the optimizer steps to run (default STEPS). With "save" (the --save flag) the run
-writes a checkpoint after its steps; with "load" the model starts from that checkpoint's weights.
+writes a checkpoint after its steps; with "load" the model starts from that checkpoint's weights; with
+"record-collectives": true the result holds the last step's collectives (kind, ranks, bytes, issued by FSDP), as
+the planner's recorder sees them.
 """
+import contextlib
 import json
 import sys
 
@@ -19,6 +22,7 @@ from megalatent.distributed import checkpoint as ckpt
 from megalatent.distributed.env import discover, exit_process, init_process_group
 from megalatent.distributed.layout import ParallelLayout
 from megalatent.families import FAMILIES, parse_args, validate
+from megalatent.planning.collectives import CollectiveRecorder
 from megalatent.pretrain import build_model_parts, make_trainer
 from megalatent.training.moe_stats import MoEStepStats
 
@@ -71,6 +75,7 @@ def clean(name: str) -> str:
 def run_layout(layout_flags: dict, env, device) -> dict:
     layout_flags = dict(layout_flags)
     steps = layout_flags.pop("steps", STEPS)
+    record = layout_flags.pop("record-collectives", False)  # the last step's collectives, as the planner sees them
     cfg = parse_args(MODEL + flags(layout_flags))
     validate(cfg, world_size=env.world_size)
     layout = ParallelLayout.from_config(cfg, env.world_size, env.rank)
@@ -89,8 +94,12 @@ def run_layout(layout_flags: dict, env, device) -> dict:
     if cfg.checkpoint.load is not None:  # e.g. an imported checkpoint: its weights at this layout
         trainer.resume(ckpt.find_loadable(cfg.checkpoint.load))
     result = {"loss": [], "grad_norm": [], "moe": []}
-    for _ in range(steps):
-        loss, norm = trainer.train_step(loader.next_global_batch())
+    for step in range(steps):
+        recorder = CollectiveRecorder() if record and step == steps - 1 else contextlib.nullcontext()
+        with recorder:
+            loss, norm = trainer.train_step(loader.next_global_batch())
+        if record and step == steps - 1:
+            result["collectives"] = [(t.kind, t.ranks, t.bytes, t.fsdp) for t in recorder.transfers]
         trainer.iteration += 1
         result["loss"].append(loss)
         result["grad_norm"].append(norm)
@@ -104,6 +113,10 @@ def run_layout(layout_flags: dict, env, device) -> dict:
                                            for _, p in named})
     # The classes of its modules (e.g. which layers are FP8: torchao's Float8Linear, fp8.Float8GroupedMM).
     result["module_types"] = sorted({type(m).__name__ for part in parts for m in part.modules()})
+    # The FP8 scales precomputed for FSDP2's FP8 all-gathers (--fp8-param-gather), by weight.
+    result["precomputed_scales"] = {n: p._local_tensor._precomputed_scale.clone() for n, p in named
+                                    if getattr(getattr(p, "_local_tensor", None), "_precomputed_scale", None)
+                                    is not None}
     local = {"grads": {n: full(p.grad).detach().clone() for n, p in named},
              "weights": {n: full(p).detach().clone() for n, p in named}}
     gathered = [None] * dist.get_world_size() if dist.is_initialized() else [local]

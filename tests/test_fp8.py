@@ -1,15 +1,18 @@
 """FP8 training (megalatent/distributed/fp8.py, torchao's float8 linears), on CPU where torch._scaled_mm runs:
 
 - a converted linear equals its quantise -> dequantise -> matmul emulation, forward and both gradients, for
-  each recipe and format (the emulation is written here from the recipes' definitions, not torchao's code);
+  each recipe and format (the emulation is written here from the recipes' definitions, not torchao's code); the
+  context-parallel FP8 linear (scales over the cp ranks) over one rank is torchao's, bias gradient included;
 - MoE experts in FP8 (each expert's block through the same casts, with its own scales) equal the same emulation,
   and the GPU's grouped-GEMM path pads and lays out the groups so that it computes what the per-expert path does;
 - a tiny model (one MoE layer, one dense) trained 50 steps in FP8 stays within 2% of the full-precision loss
   (fp32: the CPU's training precision, as bf16 is a GPU's);
-- TP2 + SP, DP2 with FP8 weight all-gathers and PP2 under FP8 equal one process under FP8; CP2 is within FP8's own
-  noise of it (each rank scales its part of the sequence); EP2 with FP8 experts (checked to be FP8 by type) equals
-  it under rowwise but for the experts' weight gradients (a few % of FP8's own error: an expert's block holds both
-  ranks' tokens), and is within FP8's noise of it under tensorwise;
+- TP2 + SP (torchao's float8 styles: the all-gathers checked to move FP8), DP2 with FP8 weight all-gathers (their
+  scales checked to be precomputed after each optimizer step) and PP2 under FP8 equal one process under FP8; so
+  does CP2 under tensorwise (scales over the cp ranks), and under rowwise but for the FP8 layers' weight gradients
+  (a few % of FP8's own error: their column scales span this rank's tokens); EP2 with FP8 experts (checked to be
+  FP8 by type) equals it under rowwise but for the experts' weight gradients (likewise: an expert's block holds
+  both ranks' tokens), and is within FP8's noise of it under tensorwise;
 - checkpoints: an FP8 run's (FSDP2 with FP8 all-gathers; EP2 with FP8 experts) loads into a full-precision
   model with the same parameter names, and a full-precision run's (MH-MoE) loads into an FP8 model;
 - bad combinations are refused before anything is built, each with its reason.
@@ -96,6 +99,44 @@ def test_fp8_linear_equals_its_emulation(recipe, fmt):
         error = ((got - want).norm() / want.norm()).item()
         assert error < (1e-6 if DEVICE == "cpu" else 2e-3), \
             f"{recipe} {fmt}: {name} differs from its emulation by {error:.2e} (relative norm)"
+
+
+def test_a_context_parallel_fp8_linear_over_one_rank_is_torchaos(tmp_path):
+    """fp8_context_parallel.ContextParallelFloat8Linear, whose input and output-gradient scales are amaxes
+    all-reduced over a mesh, over a mesh of one rank is torchao's Float8Linear (tensorwise, both formats): the same
+    output and input, weight and bias gradients, bit for bit; the bias's gradient summed from the high-precision
+    output gradient, as Float8Linear's (cast before the bias, it would differ). Its equality with one process over
+    the context-parallel ranks: test_layouts_under_fp8_equal_one_process."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torchao.float8 import convert_to_float8_training
+
+    from megalatent.distributed.fp8_context_parallel import reduce_scales_over
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 64, generator=g) * torch.logspace(-2, 1, 64)
+    grad_out = torch.randn(32, 48, generator=g) * torch.logspace(1, -2, 48)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("cp",))
+        for fmt in ("e4m3", "hybrid"):
+            plain = nn.Sequential(nn.Linear(64, 48))
+            convert_to_float8_training(plain, config=float8_linear_config(FP8Config(fp8_format=fmt)))
+            over = copy.deepcopy(plain)
+            reduce_scales_over([over[0]], mesh)
+            assert type(over[0]).__name__ == "ContextParallelFloat8Linear"
+            results = []
+            for model in (plain, over):
+                xi = x.clone().requires_grad_()
+                out = model(xi)
+                out.backward(grad_out)
+                results.append((out.detach(), xi.grad, model[0].weight.grad, model[0].bias.grad))
+            for name, a, b in zip(["output", "input gradient", "weight gradient", "bias gradient"], *results):
+                torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"{fmt}: {name}")
+    finally:
+        dist.destroy_process_group()
 
 
 # Experts 0..3: the second gets no token, blocks are not multiples of 16, and weights and tokens differ in size
@@ -248,16 +289,49 @@ def assert_tp_equivalent(result, reference, full_precision, label):
 
 
 def assert_within_fp8_noise(result, reference, full_precision, label):
-    """Context parallelism under the tensorwise recipe: each rank casts its own part of the sequence with the
-    scale of that part's amax (torchao's Float8Linear reduces no amax across ranks, as in torchtitan), so every
-    activation and output-gradient cast differs a little from the one process's, all through the model: the
-    gradients differ from one-process FP8 about as much as FP8 differs from full precision (measured: 0.7 to
-    1.3 times, every parameter), while a CP bug (positions, the ring, the causal split) costs O(1)."""
+    """Each rank quantising a different set of tokens than one process (expert parallelism under tensorwise: see
+    assert_ep_equivalent) changes every cast a little, all through the model: the gradients differ from one-process
+    FP8 by up to about as much as FP8 differs from full precision, while a layout bug costs O(1)."""
     assert result["loss"] == pytest.approx(reference["loss"], rel=1e-4), label
     for name, g in reference["grads"].items():
         error = ((result["grads"][name] - g).norm() / g.norm()).item()
         fp8_error = ((full_precision["grads"][name] - g).norm() / g.norm()).item()
         assert error < 2 * fp8_error, f"{label}: grad {name} differs by {error:.2e} (FP8's own: {fp8_error:.2e})"
+
+
+def assert_cp_equivalent(result, reference, label):
+    """Context parallelism under the tensorwise recipe: every FP8 linear layer is a ContextParallelFloat8Linear,
+    whose input and output-gradient scales come from amaxes all-reduced over the cp ranks (fp8_context_parallel.py),
+    so every cast is one process's and CP2 equals one process under FP8 as any layout does without FP8 (measured:
+    loss equal, gradients within 2e-7 of their norm; with each rank's own amax, as torchao alone casts, they
+    differed by 0.6-1.3 times FP8's own error, up to 0.12 of the gradient's norm: this fails then)."""
+    assert {"ContextParallelFloat8Linear"} <= set(result["module_types"]), label
+    assert "Float8Linear" not in result["module_types"], label  # every FP8 linear layer scales over cp
+    assert_equivalent(result, reference, label)
+
+
+def fp8_weights(grads) -> set[str]:
+    """The weights of the FP8 layers (linear projections, experts) of the test models: not norms, embeddings,
+    biases or routers."""
+    return {name for name in grads if name.endswith("_proj.weight") or ".experts." in name}
+
+
+def assert_rowwise_cp_equivalent(result, reference, full_precision, label):
+    """Context parallelism under the rowwise recipe (MH-MoE layers: FP8 experts too). Rowwise scales are per token
+    row in the output and input-gradient products, so the loss and every activation's gradient, and with them every
+    gradient but the FP8 layers' weight gradients, are one process's; a weight gradient's operands are scaled per
+    column over the tokens it sums, which are this rank's (torchao computes those scales in its matmul's backward,
+    without a hook to reduce them; an expert's block holds this rank's tokens): those differ by a few percent of
+    FP8's own error (measured 0.8-4%: 2.3e-3 of the gradient's norm)."""
+    assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5), label
+    weights = fp8_weights(reference["grads"])
+    for name, g in reference["grads"].items():
+        if name not in weights:
+            torch.testing.assert_close(result["grads"][name], g, rtol=1e-4, atol=1e-6, msg=f"{label}: {name}")
+            continue
+        error = ((result["grads"][name] - g).norm() / g.norm()).item()
+        fp8_error = ((full_precision["grads"][name] - g).norm() / g.norm()).item()
+        assert error < 0.1 * fp8_error, f"{label}: grad {name} differs by {error:.2e} (FP8's own: {fp8_error:.2e})"
 
 
 MOE = {"num-experts": 4, "moe-num-heads": 2}  # MH-MoE layers: FP8 head/merge projections and experts
@@ -286,29 +360,35 @@ def assert_ep_equivalent(result, reference, full_precision, label):
 
 
 def test_layouts_under_fp8_equal_one_process(tmp_path):
-    """TP2+SP, DP2 with FP8 all-gathers, PP2 and EP2 (MH-MoE layers, FP8 experts) against one process under FP8;
-    CP2 within FP8's noise of it (assert_within_fp8_noise); EP2 as assert_ep_equivalent says. Tensorwise scales
-    are amaxes over the whole tensor, which torchao takes over every shard (DTensors, FSDP's all-gather), so each
-    layout quantises as one process does. Data and pipeline parallelism change no sum: equal after two steps (the
-    second on updated weights, all-gathered in FP8) as any layout is. Tensor parallelism: see
-    assert_tp_equivalent."""
+    """TP2+SP (torchao's float8 styles: FP8 all-gathers), DP2 with FP8 all-gathers (scales precomputed after each
+    optimizer step), PP2, CP2 (tensorwise: scales over the cp ranks; and rowwise) and EP2 (MH-MoE layers, FP8
+    experts) against one process under FP8. Tensorwise scales are amaxes over the whole tensor, which torchao
+    takes over every shard (DTensors, FSDP's all-gather) and ContextParallelFloat8Linear over the cp ranks, so
+    each layout quantises as one process does. Data and pipeline parallelism change no sum: equal after two steps
+    (the second on updated weights, all-gathered in FP8) as any layout is. Tensor parallelism: see
+    assert_tp_equivalent; context parallelism: assert_cp_equivalent, assert_rowwise_cp_equivalent; expert
+    parallelism: assert_ep_equivalent."""
     tp = {**FP8, "steps": 1}
     tied, untied, tied_one_step, full_one_step, rowwise_moe, tensorwise_moe, full_moe = run_worker(
         tmp_path, 1, [FP8, {**FP8, **UNTIED}, tp, {"steps": 1}, ROWWISE_MOE, TENSORWISE_MOE, {**MOE, "steps": 1}],
         "fp8-ref")
     saved, saved_moe = str(tmp_path / "fp8-dp2"), str(tmp_path / "fp8-ep2")
-    layouts = [{**tp, "tensor-model-parallel-size": 2, "sequence-parallel": True},
-               {**FP8, "fp8-param-gather": True, "save": saved},
+    layouts = [{**tp, "tensor-model-parallel-size": 2, "sequence-parallel": True, "record-collectives": True},
+               {**FP8, "fp8-param-gather": True, "save": saved, "record-collectives": True},
                {**FP8, **UNTIED, "pipeline-model-parallel-size": 2},
                {**tp, "context-parallel-size": 2},
+               {**ROWWISE_MOE, "context-parallel-size": 2},
                {**ROWWISE_MOE, "expert-model-parallel-size": 2, "save": saved_moe},
                {**TENSORWISE_MOE, "expert-model-parallel-size": 2}]
-    tp_result, dp_result, pp_result, cp_result, ep_rowwise, ep_tensorwise = run_worker(tmp_path, 2, layouts, "fp8-two")
+    tp_result, dp_result, pp_result, cp_result, cp_rowwise, ep_rowwise, ep_tensorwise = run_worker(
+        tmp_path, 2, layouts, "fp8-two")
     assert_tp_equivalent(tp_result, tied_one_step, full_one_step, "TP2+SP")
-    assert_within_fp8_noise(cp_result, tied_one_step, full_one_step, "CP2")
+    _tp_all_gathers_are_fp8(tp_result)
+    assert_cp_equivalent(cp_result, tied_one_step, "CP2")
+    assert_rowwise_cp_equivalent(cp_rowwise, rowwise_moe, full_moe, "CP2 (MH-MoE), rowwise")
     # The experts are FP8 (Float8GroupedMM) in every FP8 MoE run here, and in the rowwise EP2 run's expert gradients
     # FP8's own error is ~70x what the layout changes.
-    for result in (rowwise_moe, tensorwise_moe, ep_rowwise, ep_tensorwise):
+    for result in (rowwise_moe, tensorwise_moe, cp_rowwise, ep_rowwise, ep_tensorwise):
         assert {"Float8GroupedMM", "Float8Linear"} <= set(result["module_types"])
     assert "Float8GroupedMM" not in full_moe["module_types"]
     for name in assert_ep_equivalent(ep_rowwise, rowwise_moe, None, "EP2 (MH-MoE), rowwise"):
@@ -318,10 +398,36 @@ def test_layouts_under_fp8_equal_one_process(tmp_path):
     assert_ep_equivalent(ep_tensorwise, tensorwise_moe, full_moe, "EP2 (MH-MoE), tensorwise")
     assert_equivalent(dp_result, tied, "DP2 with FP8 all-gathers")
     assert "WeightWithDynamicFloat8CastTensor" in dp_result["local_tensor_types"]  # (FSDP2 gathers these in FP8)
+    _fsdp_scales_were_precomputed(dp_result)
     assert_equivalent(pp_result, untied, "PP2")
     _fp8_checkpoint_loads_without_fp8(ckpt.iteration_dir(saved, 2), dp_result["weights"])
     _fp8_checkpoint_loads_without_fp8(ckpt.iteration_dir(saved_moe, 1), ep_rowwise["weights"],
                                       ["--num-experts", "4", "--moe-num-heads", "2"])
+
+
+def _tp_all_gathers_are_fp8(result):
+    """TP2+SP with torchao's float8 styles (tensor_parallel.float8_styles) all-gathers in FP8. A step's all-gathers
+    (4 micro-batches of [2, 16, 64] activations): those of the attention and MLP blocks' inputs (forward) and of the
+    row-parallel layers' output gradients (backward), 4 per layer and micro-batch, move one byte per value, cast
+    before the gather; the head's input and the embedding's output gradient (not FP8 layers) four, fp32's. Without
+    the styles (the layers cast after the all-gathers) every one moves four: measured 589,824 bytes a step, with
+    them 196,608 (the planner's recorder, which counts an FP8 tensor's all-gather as its 1-byte data)."""
+    values = 2 * 16 * 64  # [micro-batch, sequence, hidden]
+    all_gathers = [nbytes for kind, _, nbytes, _ in result["collectives"] if kind == "all_gather"]
+    assert sorted(all_gathers) == [values] * (4 * 4 * 4) + [4 * values] * (2 * 4), all_gathers
+
+
+def _fsdp_scales_were_precomputed(result):
+    """DP2 with --fp8-param-gather: after each optimizer step the PrecomputeFloat8Scales hook set every FP8-gathered
+    weight's scale (torchao's precompute_float8_dynamic_scale_for_fsdp), equal to the amax-derived scale of the
+    whole updated weight (the one the all-gather would compute), and the last step's FP8 all-gathers used them: FSDP
+    issued no amax all-reduce (the first step, before any update, issues one per weight and all-gather)."""
+    scales = result["precomputed_scales"]
+    assert set(scales) == fp8_weights(result["weights"]) and len(scales) == 28
+    for name, scale in scales.items():
+        amax = result["weights"][name].abs().max().double()
+        assert scale == (torch.finfo(E4M3).max / amax).float(), name
+    assert not [c for c in result["collectives"] if c[0] == "all_reduce" and c[3]]  # (FSDP's, fsdp=True)
 
 
 def _fp8_checkpoint_loads_without_fp8(path, weights, flags=()):

@@ -29,7 +29,11 @@ Float8GroupedMM); everywhere else (CPU, --fp8-emulate, tensorwise or hybrid on C
 torchao's Float8Linear matmul on each block. One consequence: under expert parallelism an expert's block holds
 the tokens of every rank that routed to it, not one micro-batch's as in one process, so tensorwise scales (and
 rowwise weight-gradient column scales) span more tokens: EP changes FP8's rounding within its own noise
-(tests/test_fp8.py measures it), as context parallelism does.
+(tests/test_fp8.py measures it). Under context parallelism (without EP) an expert's block holds this rank's part
+of the sequence, and its scales are over that part: the blocks' sizes are data (an expert may get no token on
+one rank, so no cast there to join an all-reduce), the grouped GEMM path casts inside torchao's kernel, and
+under EP (carved out of dp x cp) a block already mixes ranks' tokens, so no group of ranks would reproduce one
+process's blocks; the experts' FP8 rounding under CP is within FP8's noise, as under EP.
 
 What is converted: the plain `nn.Linear` layers of the transformer blocks — `model.layers` and the modules
 the family's pipeline plan keeps with a layer (e.g. a key/value projection shared by later layers) — whose two
@@ -51,10 +55,36 @@ The order in the parallel pipeline (parallelize.py): converted first, before ten
 plans then shard Float8Linear weights like any linear's; torchao computes tensorwise amaxes of DTensors over
 all shards, so every rank uses the single-process scales), as torchtitan does; expert parallelism then shards
 the experts, which keep their Float8GroupedMM.
+
+With the other parallelisms (each tested against one process under FP8, tests/test_fp8.py):
+  - tensor (+ sequence) parallelism, tensorwise: the plans take torchao's float8 styles (Float8ColwiseParallel,
+    Float8RowwiseParallel, PrepareFloat8ModuleInput; tensor_parallel.float8_styles, as torchtitan), which cast
+    before the all-gathers: sequence parallelism's all-gathers of the attention and MLP inputs and of the
+    row-parallel layers' output gradients move FP8 (`gathers_in_fp8` says which layers; a block with a linear
+    layer kept in high precision, e.g. gated retention's per-head gates, gathers its input in high precision).
+    gloo has no float8 collectives: on CPU the FP8 values are all-gathered as bytes
+    (`float8_all_gathers_as_bytes`). Rowwise: the plain styles (a row's scale needs the whole row);
+  - context parallelism, tensorwise: the linear layers become ContextParallelFloat8Linear
+    (fp8_context_parallel.py), whose input and output-gradient amaxes are all-reduced (MAX) over the cp (x tp)
+    ranks, as Megatron/Transformer Engine reduce them over the context-parallel group, so every cast is one
+    process's. They take the plain tensor-parallel styles (the float8 styles' casts would be over the tp shards
+    alone): under CP x TP+SP the sequence-parallel all-gathers stay in high precision. Not over the
+    data-parallel ranks: their micro-batches are other micro-batches, each cast on its own in one process too.
+    Rowwise: the output and input-gradient products' scales are per token row and unchanged by CP; the
+    weight-gradient product's operands are scaled per column over the tokens it sums, which are this rank's
+    (torchao computes those scales inside its matmul's backward, with no reduction hook; reducing them would mean
+    copying that backward), so the FP8 layers' weight gradients differ from one process's by a few percent of
+    FP8's own error, and every other gradient and the loss are one process's. MoE experts: see above;
+  - FSDP2 with --fp8-param-gather: the weights' shards are cast and all-gathered in FP8; after each optimizer
+    step PrecomputeFloat8Scales (a step hook) computes every such weight's scale at once (torchao's
+    precompute_float8_dynamic_scale_for_fsdp, one all-reduce), which the next all-gathers use instead of an
+    all-reduce of each weight's amax. (torchao 0.18's Float8LinearConfig has no flag for it: its FP8 weight uses a
+    precomputed scale whenever one is set.)
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable
 
 import torch
@@ -227,9 +257,12 @@ def select_modules(model: nn.Module, trunk_modules: list[str], cfg: FP8Config, t
     return selected, kept
 
 
-def convert_to_fp8(model: nn.Module, cfg: FP8Config, trunk_modules: list[str], tp: int) -> list[str]:
+def convert_to_fp8(model: nn.Module, cfg: FP8Config, trunk_modules: list[str], tp: int,
+                   sequence_mesh=None) -> list[str]:
     """Swap the selected linear layers for torchao Float8Linear and give the selected experts a Float8GroupedMM
-    (in place); returns their names."""
+    (in place); returns their names. `sequence_mesh` (under context parallelism: ParallelLayout.sequence_mesh):
+    tensorwise linear layers take their activation and output-gradient scales over it
+    (fp8_context_parallel.ContextParallelFloat8Linear)."""
     from torchao.float8 import convert_to_float8_training
 
     selected, kept = select_modules(model, trunk_modules, cfg, tp)
@@ -237,14 +270,117 @@ def convert_to_fp8(model: nn.Module, cfg: FP8Config, trunk_modules: list[str], t
     experts = [name for name in selected if isinstance(model.get_submodule(name), Experts)]
     linears = set(selected) - set(experts)
     convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn in linears)
+    over = ""
+    if sequence_mesh is not None and cfg.fp8_recipe == "tensorwise":
+        from megalatent.distributed.fp8_context_parallel import reduce_scales_over
+        reduce_scales_over([model.get_submodule(name) for name in sorted(linears)], sequence_mesh)
+        over = f"; activation scales over {' x '.join(sequence_mesh.mesh_dim_names[0].split('_'))}"
     for name in experts:
         model.get_submodule(name).matmul = Float8GroupedMM(config)
     if not dist.is_initialized() or dist.get_rank() == 0:
         reasons = sorted(set(kept.values()))
         print(f"[fp8] {len(linears)} linear layers and the experts of {len(experts)} MoE layers in FP8 "
-              f"({cfg.fp8_recipe}, {cfg.fp8_format}); {len(kept)} kept in high precision "
+              f"({cfg.fp8_recipe}, {cfg.fp8_format}{over}); {len(kept)} kept in high precision "
               f"({'; '.join(reasons) or 'none'}) besides embeddings, head and norms", flush=True)
     return selected
+
+
+# ---------------------------------------------------------------------------------------------- tensor parallelism
+
+def gathers_in_fp8(module: nn.Module) -> bool:
+    """Whether torchao's float8 tensor-parallel styles (Float8ColwiseParallel, Float8RowwiseParallel,
+    PrepareFloat8ModuleInput: casts before the all-gathers, tensor_parallel.float8_styles) can cast this layer's
+    input and output gradient: a torchao Float8Linear without bias, with dynamic tensorwise casts of both. Not
+    rowwise (one scale per row needs the whole row, not a shard of the sequence), nor a ContextParallelFloat8Linear
+    (its scales span the context-parallel ranks too, which the styles' casts, over the tensor-parallel shards,
+    would not), nor a layer with a bias (the styles cast the gradient of the layer's output, so the bias's
+    gradient would be summed from FP8 values; one process sums it in high precision)."""
+    # No Float8Linear exists unless torchao's module was imported (by convert_to_fp8): a run without FP8 imports
+    # nothing here.
+    float8_linear = sys.modules.get("torchao.float8.float8_linear")
+    if float8_linear is None or type(module) is not float8_linear.Float8Linear or module.bias is not None:
+        return False
+    from torchao.float8.config import ScalingGranularity, ScalingType
+
+    c = module.config
+    return all(cast.scaling_type is ScalingType.DYNAMIC and cast.scaling_granularity is ScalingGranularity.TENSORWISE
+               for cast in (c.cast_config_input, c.cast_config_grad_output))
+
+
+def float8_all_gathers_as_bytes() -> None:
+    """Let gloo all-gather FP8 tensors. torchao all-gathers an FP8 tensor (float8_ops, what the float8 styles'
+    redistributions call) as its float8 data, which NCCL moves as bytes but gloo refuses ("Invalid scalar type":
+    it has no float8 dtypes). This makes torchao's all-gather of a CPU FP8 tensor move the same bytes as uint8
+    (and wait for them: gloo's collectives are synchronous on CPU anyway); CUDA tensors keep torchao's. Installed
+    in torchao's FP8 op table once per process (the table is torchao's only way to extend its FP8 tensor)."""
+    from torchao.float8.float8_ops import FLOAT8_OPS_TABLE
+    from torchao.float8.float8_training_tensor import Float8TrainingTensor
+
+    op = torch.ops._c10d_functional.all_gather_into_tensor.default
+    original = FLOAT8_OPS_TABLE[op]
+    if getattr(original, "as_bytes", False):
+        return
+
+    def all_gather(aten_op, args, kwargs=None):
+        fp8 = args[0]
+        if fp8._data.device.type != "cpu":
+            return original(aten_op, args, kwargs)
+        data = fp8._data.contiguous()
+        gathered = aten_op(data.view(torch.uint8), *args[1:], **(kwargs or {}))
+        return Float8TrainingTensor(torch.ops._c10d_functional.wait_tensor(gathered).view(data.dtype), fp8._scale,
+                                    fp8._orig_dtype, fp8._linear_mm_config, fp8._gemm_input_role)
+
+    all_gather.as_bytes = True
+    FLOAT8_OPS_TABLE[op] = all_gather
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2
+
+class PrecomputeFloat8Scales:
+    """A step hook (training/hooks.py) of --fp8-param-gather: after each optimizer step, the FP8 scales of every
+    weight FSDP2 all-gathers in FP8, at once: torchao's precompute_float8_dynamic_scale_for_fsdp (what torchtitan
+    calls after its optimizer step), one all-reduce of all their amaxes per mesh, which each weight's FP8
+    all-gather then uses instead of an all-reduce of its own amax. The scale is the one the all-gather would
+    compute (max of the fp8 dtype / amax of the whole weight, as of this step's update); the first step's
+    all-gathers, before any update, compute their own."""
+
+    def __init__(self, groups: list[nn.ModuleList]):
+        self.groups = groups  # the FP8-gathered linear layers, one list per weight mesh (one all-reduce each)
+
+    def start_step(self, micro_batches: int) -> None:
+        pass
+
+    def end_step(self, device: torch.device) -> None:
+        return None
+
+    def after_optimizer_step(self) -> None:
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+        for group in self.groups:
+            precompute_float8_dynamic_scale_for_fsdp(group)
+
+
+def fp8_step_hooks(parts: list[nn.Module], cfg: FP8Config) -> list[PrecomputeFloat8Scales]:
+    """The step hook of a run whose FSDP2 all-gathers linear weights in FP8 (--fp8-param-gather), else none. The
+    layers are grouped by their weights' mesh (torchao stacks the amaxes of one call into one tensor: one mesh), in
+    module order, the same on every rank of a mesh."""
+    if cfg.fp8_format is None or not cfg.fp8_param_gather:
+        return []
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from torchao.float8.float8_linear import Float8Linear
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    by_mesh: dict = {}
+    seen: set[int] = set()
+    for part in parts:
+        for unit in (m for m in part.modules() if isinstance(m, FSDPModule)):  # weights FSDP2 gathers
+            for m in unit.modules():
+                if isinstance(m, Float8Linear) and id(m) not in seen and isinstance(m.weight, DTensor) and \
+                        isinstance(m.weight._local_tensor, WeightWithDynamicFloat8CastTensor):
+                    seen.add(id(m))
+                    by_mesh.setdefault(m.weight.device_mesh, []).append(m)
+    return [PrecomputeFloat8Scales([nn.ModuleList(ms) for ms in by_mesh.values()])] if by_mesh else []
 
 
 def _scaled_mm_runs_on_cpu() -> bool:

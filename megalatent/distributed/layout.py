@@ -34,6 +34,7 @@ class ParallelLayout:
     _fsdp_mesh: Optional[DeviceMesh] = field(default=None, repr=False)
     _token_mesh: Optional[DeviceMesh] = field(default=None, repr=False)
     _expert_fsdp_mesh: Optional[DeviceMesh] = field(default=None, repr=False)
+    _sequence_mesh: Optional[DeviceMesh] = field(default=None, repr=False)
     _subgroups: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -82,6 +83,15 @@ class ParallelLayout:
             dims = tuple(d for d in ("dp", "cp", "tp") if getattr(self, d) > 1) or ("dp",)
             self._token_mesh = self.mesh[dims]._flatten("_".join(dims)) if len(dims) > 1 else self.mesh[dims[0]]
         return self._token_mesh
+
+    def sequence_mesh(self) -> DeviceMesh:
+        """The ranks one micro-batch's sequence is spread over: cp x tp of this (pp, dp) coordinate (context
+        parallelism cuts the sequence; tensor parallelism shards it, or its features, or replicates it). Under
+        context parallelism FP8's activation and output-gradient scales are reduced over them (fp8.py)."""
+        if self._sequence_mesh is None:
+            dims = tuple(d for d in ("cp", "tp") if getattr(self, d) > 1) or ("cp",)
+            self._sequence_mesh = self.mesh[dims]._flatten("_".join(dims)) if len(dims) > 1 else self.mesh[dims[0]]
+        return self._sequence_mesh
 
     def token_group(self):
         """The process group of `token_mesh`; None when one rank holds all the tokens."""

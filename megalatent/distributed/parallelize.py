@@ -71,7 +71,9 @@ def parallelize(model: nn.Module, layout: ParallelLayout, cfg: ParallelConfig, p
                 seq_length: int, param_dtype: torch.dtype | None = None, fp8: FP8Config | None = None,
                 compile_backend: str | None = None) -> nn.Module:
     if fp8 is not None and fp8.fp8_format is not None:  # FP8 linears first: the TP plans shard them (fp8.py)
-        convert_to_fp8(model, fp8, list(plan.pipeline.with_layer(model.cfg)), layout.tp)
+        # Under context parallelism a sequence's tokens are spread over cp x tp: the activation scales too.
+        convert_to_fp8(model, fp8, list(plan.pipeline.with_layer(model.cfg)), layout.tp,
+                       layout.sequence_mesh() if layout.cp > 1 else None)
     if layout.tp > 1:
         plan.tensor_parallel(model, layout.mesh["tp"], cfg.sequence_parallel)
     if layout.cp > 1:

@@ -15,6 +15,9 @@ row-parallel ones, and their scales reduce over the whole tensors (see megalaten
 
 A family whose modules differ from the trunk's passes its own plan entries (`extra_plan`, which also
 overrides entries) from its parallel plan (megalatent/families/).
+
+FP8 layers with tensorwise scales take torchao's float8 styles in any plan (`float8_styles`): the activations
+all-gathered by sequence parallelism are cast to FP8 first.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from torch.distributed.tensor import Placement, Replicate, Shard, distribute_ten
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
+from megalatent.distributed.fp8 import float8_all_gathers_as_bytes, gathers_in_fp8
 from megalatent.nn.bitlinear import BitLinear
 from megalatent.nn.moe import MoELayer
 
@@ -124,10 +128,56 @@ def _has_module(model: nn.Module, name: str) -> bool:
         return False
 
 
+def float8_styles(model: nn.Module, plan: dict, tp_mesh: DeviceMesh) -> dict:
+    """The plan with torchao's float8 styles (torchao.float8.float8_tensor_parallel, as torchtitan's float8 TP
+    path) in place of the plain ones where the layers are FP8 with tensorwise scales (fp8.gathers_in_fp8):
+    activations are cast to FP8 before the all-gathers instead of after them, so sequence parallelism's
+    all-gathers, forward (the inputs of the attention and MLP blocks) and backward (the row-parallel layers'
+    output gradients), move 1-byte values:
+      - ColwiseParallel -> Float8ColwiseParallel and RowwiseParallel -> Float8RowwiseParallel on such a layer:
+        the input cast (and any redistribution of it) in the input hook, the output gradient's cast before its
+        redistribution in backward;
+      - PrepareModuleInput -> PrepareFloat8ModuleInput on a block (attention, MLP) whose input it gathers
+        (a layout that changes) and whose linear layers all are such layers: the input cast once, gathered in
+        FP8 and handed to all of them (torchao's module-input style passes every gathered input to the block as
+        an FP8 tensor, which only FP8 linear layers take: a block with another linear layer, e.g. gated
+        retention's per-head gate kept in high precision, keeps the plain style and gathers in high precision).
+    The casts are the ones the layers would make (tensorwise, torchao takes a DTensor's amax over all its
+    shards), so results do not change. Other entries, and every entry of a model without such layers, stay.
+    An entry must declare the layout its input arrives in (`input_layouts`): an input arriving in another layout
+    is redistributed by DTensor inside torchao's matmul, after the cast, and an FP8 sequence shard cannot be
+    gathered there. (On CPU, gloo moves the FP8 values as bytes: fp8.float8_all_gathers_as_bytes.)"""
+    if not any(gathers_in_fp8(m) for m in model.modules()):
+        return plan
+    if tp_mesh.device_type == "cpu":
+        float8_all_gathers_as_bytes()
+    from torchao.float8.float8_tensor_parallel import (Float8ColwiseParallel, Float8RowwiseParallel,
+                                                       PrepareFloat8ModuleInput)
+
+    styled = {}
+    for path, style in plan.items():
+        module = model.get_submodule(path) if _has_module(model, path) else None
+        if type(style) in (ColwiseParallel, RowwiseParallel) and gathers_in_fp8(module):
+            float8 = Float8ColwiseParallel if type(style) is ColwiseParallel else Float8RowwiseParallel
+            style = float8(input_layouts=style.input_layouts[0], output_layouts=style.output_layouts[0],
+                           use_local_output=style.use_local_output)
+        elif type(style) is PrepareModuleInput and module is not None and not style.with_kwargs \
+                and style.input_layouts is not None and style.input_layouts != style.desired_input_layouts:
+            linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+            if linears and all(gathers_in_fp8(m) for m in linears):
+                style = PrepareFloat8ModuleInput(input_layouts=style.input_layouts,
+                                                 desired_input_layouts=style.desired_input_layouts,
+                                                 use_local_output=style.use_local_output)
+        styled[path] = style
+    return styled
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool,
                           extra_plan: dict | None = None) -> None:
-    """The trunk's plan, with a family's entries added (or overriding), applied to `model`."""
-    parallelize_module(model, tp_mesh, {**decoder_plan(model, sequence_parallel), **(extra_plan or {})})
+    """The trunk's plan, with a family's entries added (or overriding), applied to `model`; FP8 layers take
+    torchao's float8 styles (`float8_styles`)."""
+    plan = {**decoder_plan(model, sequence_parallel), **(extra_plan or {})}
+    parallelize_module(model, tp_mesh, float8_styles(model, plan, tp_mesh))
     head = getattr(model, "output", None)
     if head is not None and head.weight is not None:  # untied head: shard its rows (the vocabulary) like the embedding's
         head.weight = nn.Parameter(distribute_tensor(head.weight.data, tp_mesh, [Shard(0)]))

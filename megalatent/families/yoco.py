@@ -40,8 +40,10 @@ def tensor_parallel(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool)
             plan[p] = PrepareModuleInput(input_layouts=(stream, None, None, None),
                                          desired_input_layouts=(Replicate(), None, None, None), use_local_output=True)
     if model.shared_kv is not None:
-        # Under sequence parallelism the norm's output is sequence-sharded; the projections gather it.
-        plan.update({"shared_kv.k_proj": ColwiseParallel(), "shared_kv.v_proj": ColwiseParallel()})
+        # Under sequence parallelism the norm's output is sequence-sharded; the projections gather it (declared,
+        # so that the style gathers it before the matmul: an FP8 input cannot be gathered inside it).
+        plan.update({"shared_kv.k_proj": ColwiseParallel(input_layouts=stream),
+                     "shared_kv.v_proj": ColwiseParallel(input_layouts=stream)})
         if sequence_parallel:
             plan["shared_kv.norm"] = SequenceParallel()
     apply_tensor_parallel(model, mesh, sequence_parallel, plan)

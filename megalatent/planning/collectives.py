@@ -3,7 +3,8 @@
 `CollectiveRecorder` is a TorchDispatchMode over the c10d operators (torch.distributed's all_reduce,
 all_gather_into_tensor, reduce_scatter_tensor, all_to_all_single, send/recv, ...) and the functional ones
 that DTensor issues (_c10d_functional). It sees a DTensor's collectives after DTensor has desugared them
-into operations on local tensors, so what it records is what the rank sends. The same recorder runs around
+into operations on local tensors (and those of other wrapper subclasses, e.g. torchao's FP8 tensors, after they
+have: their 1-byte data), so what it records is what the rank sends. The same recorder runs around
 a real (gloo) step in the tests, which is how the planner's numbers are checked against real collectives.
 
 The bytes of a call (`Transfer.bytes`) are its payload as the collective's API states it: all-reduce,
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import ProcessGroup, _resolve_process_group
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass_type
 
 c10d, functional, functional_autograd = torch.ops.c10d, torch.ops._c10d_functional, torch.ops._c10d_functional_autograd
 
@@ -86,8 +87,11 @@ class CollectiveRecorder(TorchDispatchMode):
         self.transfers: list[Transfer] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(t is DTensor or issubclass(t, DTensor) for t in types):
-            return NotImplemented  # let DTensor desugar into local collectives, which come back here
+        if any(issubclass(t, DTensor) or is_traceable_wrapper_subclass_type(t) for t in types):
+            # Let a tensor subclass that holds tensors desugar into collectives of those, which come back here:
+            # DTensor's of its local shards, torchao's FP8 tensors' of their 1-byte data (a Float8TrainingTensor
+            # presents its high-precision dtype).
+            return NotImplemented
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         spec = _OPS.get(func)

@@ -104,7 +104,8 @@ def group_labels(layout: ParallelLayout) -> dict[str, str]:
     meshes = [layout.mesh[d] for d in ("pp", "dp", "cp", "tp")]
     if layout.expert_mesh is not None:
         meshes += [layout.expert_mesh[d] for d in ("edp", "ep")]
-    meshes += [m for m in (layout._fsdp_mesh, layout._token_mesh, layout._expert_fsdp_mesh) if m is not None]
+    meshes += [m for m in (layout._fsdp_mesh, layout._token_mesh, layout._expert_fsdp_mesh, layout._sequence_mesh)
+               if m is not None]
     labels: dict[str, str] = {}
     for m in meshes:  # a group of several meshes (dp x cp flattened with dp = 1 is cp's) keeps its first name
         labels.setdefault(m.get_group().group_name, m.mesh_dim_names[0].replace("_", "×"))
