@@ -83,9 +83,13 @@ def test_flops_per_token_is_what_the_model_computes(kind):
     if kind == "gret":
         # Chunkwise retention: within each chunk of 8 tokens, scores and values over all 8 x 8 pairs (causal
         # inside the chunk: the convention counts half, as for attention), and two state products per token
-        # and head, q S and k^T v (2 * d * d each: not masked, counted whole by both).
+        # and head, q S and k^T v (2 * d * d each: not masked, counted whole by both). The states at the chunks'
+        # ends come from one product per head of the [chunks x chunks] decay matrix with the chunks' [d x d]
+        # contributions: the implementation's, outside the convention (like the recurrent form's d x d updates).
         intra, state = 2 * b * s * chunk * 2 * 2 * h, 2 * b * s * 2 * (2 * h * d)
-        assert self_core == intra + state
+        chunks = -(-s // chunk)
+        scan = 2 * (2 * b * (h // d) * chunks * chunks * d * d)
+        assert self_core == intra + state + scan
         self_convention = intra / 2 + state
     else:
         # The sliding window runs in blocks of `window` queries against their own block and the one before
