@@ -19,11 +19,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils._runtime_estimation import _IGNORE_OPS
 from torch.utils.flop_counter import flop_registry
 
 from megalatent.planning.collectives import _OPS as COLLECTIVES
+from megalatent.planning.world import tensors_in
 
 aten = torch.ops.aten
 # Fake tensors live on the CPU, where SDPA picks its CPU flash-attention kernel; it stands for the GPU's flash
@@ -96,8 +96,7 @@ class OperatorCost(TorchDispatchMode):
         packet = func._overloadpacket
         if packet in _IGNORE_OPS or packet in _NO_TRAFFIC or func in COLLECTIVES or func.is_view:
             return out
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs, inputs = tensors_in(out), tensors_in(args, kwargs)
         if not outputs or not any(isinstance(t, FakeTensor) for t in outputs + inputs):
             return out  # metadata queries; real tensors are the host's bookkeeping
         flops = operator_flops(func, args, kwargs, out)

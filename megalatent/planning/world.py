@@ -41,7 +41,6 @@ from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 from torch.nn.attention.bias import CausalBias
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_flatten
 
 from megalatent.nn import moe
 
@@ -83,17 +82,32 @@ class ValueModel(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        fake = [t for t in tensors if isinstance(t, FakeTensor)]
-        # Meta tensors (a model before it is allocated) are shapes, like fake ones: FakeTensorMode takes them.
-        if tensors and not fake and not any(t.is_meta for t in tensors):
-            if func in _SYMMETRIC_COLLECTIVES and _is_fake_group(func, args):
-                return _symmetric_collective(func, args, kwargs)
-            with _disable_current_modes():  # real in, real out: bookkeeping the program computes
-                return func(*args, **kwargs)
+        if FakeTensor not in types:  # (the dispatcher lists the type of every tensor argument: none is fake)
+            tensors = tensors_in(args, kwargs)
+            # Meta tensors (a model before it is allocated) are shapes, like fake ones: FakeTensorMode takes them.
+            if tensors and not any(isinstance(t, FakeTensor) or t.is_meta for t in tensors):
+                if func in _SYMMETRIC_COLLECTIVES and _is_fake_group(func, args):
+                    return _symmetric_collective(func, args, kwargs)
+                with _disable_current_modes():  # real in, real out: bookkeeping the program computes
+                    return func(*args, **kwargs)
         if func is aten._local_scalar_dense.default and self._placeholders:
             return False if args[0].dtype is torch.bool else 0
         return func(*args, **kwargs)
+
+
+def tensors_in(*trees) -> list[torch.Tensor]:
+    """The tensors of an operator's arguments or result (tensors in tuples, lists and dicts, in no particular
+    order): pytree's flatten without its generality, which cost more than many of the operators it served."""
+    found, pending = [], list(trees)
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+    return found
 
 
 def _group(func, args) -> ProcessGroup:
@@ -130,9 +144,10 @@ def _symmetric_collective(func, args, kwargs):
         return result
 
 
+_DEVICE = torch.ops.prim.device.default
 # Queries of a tensor's metadata: the most frequent operators by far (`.device` of a FakeTensor dispatches),
 # answered by the tensor itself, with no tensor out and nothing for a tracker to see.
-_METADATA = {torch.ops.prim.device.default, aten.size.default, aten.sym_size.int, aten.stride.default,
+_METADATA = {_DEVICE, aten.size.default, aten.sym_size.int, aten.stride.default,
              aten.sym_stride.int, aten.storage_offset.default, aten.sym_storage_offset.default,
              aten.numel.default, aten.sym_numel.default, aten.dim.default, aten.is_contiguous.default,
              aten.is_contiguous.memory_format, aten.is_strides_like_format.default,
@@ -140,9 +155,13 @@ _METADATA = {torch.ops.prim.device.default, aten.size.default, aten.sym_size.int
 
 
 class MetadataFastPath(TorchDispatchMode):
-    """The innermost mode of a simulation: metadata queries skip every other mode (see _METADATA)."""
+    """The innermost mode of a simulation: metadata queries skip every other mode (see _METADATA). A fake
+    tensor's `.device`, most of them (autograd's engine asks it of every tensor it handles), is answered here
+    as FakeTensor answers it, without leaving and re-entering the modes."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _DEVICE and isinstance(args[0], FakeTensor) and not args[0].fake_mode.in_kernel_invocation:
+            return args[0].fake_device
         if func in _METADATA:
             with _disable_current_modes():
                 return func(*args, **(kwargs or {}))
