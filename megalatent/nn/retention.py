@@ -66,7 +66,8 @@ def retention_chunkwise(q, k, v, log_gate, chunk_size: int, initial_state=None):
     total decay, U_c its own contribution): one [chunks x chunks] decay matrix times the U_c, a few operators
     whatever the number of chunks, where a loop over the chunks launched a few per chunk (on a GPU, and in the
     planner's simulation, their count is the cost; the extra FLOPs are chunks * d / (2 B^2) of the intra-chunk
-    ones: 6% at 64 chunks of B = 256 tokens and d = 128). Returns (out, final state)."""
+    ones: 6% at 64 chunks of B = 256 tokens and d = 128). Under bf16 autocast these states are bf16, like every
+matmul's output there (the next use of each, q S, is a bf16 matmul anyway). Returns (out, final state)."""
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     size = min(chunk_size, n)
@@ -105,7 +106,8 @@ def gated_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate:
                     mode: str = "chunkwise", chunk_size: int = 256,
                     initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k [b, h, n, d_k], v [b, h, n, d_v], log_gate [b, h, n] (log gamma <= 0), initial_state
-    [b, h, d_k, d_v] or None. Returns (out [b, h, n, d_v], final state), computed in fp32 (or fp64)."""
+    [b, h, d_k, d_v] or None. Returns (out [b, h, n, d_v], final state), computed in fp32 (or fp64;
+    under autocast its matmuls take autocast's dtype)."""
     dtype = q.dtype
     compute = torch.promote_types(dtype, torch.float32)
     q, k, v, log_gate = (t.to(compute) for t in (q, k, v, log_gate))
