@@ -33,6 +33,7 @@ REQUIRE = os.environ.get("MEGALATENT_REQUIRE_SLURM") == "1"
 FIRST_JOB_TIMEOUT = 300
 JOB_TIMEOUT = 300  # the requeued run queues behind the jobs still waiting
 TINY = ["--log-interval", "1", "--save-interval", "1000"]
+SHORT = ["--lr-warmup-iters", "1"]  # the jobs of a few steps (the tiny configs warm up for 10)
 
 
 ITERATION_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+)\s*\|.*?lm loss: ([0-9.]+E[+-]\d+)")
@@ -161,15 +162,24 @@ SHAPES = {
     # The parallel engine under SLURM: TP=2 inside each node (adjacent ranks), DP=2 across the nodes.
     "tp2dp2": (["--nodes=2", "--ntasks-per-node=2"], "world 4 = pp 1 x dp 2 x cp 1 x tp 2 (slurm)", "2"),
 }
-SHAPE_ITERS = 20
+USR1_ITERS = 20  # the signalled job and its reference, n1x2: long enough to be signalled and resumed mid-run
+SHAPE_ITERS = 4  # the other shapes: a few steps show that the world is the one the shape asks for (CPU is the budget)
 SIGNAL_AFTER = 3  # the USR1 test signals its job once it has logged this iteration
 
 # Every model family's batch script other than pretrain_gpt.sh (tested above), with its default tiny config
 # (the text families on the tests' corpus); whether it trains on text.
 FAMILY_SCRIPTS = {"pretrain_longnet.sh": ([], True), "pretrain_mhmoe.sh": ([], True), "pretrain_latentlm.sh": ([], False),
                   "pretrain_longvit.sh": ([], False), "pretrain_yoco.sh": ([], True),
-                  "pretrain_bitnet.sh": (["--lr-warmup-iters", "2", "--lr-two-stage-boundary-iter", "5"], True)}  # tiny: 30
-FAMILY_ITERS = 10
+                  "pretrain_bitnet.sh": (["--lr-two-stage-boundary-iter", "2"], True)}  # tiny: 30
+FAMILY_ITERS = 4
+
+
+def shape_iters(name: str) -> int:
+    return USR1_ITERS if name == "n1x2" else SHAPE_ITERS
+
+
+def steps(iters: int) -> list[str]:
+    return ["--train-iters", str(iters), *TINY, *(SHORT if iters < USR1_ITERS else [])]
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +192,13 @@ def jobs(cluster_nodes, tmp_path_factory, corpus_cache) -> dict[str, Job]:
     root = tmp_path_factory.mktemp("slurm")
     text_data = ["--data-cache-path", corpus_cache, *CORPUS_FLAGS]
     submitter = Submitter(root)
-    shape = ["--train-iters", str(SHAPE_ITERS), *TINY, *text_data]
-    out = {"signalled": submitter.submit("signalled", [], shape)}
-    out.update({name: submitter.submit(name, sbatch, shape + (["--tensor-model-parallel-size", "2"]
-                                                              if name == "tp2dp2" else []))
+    out = {"signalled": submitter.submit("signalled", [], steps(USR1_ITERS) + text_data)}
+    out.update({name: submitter.submit(name, sbatch, steps(shape_iters(name)) + text_data + (
+                    ["--tensor-model-parallel-size", "2"] if name == "tp2dp2" else []))
                 for name, (sbatch, _, nodes) in SHAPES.items() if int(nodes) <= len(cluster_nodes)})
     one_task = ["--ntasks-per-node=1"]
     out["LATENTLM_DATA=documents"] = submitter.submit(
-        "latentlm-documents", one_task, ["--train-iters", str(FAMILY_ITERS), *TINY],
+        "latentlm-documents", one_task, steps(FAMILY_ITERS),
         script=ROOT / "launch" / "pretrain_latentlm.sh",
         env={"LATENTLM_DATA": "documents", "LATENT_TOKENIZER": root / "vae", "DOCUMENTS": root / "docs"})
     # LatentLM on classes is given a small σ-VAE: its job is submitted held, and released once a thread has
@@ -198,7 +207,7 @@ def jobs(cluster_nodes, tmp_path_factory, corpus_cache) -> dict[str, Job]:
     for name, (extra, text) in FAMILY_SCRIPTS.items():
         given = "latentlm" in name
         out[name] = submitter.submit(name.removesuffix(".sh"), one_task + (["--hold"] if given else []),
-                                     ["--train-iters", str(FAMILY_ITERS), *TINY, *extra, *(text_data if text else [])],
+                                     [*steps(FAMILY_ITERS), *extra, *(text_data if text else [])],
                                      script=ROOT / "launch" / name, env={"LATENT_TOKENIZER": given_vae} if given else None)
 
     def train_given_vae():
@@ -237,15 +246,15 @@ def test_usr1_requeue_resumes_exactly(jobs):
     # The requeued run waits ~15 s (cred_expire=10, sched_interval=5) before it starts again.
     info = wait_done(job, JOB_TIMEOUT)
     ref_info = wait_done(reference, JOB_TIMEOUT)
-    assert_completed(reference, ref_info, SHAPE_ITERS)
-    assert_completed(job, info, SHAPE_ITERS)
+    assert_completed(reference, ref_info, USR1_ITERS)
+    assert_completed(job, info, USR1_ITERS)
 
     text = job.text()
     assert int(info.get("Restarts", "0")) >= 1, f"job {job.id} was not requeued (Restarts={info.get('Restarts')})\n" \
                                                 f"{job.tail()}"
     assert "(restart 1)" in text, f"no second start (SLURM_RESTART_COUNT=1) in the log\n{job.tail()}"
     resumed = [int(k) for k in RESUMED_RE.findall(text)]
-    assert resumed and SIGNAL_AFTER <= resumed[-1] < SHAPE_ITERS, (
+    assert resumed and SIGNAL_AFTER <= resumed[-1] < USR1_ITERS, (
         f"the rerun did not resume from a checkpoint taken after iteration {SIGNAL_AFTER}\n{job.tail()}")
 
     final, ref_final = job.iterations()[-1][2], reference.iterations()[-1][2]
@@ -261,7 +270,7 @@ def test_job_shapes(jobs, two_nodes):
     for name, (_, printed, nodes) in SHAPES.items():
         job = jobs[name]
         info = wait_done(job, FIRST_JOB_TIMEOUT)
-        assert_completed(job, info, SHAPE_ITERS)
+        assert_completed(job, info, shape_iters(name))
         assert printed in job.text(), job.tail()
         assert info.get("NumNodes") == nodes, f"NumNodes={info.get('NumNodes')}\n{job.tail()}"
 
