@@ -67,7 +67,7 @@ def retention_chunkwise(q, k, v, log_gate, chunk_size: int, initial_state=None):
     whatever the number of chunks, where a loop over the chunks launched a few per chunk (on a GPU, and in the
     planner's simulation, their count is the cost; the extra FLOPs are chunks * d / (2 B^2) of the intra-chunk
     ones: 6% at 64 chunks of B = 256 tokens and d = 128). Under bf16 autocast these states are bf16, like every
-matmul's output there (the next use of each, q S, is a bf16 matmul anyway). Returns (out, final state)."""
+    matmul's output there (the next use of each, q S, is a bf16 matmul anyway). Returns (out, final state)."""
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     size = min(chunk_size, n)
