@@ -31,7 +31,13 @@ import time
 
 import torch
 
-PRELOAD = ["megalatent.pretrain"]  # imported once, by the server the processes are forked from
+# Imported once, by the server every test's processes are forked from (one server per pytest process: the first
+# to start it fixes its imports, so every test that forks asks for the same list, through forkserver()): the
+# trainer; the megatron-core dataset modules it imports when it builds its data (megatron/core/__init__.py imports
+# its transformer layers, which import torch's inductor: ~2 CPU-seconds per process, a third of a short training
+# run's); the planner's instruments (tests/planner_worker.py).
+PRELOAD = ["megalatent.pretrain", "megatron.core.datasets.blended_megatron_dataset_builder",
+           "megatron.core.datasets.gpt_dataset", "megalatent.planning.measure"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAILURE_GRACE_S = 5.0  # after a rank fails, how long the others may take to end by themselves
 
@@ -43,11 +49,7 @@ def launch(command: list[str], nproc: int = 1, env: dict | None = None, timeout:
     if nproc > 1:
         full_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc),
                         LOCAL_WORLD_SIZE=str(nproc))
-    context = multiprocessing.get_context("forkserver")
-    # The server imports these by name from its own interpreter's sys.path (Python 3.11's forkserver does not
-    # apply the parent's, and ignores an ImportError): an installed module, not this one from tests/ (which
-    # each process imports, cheaply, when it unpickles its target).
-    context.set_forkserver_preload(PRELOAD)
+    context = forkserver()
     with tempfile.TemporaryDirectory(prefix="megalatent-launch-") as logs:
         outputs = [(os.path.join(logs, f"{rank}.out"), os.path.join(logs, f"{rank}.err")) for rank in range(nproc)]
         processes = []
@@ -62,6 +64,15 @@ def launch(command: list[str], nproc: int = 1, env: dict | None = None, timeout:
     codes = [p.exitcode for p in processes]
     failed = [code for code in codes if code != 0]
     return subprocess.CompletedProcess(command, failed[0] if failed else 0, stdout, stderr)
+
+
+def forkserver() -> multiprocessing.context.ForkServerContext:
+    context = multiprocessing.get_context("forkserver")
+    # The server imports these by name from its own interpreter's sys.path (Python 3.11's forkserver does not
+    # apply the parent's, and ignores an ImportError): installed modules, not a module of tests/ (which each
+    # process imports, cheaply, when it unpickles its target).
+    context.set_forkserver_preload(PRELOAD)
+    return context
 
 
 def _wait(processes: list, timeout: float) -> bool:

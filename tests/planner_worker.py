@@ -1,5 +1,5 @@
-"""Processes for tests/test_planner.py, forked from multiprocessing's forkserver, which imports megalatent
-once: eight ranks start in a second, not after eight interpreters' imports (~5 s of CPU each).
+"""Processes for tests/test_planner.py, forked from the tests' forkserver (tests/launcher.py), which imports
+megalatent once: eight ranks start in a second, not after eight interpreters' imports (~5 s of CPU each).
 
 Ranks: real steps measured by the planner's instruments (planning/measure.py), several layouts of several
 world sizes from one set of processes.
@@ -15,7 +15,6 @@ for commands planned side by side.
 """
 import importlib.util
 import json
-import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 import torch.distributed as dist
 
+from launcher import forkserver
 from megalatent.cli import run_tool
 from megalatent.distributed.env import exit_process
 from megalatent.distributed.layout import ParallelLayout
@@ -61,16 +61,8 @@ def run(out: str, cases: list[dict], rank: int) -> None:
     exit_process(code)  # teardown, flush, os._exit (reference/platform.md)
 
 
-def _forkserver():
-    context = multiprocessing.get_context("forkserver")
-    # By installed names: Python 3.11's forkserver imports them with its own sys.path, without tests/ (and
-    # ignores an ImportError), so this module itself would be imported again by every process.
-    context.set_forkserver_preload(["megalatent.planning.measure", "megalatent.pretrain"])
-    return context
-
-
 def start(out: str, cases: list[dict], world_size: int) -> list:
-    context = _forkserver()
+    context = forkserver()
     processes = [context.Process(target=run, args=(out, cases, rank)) for rank in range(world_size)]
     for p in processes:
         p.start()
@@ -97,4 +89,4 @@ def plan_command(argv: list[str]) -> int:
 
 
 def planners(jobs: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(jobs, mp_context=_forkserver())
+    return ProcessPoolExecutor(jobs, mp_context=forkserver())

@@ -1,8 +1,8 @@
 """The planner (megalatent/planning, tools/plan.py) against real runs, on every example config, and its
 command line.
 
-Honesty: tiny models (a GPT; LongNet at 2 ranks) and a ~100M GPT (GPT-2 small's shape) each run for real at 1,
-2, 4 and 8 ranks (CASES), on 8 gloo ranks started once (tests/planner_worker.py: case by case on its first k
+Honesty: tiny models (a GPT; LongNet at 2 ranks) run for real at 1, 2, 4 and 8 ranks and a ~100M GPT (GPT-2
+small's shape) at 1, 2 and 4 (CASES), on 8 gloo ranks started once (tests/planner_worker.py: case by case on its first k
 ranks, each rank's step measured by the planner's instruments, planning/measure.py) while this process plans the
 same cases the way tools/plan.py does (plan_layout for this CPU: fake tensors and process groups at the case's
 world size, one simulation per rank role, fewer micro-batches and, where layers repeat, fewer layers,
@@ -41,12 +41,13 @@ GPT_100M = ["--config", "examples/gpu/gpt_125m.yaml", "--vocab-size", "32000", "
             "--global-batch-size", "2"]
 
 # (name, ranks, flags). The ~100M 1-rank case comes first: a rank's resident high-water mark is its process's.
-# The ~100M layouts at 2, 4 and 8 ranks are those that cost least here while each exercises something the
-# others do not: ZeRO-3 over the whole model (2), a pipeline with its tied embeddings and tensor parallelism
-# (4), and 4-way tensor parallelism under FSDP (8). Measured (CPU seconds on this machine, all ranks, build
-# and step; the plan's beside it): FSDP2 12 + 2, PP2 x TP2+SP 21 + 14, TP4+SP x FSDP2 31 + 2. The tiny 8-rank
-# layout at ~100M (TP2+SP x PP2 x FSDP2, 2 micro-batches) costs 60 + 13, and FSDP8 52 + 2: a real step of a
-# ~100M model costs little arithmetic but much Python per operator and per rank, and FSDP's gathers.
+# The ~100M layouts at 2 and 4 ranks are those that cost least here while each exercises something the other
+# does not: ZeRO-3 over the whole model (2), and a pipeline with its tied embeddings and tensor parallelism (4).
+# Measured (CPU seconds on this machine, all ranks, build and step; the plan's beside it): FSDP2 12 + 2,
+# PP2 x TP2+SP 21 + 14. At 8 ranks the tiny model runs: tensor parallelism under FSDP is its layout too, and at
+# ~100M it would cost the most of all (TP4+SP x FSDP2 31 + 2; the tiny 8-rank layout 60 + 13, FSDP8 52 + 2): a
+# real step of a ~100M model costs little arithmetic but much Python per operator and per rank, and FSDP's
+# gathers.
 CASES = [
     ("~100M, 1 rank (12 layers: 2 and 3 simulated)", 1, GPT_100M + ["--micro-batch-size", "2"]),
     ("1 rank", 1, TINY),
@@ -63,8 +64,6 @@ CASES = [
     ("~100M, 4 ranks: PP2 (1F1B, tied embeddings; 2 micro-batches) x TP2+SP (2 and 3 layers per stage simulated)",
      4, GPT_100M + ["--micro-batch-size", "1", "--pipeline-model-parallel-size", "2",
                     "--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-    ("~100M, 8 ranks: TP4+SP x FSDP2", 8, GPT_100M + ["--micro-batch-size", "1", "--tensor-model-parallel-size", "4",
-                                                      "--sequence-parallel"]),
 ]
 
 

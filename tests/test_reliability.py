@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import REPO, losses, run_trainer
+from conftest import CORPUS_VOCAB_SIZE, REPO, losses, run_trainer
 from launcher import launch
 from megalatent.distributed import checkpoint as ckpt
 
@@ -250,7 +250,7 @@ def test_a_bad_yaml_file_is_one_line(tmp_path):
 @pytest.fixture
 def corpus(corpus_cache):
     from megalatent.data.stdlib_corpus import prepare_default_corpus
-    return prepare_default_corpus(corpus_cache, 8192)  # (tokenizer model, dataset prefix)
+    return prepare_default_corpus(corpus_cache, CORPUS_VOCAB_SIZE)  # (tokenizer model, dataset prefix): built
 
 
 def test_damaged_datasets_and_tokenizer_are_one_line_each(corpus_cache, corpus, tmp_path):
