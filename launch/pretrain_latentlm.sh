@@ -29,23 +29,35 @@ for _r in "${MEGALATENT_ROOT:-}" "$(dirname "${BASH_SOURCE[0]}")/.." "$(dirname 
     "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=//p')")/.." "${SLURM_SUBMIT_DIR:-.}"; do
     [[ -f $_r/launch/common.sh ]] && break; done
 # The σ-VAE image tokenizer the sequences are made of: LATENT_TOKENIZER (default runs/vae-digits), trained
-# on the embedded digits first if it does not exist yet (about half a minute on a CPU), unless the arguments
-# name one with --latent-tokenizer.
+# on the embedded digits first if it does not exist yet (about half a minute on a CPU; VAE_ARGS, e.g.
+# "--train-iters 2000", are tools/train_vae.py's flags), unless the arguments name one with --latent-tokenizer.
 if [[ " $* " != *" --latent-tokenizer"* ]]; then
     LATENT_TOKENIZER=${LATENT_TOKENIZER:-$_r/runs/vae-digits}
     if [[ ! -f $LATENT_TOKENIZER/config.json ]]; then
         echo "[megalatent] training the σ-VAE tokenizer into $LATENT_TOKENIZER"
-        (cd "$_r" && OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "${PYTHON:-python}" tools/train_vae.py --save "$LATENT_TOKENIZER") || exit 1
+        # shellcheck disable=SC2086  # VAE_ARGS is a list of flags
+        (cd "$_r" && OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "${PYTHON:-python}" tools/train_vae.py \
+            --save "$LATENT_TOKENIZER" ${VAE_ARGS:-}) || exit 1
     fi
     set -- "$@" --latent-tokenizer "$LATENT_TOKENIZER"
     # Documents: DOCUMENTS (default runs/digit-docs) from tools/preprocess_interleaved.py --demo digits, written
-    # first if missing, unless the arguments name the data with --data-path (and then --tokenizer-model).
+    # first if missing, unless the arguments name the data with --data-path (and then --tokenizer-model). Their
+    # captions are tokenized by the default corpus's tokenizer, from the cache the trainer's arguments name
+    # (--data-cache-path, --default-corpus-vocab-size), as the trainer would find it.
     if [[ $LATENTLM_DATA == documents && " $* " != *" --data-path"* ]]; then
         DOCUMENTS=${DOCUMENTS:-$_r/runs/digit-docs}
         if [[ ! -f ${DOCUMENTS}_text_document_latents.json ]]; then
+            _corpus=()
+            _args=("$@")
+            for ((_i = 0; _i < ${#_args[@]}; _i++)); do
+                case ${_args[_i]} in
+                    --data-cache-path=* | --default-corpus-vocab-size=*) _corpus+=("${_args[_i]}") ;;
+                    --data-cache-path | --default-corpus-vocab-size) _corpus+=("${_args[@]:_i:2}") ;;
+                esac
+            done
             echo "[megalatent] writing the captioned digits as interleaved documents into $DOCUMENTS"
             (cd "$_r" && "${PYTHON:-python}" tools/preprocess_interleaved.py --demo digits --no-progress \
-                --latent-tokenizer "$LATENT_TOKENIZER" --output-prefix "$DOCUMENTS") || exit 1
+                --latent-tokenizer "$LATENT_TOKENIZER" --output-prefix "$DOCUMENTS" "${_corpus[@]}") || exit 1
         fi
         _text_model=$("${PYTHON:-python}" -c 'import json, sys; print(json.load(open(sys.argv[1]))["text_tokenizer_model"])' \
             "${DOCUMENTS}_text_document_latents.json") || exit 1

@@ -172,6 +172,9 @@ FAMILY_SCRIPTS = {"pretrain_longnet.sh": ([], True), "pretrain_mhmoe.sh": ([], T
                   "pretrain_longvit.sh": ([], False), "pretrain_yoco.sh": ([], True),
                   "pretrain_bitnet.sh": (["--lr-two-stage-boundary-iter", "2"], True)}  # tiny: 30
 FAMILY_ITERS = 4
+# The σ-VAEs of the LatentLM jobs: seconds to train (the default takes ~16 CPU-s), enough to encode digits.
+SMALL_VAE = ["--train-iters", "100", "--hidden-size", "32", "--num-layers", "1", "--num-attention-heads", "2",
+             "--micro-batch-size", "32"]
 
 
 def shape_iters(name: str) -> int:
@@ -197,10 +200,13 @@ def jobs(cluster_nodes, tmp_path_factory, corpus_cache) -> dict[str, Job]:
                     ["--tensor-model-parallel-size", "2"] if name == "tp2dp2" else []))
                 for name, (sbatch, _, nodes) in SHAPES.items() if int(nodes) <= len(cluster_nodes)})
     one_task = ["--ntasks-per-node=1"]
+    # LatentLM on documents trains its own σ-VAE, small (VAE_ARGS), and captions its documents with the tests'
+    # corpus's tokenizer (the trainer's --data-cache-path, passed on by the script).
     out["LATENTLM_DATA=documents"] = submitter.submit(
-        "latentlm-documents", one_task, steps(FAMILY_ITERS),
+        "latentlm-documents", one_task, steps(FAMILY_ITERS) + text_data,
         script=ROOT / "launch" / "pretrain_latentlm.sh",
-        env={"LATENTLM_DATA": "documents", "LATENT_TOKENIZER": root / "vae", "DOCUMENTS": root / "docs"})
+        env={"LATENTLM_DATA": "documents", "LATENT_TOKENIZER": root / "vae", "DOCUMENTS": root / "docs",
+             "VAE_ARGS": " ".join(SMALL_VAE)})
     # LatentLM on classes is given a small σ-VAE: its job is submitted held, and released once a thread has
     # trained the σ-VAE (while the other jobs run; the USR1 test must not wait for it to watch its job).
     given_vae = str(root / "vae-classes")
@@ -211,8 +217,7 @@ def jobs(cluster_nodes, tmp_path_factory, corpus_cache) -> dict[str, Job]:
                                      script=ROOT / "launch" / name, env={"LATENT_TOKENIZER": given_vae} if given else None)
 
     def train_given_vae():
-        trained = launch(["tools/train_vae.py", "--save", given_vae, "--train-iters", "100", "--hidden-size", "32",
-                          "--num-layers", "1", "--num-attention-heads", "2", "--micro-batch-size", "32"])
+        trained = launch(["tools/train_vae.py", "--save", given_vae, *SMALL_VAE])
         vae_training["returncode"], vae_training["stderr"] = trained.returncode, trained.stderr
         if trained.returncode == 0:
             _run(["scontrol", "release", out["pretrain_latentlm.sh"].id])
@@ -222,7 +227,7 @@ def jobs(cluster_nodes, tmp_path_factory, corpus_cache) -> dict[str, Job]:
     thread = threading.Thread(target=train_given_vae, daemon=True)
     thread.start()
     vae_training["thread"] = thread
-    out["root"] = root
+    out["root"], out["corpus"] = root, corpus_cache
     yield out
     submitter.cancel_active()
 
@@ -289,4 +294,6 @@ def test_every_family_batch_script_trains(jobs):
         assert_completed(job, wait_done(job, FIRST_JOB_TIMEOUT), FAMILY_ITERS)
     training_vae = "[megalatent] training the σ-VAE tokenizer into"
     assert training_vae not in jobs["pretrain_latentlm.sh"].text(), jobs["pretrain_latentlm.sh"].tail()
-    assert f"{training_vae} {jobs['root'] / 'vae'}" in jobs["LATENTLM_DATA=documents"].text()
+    documents = jobs["LATENTLM_DATA=documents"].text()
+    assert f"{training_vae} {jobs['root'] / 'vae'}" in documents
+    assert "--tokenizer-model " + str(Path(jobs["corpus"]) / "stdlib-py") in documents, documents[-3000:]
