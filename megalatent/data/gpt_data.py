@@ -17,6 +17,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from megalatent.data import import_megatron_core
+
 _PREPROCESS_HINT = (
     "Build it with tools/preprocess_data.py, which writes <output-prefix>_<key>_document.bin/.idx; "
     "pass that prefix, without the extension."
@@ -171,6 +173,7 @@ def _check_no_empty_split(config, data_prefixes: Sequence[str]) -> None:
     enough samples), so this check turns a silent hang into an error. The document ranges are
     computed exactly as in ``BlendedMegatronDatasetBuilder._build_megatron_dataset_splits``.
     """
+    import_megatron_core()
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     names = ("train", "valid", "test")
@@ -217,6 +220,7 @@ def build_gpt_datasets(
     or without ``cache_dir``, the indices are built in memory and nothing is written; they are
     deterministic, so every rank builds the same ones.
     """
+    import_megatron_core()
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )

@@ -37,6 +37,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from megalatent.data import import_megatron_core
 from megalatent.formats import read_format_json
 
 STORE_FORMAT = "megalatent-interleaved-latents"
@@ -133,6 +134,7 @@ def write_interleaved(documents: Iterable[Sequence[Segment]], output_prefix: str
     the last latent id would not fit in int32; without it int32 is used and a data set too large for it
     stops with an error that asks for it. Returns what was written.
     """
+    import_megatron_core()
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
 
@@ -309,7 +311,7 @@ class LatentStore:
                                 f"the store was made with ({self.meta['text_tokenizer_model']}; other md5)")
         if problems:
             raise ValueError(f"{self.json_path}: the interleaved dataset does not match this run: "
-                             + "; ".join(problems) + f". Train with the tokenizers it was made with, or re-make it "
+                             + "; ".join(problems) + ". Train with the tokenizers it was made with, or re-make it "
                              "with these (tools/preprocess_interleaved.py)")
 
     # Pickled (e.g. into DataLoader workers) without the memory map, which would be copied whole; reopened.
