@@ -33,11 +33,9 @@ import torch
 
 # Imported once, by the server every test's processes are forked from (one server per pytest process: the first
 # to start it fixes its imports, so every test that forks asks for the same list, through forkserver()): the
-# trainer; the megatron-core dataset modules it imports when it builds its data (megatron/core/__init__.py imports
-# its transformer layers, which import torch's inductor: ~2 CPU-seconds per process, a third of a short training
-# run's); the planner's instruments (tests/planner_worker.py).
-PRELOAD = ["megalatent.pretrain", "megatron.core.datasets.blended_megatron_dataset_builder",
-           "megatron.core.datasets.gpt_dataset", "megalatent.planning.measure"]
+# trainer; the parts of megatron-core it imports when it builds its data (~0.4 CPU-seconds per process); the
+# planner's instruments (tests/planner_worker.py).
+PRELOAD = ["megalatent.pretrain", "megalatent.data.megatron_core", "megalatent.planning.measure"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAILURE_GRACE_S = 5.0  # after a rank fails, how long the others may take to end by themselves
 

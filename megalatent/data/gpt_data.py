@@ -17,8 +17,6 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from megalatent.data import import_megatron_core
-
 _PREPROCESS_HINT = (
     "Build it with tools/preprocess_data.py, which writes <output-prefix>_<key>_document.bin/.idx; "
     "pass that prefix, without the extension."
@@ -173,8 +171,7 @@ def _check_no_empty_split(config, data_prefixes: Sequence[str]) -> None:
     enough samples), so this check turns a silent hang into an error. The document ranges are
     computed exactly as in ``BlendedMegatronDatasetBuilder._build_megatron_dataset_splits``.
     """
-    import_megatron_core()
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megalatent.data.megatron_core import IndexedDataset
 
     names = ("train", "valid", "test")
     for prefix in data_prefixes:
@@ -220,11 +217,11 @@ def build_gpt_datasets(
     or without ``cache_dir``, the indices are built in memory and nothing is written; they are
     deterministic, so every rank builds the same ones.
     """
-    import_megatron_core()
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
+    from megalatent.data.megatron_core import (
         BlendedMegatronDatasetBuilder,
+        GPTDataset,
+        GPTDatasetConfig,
     )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     if len(data_prefixes) == 1:
         weights = None  # a one-dataset "blend" only adds a BlendedDataset layer and a warning

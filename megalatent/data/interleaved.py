@@ -37,7 +37,6 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from megalatent.data import import_megatron_core
 from megalatent.formats import read_format_json
 
 STORE_FORMAT = "megalatent-interleaved-latents"
@@ -134,10 +133,9 @@ def write_interleaved(documents: Iterable[Sequence[Segment]], output_prefix: str
     the last latent id would not fit in int32; without it int32 is used and a data set too large for it
     stops with an error that asks for it. Returns what was written.
     """
-    import_megatron_core()
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
 
+    from megalatent.data.megatron_core import IndexedDatasetBuilder
     from megalatent.models.sigma_vae import load_tokenizer
 
     if batch_size < 1:

@@ -19,7 +19,6 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from megalatent.data import import_megatron_core
 from megalatent.data.tokenizer import load_tokenizer
 
 # Documents handed to a worker at a time: large enough to amortize inter-process traffic and the worker's
@@ -70,8 +69,7 @@ def encode_to_indexed_datasets(
     Returns the dataset prefixes ``<output_prefix>_<key>_document`` in ``json_keys`` order.
     Documents whose text for a key is empty are left out of that key's dataset.
     """
-    import_megatron_core()
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megalatent.data.megatron_core import DType, IndexedDatasetBuilder
 
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")

@@ -21,8 +21,6 @@ from typing import Iterable, Iterator, Optional
 
 import sentencepiece as spm
 
-from megalatent.data import import_megatron_core
-
 # Fixed special-token ids. pad gets its own id (rather than SentencePiece's default of "none")
 # so that it is a valid embedding row and never collides with eod, which megatron-core's
 # datasets would warn about and work around.
@@ -117,8 +115,7 @@ def train_sentencepiece(
     model_path = model_prefix + ".model"
     _write_atomically(model_path, model.getvalue())
 
-    import_megatron_core()
-    from megatron.core.tokenizers import MegatronTokenizer
+    from megalatent.data.megatron_core import MegatronTokenizer
 
     MegatronTokenizer.write_metadata(
         tokenizer_path=model_path,
